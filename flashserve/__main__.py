@@ -1,0 +1,5 @@
+"""`python -m flashserve` runs the CLI."""
+
+from flashserve.cli import app
+
+app()

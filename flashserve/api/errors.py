@@ -1,0 +1,137 @@
+"""The OpenAI error object and the handlers that turn every failure into one.
+
+Any layer may raise `OpenAIError`; the app's handlers render it as
+`{"error": {"message", "type", "param", "code"}}` with its status. Request
+validation failures become 400s naming the offending `param`; anything
+unexpected becomes a 500 whose message leaks no internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+NOT_FOUND = "not_found_error"
+RATE_LIMIT = "rate_limit_error"
+SERVER_ERROR = "server_error"
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, INVALID_REQUEST, param, code)
+
+
+def unsupported_parameter(param: str, why: str) -> OpenAIError:
+    return OpenAIError(400, f"Unsupported parameter: '{param}' {why}", INVALID_REQUEST, param,
+                       "unsupported_parameter")
+
+
+# -- pydantic validation errors -> one 400 ---------------------------------------
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|tagged-union.*|literal.*|[A-Z]\w*)$|[\[(]")
+_CODE_BY_KIND = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "json_invalid": "invalid_json",
+    "greater_than_equal": "invalid_value",
+    "less_than_equal": "invalid_value",
+    "greater_than": "invalid_value",
+    "less_than": "invalid_value",
+    "too_short": "invalid_value",
+    "too_long": "invalid_value",
+    "literal_error": "invalid_value",
+    "string_too_short": "invalid_value",
+    "value_error": "invalid_value",
+}
+
+
+def param_from_loc(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif not _TYPE_TAG.search(str(item)):
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or None
+
+
+def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Unions report one error per member; the most specific (longest loc) reads best."""
+    return max(errors, key=lambda e: (e["type"] not in ("string_type", "list_type", "dict_type"), len(e["loc"])))
+
+
+def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
+    err = _pick_error(errors)
+    kind = err["type"]
+    if kind == "json_invalid":
+        return invalid_request("We could not parse the JSON body of your request. The body must be valid JSON.",
+                               None, "invalid_json")
+    param = param_from_loc(tuple(err["loc"]))
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif kind == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: '{param}'."
+    elif kind == "model_type" and param is None:
+        message = "The request body must be a JSON object."
+    else:
+        detail = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"Invalid value for '{param}': {detail}." if param else f"Invalid request: {detail}."
+    code = _CODE_BY_KIND.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return invalid_request(message, param, code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: NOT_FOUND, 401: AUTHENTICATION, 429: RATE_LIMIT}
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = "Unknown request URL. Please check the URL and method."
+        code = "unknown_url" if exc.status_code == 404 else None
+        if exc.status_code == 405:
+            code = "method_not_allowed"
+        error = OpenAIError(exc.status_code, message, kinds.get(exc.status_code, INVALID_REQUEST), None, code)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return OpenAIError(500, "The server had an error while processing your request.", SERVER_ERROR).response()

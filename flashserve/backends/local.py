@@ -1,0 +1,224 @@
+"""The in-process engine as a `Backend`.
+
+Turns a chat request into prompt tokens (template + tokenizer), checks it
+against the model (context length, vocabulary), starts one engine request per
+choice, and turns the engines' token streams back into text deltas with stop
+strings applied. Usage comes from the engine's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from flashserve.api.errors import OpenAIError, invalid_request, unsupported_parameter
+from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
+from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
+from flashserve.chat.output import ChoiceOutput
+from flashserve.chat.template import ChatTemplate, TemplateError
+from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams
+
+_SEED_MOD = 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """What the backend needs to know about the loaded model."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    stop_token_ids: tuple[int, ...]
+    max_model_len: int
+    vocab_size: int
+    fingerprint: str
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, engine: AsyncEngine, model: LocalModel) -> None:
+        self.engine = engine
+        self.model = model
+        self.system_fingerprint = "fp_" + model.fingerprint[:10]
+
+    # -- request preparation ---------------------------------------------------
+    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        try:
+            text = self.model.template.render([_message_dict(m) for m in messages])
+        except TemplateError as exc:
+            raise invalid_request(f"The messages could not be rendered by the model's chat template: {exc}",
+                                  "messages") from exc
+        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def sampling_params(self, request: ChatCompletionRequest, choice: int) -> SamplingParams:
+        seed = None if request.seed is None else (request.seed + choice) % _SEED_MOD
+        return SamplingParams(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(request.logit_bias),
+            seed=seed,
+            max_tokens=request.max_output_tokens,
+            stop_token_ids=self.model.stop_token_ids,
+        )
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise invalid_request(f"Invalid logit_bias key '{key}': keys must be token ids.", "logit_bias",
+                                      "invalid_value") from None
+            if not 0 <= token_id < self.model.vocab_size:
+                raise invalid_request(f"Invalid logit_bias key '{key}': token ids must be in "
+                                      f"[0, {self.model.vocab_size}).", "logit_bias", "invalid_value")
+            out[token_id] = float(value)
+        return out
+
+    @staticmethod
+    def check_supported(request: ChatCompletionRequest) -> None:
+        """Fields the embedded engine does not implement yet answer 400, never silently ignored."""
+        if request.tools:
+            raise unsupported_parameter("tools", "is not supported by this model yet.")
+        if request.tool_choice is not None:
+            raise unsupported_parameter("tool_choice", "is not supported by this model yet.")
+        if request.response_format is not None and request.response_format.type != "text":
+            raise unsupported_parameter("response_format", f"of type '{request.response_format.type}' is not "
+                                        "supported by this model yet.")
+        if request.reasoning_effort not in (None, "none"):
+            raise unsupported_parameter("reasoning_effort", f"'{request.reasoning_effort}' is not supported by "
+                                        "this model yet; use 'none'.")
+        if request.audio is not None:
+            raise unsupported_parameter("audio", "output is not supported: this model produces text only.")
+        if request.modalities and "audio" in request.modalities:
+            raise unsupported_parameter("modalities", "'audio' is not supported: this model produces text only.")
+        if request.logprobs:
+            raise unsupported_parameter("logprobs", "is not supported yet.")
+        if request.top_logprobs:
+            raise unsupported_parameter("top_logprobs", "is not supported yet.")
+
+    # -- Backend -----------------------------------------------------------------
+    async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> LocalGeneration:
+        self.check_supported(request)
+        prompt = self.render_prompt(request.messages)
+        limit = self.model.max_model_len
+        if len(prompt) >= limit:
+            raise invalid_request(
+                f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+                f"{len(prompt)} tokens. Please reduce the length of the messages.",
+                "messages", "context_length_exceeded")
+        params = [self.sampling_params(request, i) for i in range(request.n or 1)]
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(params):
+                streams.append(await self.engine.add_request(f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}",
+                                                             prompt, p, ctx.tenant))
+        except EngineDeadError as exc:
+            for s in streams:
+                await s.abort()
+            raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
+                              "engine_unavailable") from exc
+        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt))
+
+    def stats(self) -> dict[str, Any]:
+        return {"engine": self.engine.engine.stats(), "active_requests": self.engine.num_active}
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.shutdown)
+
+
+class LocalGeneration:
+    def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
+                 prompt_tokens: int) -> None:
+        self.usage = Usage(prompt_tokens=prompt_tokens)
+        self._streams = streams
+        self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
+        self._done = [False] * len(streams)
+        self._completion = [0] * len(streams)
+
+    def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[ChoiceDelta]:
+        async for index, out in self._merged():
+            self._account(index, out)
+            if self._done[index]:
+                continue  # the closing output of a choice we already ended on a stop string
+            choice = self._choices[index]
+            text = choice.add(out.new_token_ids)
+            if choice.stopped:
+                self._done[index] = True
+                await self._streams[index].abort()
+                yield ChoiceDelta(index, text, finish_reason="stop")
+            elif out.finished:
+                self._done[index] = True
+                if out.finish_reason is FinishReason.ABORT:
+                    raise OpenAIError(503, "The request was aborted by the server.", "server_error", None,
+                                      "request_aborted")
+                yield ChoiceDelta(index, text + choice.finish(), finish_reason=str(out.finish_reason))
+            elif text:
+                yield ChoiceDelta(index, text)
+
+    def _account(self, index: int, out: RequestOutput) -> None:
+        self._completion[index] = out.num_output_tokens
+        if index == 0:
+            self.usage.cached_tokens = out.num_cached_tokens
+        self.usage.completion_tokens = sum(self._completion)
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Interleave the choices' streams in arrival order."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, EngineDeadError):
+                    raise OpenAIError(500, "The inference engine failed while generating.", "server_error",
+                                      None, "engine_error") from item
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def abort(self) -> None:
+        for stream, done in zip(self._streams, self._done, strict=True):
+            if not done:
+                await stream.abort()
+        self._done = [True] * len(self._streams)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, list):
+        content = "\n".join(part.text or "" for part in content if part.type == "text")
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out

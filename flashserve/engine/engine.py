@@ -1,0 +1,85 @@
+"""The synchronous engine: one `step()` schedules a batch, runs the model,
+samples, and advances every request in the batch.
+
+It is single-threaded by design; `async_engine.AsyncEngine` drives it from a
+background thread and connects it to asyncio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flashserve.engine.kv_cache import KVCacheManager, KVCacheStorage
+from flashserve.engine.request import Request, RequestOutput, SamplingParams
+from flashserve.engine.runner import ModelRunner
+from flashserve.engine.sampler import Sampler
+from flashserve.engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_model_len: int
+    num_kv_blocks: int = 1024
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0 and self.num_kv_blocks > 0
+        # A single request must be able to fill the whole context.
+        assert self.num_kv_blocks * self.block_size >= self.max_model_len, (
+            f"the KV cache ({self.num_kv_blocks * self.block_size} tokens) must hold one full context "
+            f"({self.max_model_len} tokens)"
+        )
+
+
+class LLMEngine:
+    def __init__(self, model: nn.Module, config: EngineConfig, vocab_size: int) -> None:
+        self.config = config
+        self.model = model
+        self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
+                                 config.dtype, config.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), self.kv
+        )
+        self.runner = ModelRunner(model, storage, config.block_size, config.device)
+        self.sampler = Sampler(vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    cache_salt: str = "") -> Request:
+        room = self.config.max_model_len - len(prompt_token_ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens leaves no room in a context of "
+                             f"{self.config.max_model_len}")
+        max_out = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, list(prompt_token_ids), params, max_output_tokens=max_out,
+                          cache_salt=cache_salt)
+        self.scheduler.add(request)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.abort(request_id)
+        return None if request is None else Scheduler.final_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        logits = self.runner.run(batch)
+        sampling = batch.sampling_requests
+        tokens = self.sampler(logits, sampling)
+        return self.scheduler.update(batch, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+
+    def stats(self) -> dict[str, int]:
+        return {**self.kv.stats(), "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting)}

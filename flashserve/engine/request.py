@@ -1,0 +1,116 @@
+"""One generation request inside the engine: its sampling parameters, its
+tokens, where it stands (waiting, running, finished) and the counters that
+usage is billed from.
+
+Everything here is owned by the engine thread; other threads only see the
+immutable `RequestOutput`s it emits.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; chat-level concerns (stop strings,
+    detokenization) are handled outside the engine."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int | None = None  # None: as many as the context leaves
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        assert 0.0 <= self.temperature <= 2.0, self.temperature
+        assert 0.0 <= self.top_p <= 1.0, self.top_p
+        assert -2.0 <= self.presence_penalty <= 2.0
+        assert -2.0 <= self.frequency_penalty <= 2.0
+        assert self.max_tokens is None or self.max_tokens >= 1
+
+    @property
+    def greedy(self) -> bool:
+        # top_p == 0 keeps only the most likely token, which is greedy too.
+        return self.temperature == 0.0 or self.top_p == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # an end-of-sequence token or, decided outside, a stop string
+    LENGTH = "length"  # max_tokens or the context ran out
+    ABORT = "abort"  # client went away or the server is shutting down
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_output_tokens: int  # params.max_tokens clamped to what the context leaves
+    cache_salt: str = ""  # namespaces prefix-cache blocks (per tenant)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache, fixed at first schedule
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of this request's full blocks, in order
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert self.prompt_token_ids, "a request needs at least one prompt token"
+        assert self.max_output_tokens >= 1
+        self.generator = torch.Generator()
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one engine step produced for one request (sent to its stream)."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int

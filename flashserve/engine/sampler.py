@@ -1,0 +1,70 @@
+"""Turns a batch of logits into one next token per request.
+
+Order of operations, per row: logit_bias, presence/frequency penalties over
+the tokens generated so far, then greedy argmax (temperature 0) or
+temperature + top-p sampling. The processing is batched; only the final draw
+runs per row, with the request's own `torch.Generator`, so a seeded request
+gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashserve.engine.request import Request
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        assert logits.shape[0] == len(requests)
+        if not requests:
+            return []
+        logits = logits.float()
+        logits = self._apply_logit_bias(logits, requests)
+        logits = self._apply_penalties(logits, requests)
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens: list[int] = []
+        for row, request in enumerate(requests):
+            if request.params.greedy:
+                tokens.append(greedy[row])
+            else:
+                probs = self._probabilities(logits[row], request.params.temperature, request.params.top_p)
+                tokens.append(int(torch.multinomial(probs, 1, generator=request.generator).item()))
+        return tokens
+
+    def _apply_logit_bias(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows, cols, vals = [], [], []
+        for row, request in enumerate(requests):
+            for token_id, bias in request.params.logit_bias.items():
+                rows.append(row)
+                cols.append(token_id)
+                vals.append(bias)
+        if rows:
+            logits = logits.index_put((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals), accumulate=True)
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        for row, request in enumerate(requests):
+            params = request.params
+            if not params.uses_penalties or not request.output_token_ids:
+                continue
+            counts = torch.bincount(
+                torch.tensor(request.output_token_ids), minlength=logits.shape[1]
+            )[: logits.shape[1]].float()
+            # OpenAI's definition: mu[j] -= c[j] * alpha_frequency + float(c[j] > 0) * alpha_presence
+            logits[row] -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
+        return logits
+
+    @staticmethod
+    def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest set of top tokens whose mass reaches top_p (always at least one).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return probs

@@ -1,0 +1,81 @@
+"""Sampler: greedy, logit_bias, penalties, top_p, and per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from flashserve.engine.request import Request, SamplingParams
+from flashserve.engine.sampler import Sampler
+
+V = 50
+
+
+def req(rid: str = "r", outputs: list[int] | None = None, **params: object) -> Request:
+    r = Request(rid, [1], SamplingParams(**params), max_output_tokens=100)  # type: ignore[arg-type]
+    r.output_token_ids = list(outputs or [])
+    return r
+
+
+def flat_logits(rows: int = 1) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(rows, V) * 0.1
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = flat_logits(3)
+    requests = [req(str(i), temperature=0.0) for i in range(3)]
+    assert Sampler(V)(logits.clone(), requests) == logits.argmax(-1).tolist()
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = flat_logits()
+    assert Sampler(V)(logits.clone(), [req(temperature=0.0, logit_bias={17: 100.0})]) == [17]
+    best = int(logits.argmax())
+    assert Sampler(V)(logits.clone(), [req(temperature=0.0, logit_bias={best: -100.0})]) != [best]
+    # Banned at temperature 1 too: never drawn in many samples.
+    r = req(temperature=1.0, seed=3, logit_bias={best: -100.0})
+    assert all(Sampler(V)(logits.clone(), [r]) != [best] for _ in range(200))
+
+
+def test_penalties_follow_openai_definition() -> None:
+    logits = torch.zeros(1, V)
+    logits[0, 5] = 1.0
+    logits[0, 6] = 0.9
+    # Token 5 was generated twice: frequency 0.1*2 plus presence 0.0 drops it below token 6.
+    assert Sampler(V)(logits.clone(), [req(outputs=[5, 5], temperature=0.0, frequency_penalty=0.1)]) == [6]
+    assert Sampler(V)(logits.clone(), [req(outputs=[5], temperature=0.0, presence_penalty=0.2)]) == [6]
+    # Negative penalties encourage repetition.
+    assert Sampler(V)(logits.clone(), [req(outputs=[7], temperature=0.0, presence_penalty=-2.0)]) == [7]
+
+
+def test_top_p_restricts_to_the_nucleus() -> None:
+    logits = torch.full((1, V), -5.0)
+    logits[0, :3] = torch.tensor([3.0, 2.5, 2.0])
+    r = req(temperature=1.0, top_p=0.6, seed=1)  # p = [0.50, 0.30, 0.18, ...]
+    drawn = {Sampler(V)(logits.clone(), [r])[0] for _ in range(300)}
+    assert drawn <= {0, 1} and drawn == {0, 1}
+    r = req(temperature=1.0, top_p=1.0, seed=1)
+    assert len({Sampler(V)(logits.clone(), [r])[0] for _ in range(300)}) > 3
+
+
+def draw(seed: int, neighbours: int, steps: int = 20) -> list[int]:
+    """Draws for one seeded request sharing its batch with `neighbours` unseeded ones."""
+    torch.manual_seed(7)
+    target_row = torch.randn(V) * 2
+    target = req("target", temperature=1.0, seed=seed)
+    others = [req(f"o{i}", temperature=1.0) for i in range(neighbours)]
+    at = neighbours // 2
+    sampler = Sampler(V)
+    out = []
+    for _ in range(steps):
+        logits = torch.randn(1 + neighbours, V) * 2
+        logits[at] = target_row
+        out.append(sampler(logits, [*others[:at], target, *others[at:]])[at])
+    return out
+
+
+def test_seed_gives_the_same_tokens_whatever_else_is_in_the_batch() -> None:
+    alone = draw(seed=1234, neighbours=0)
+    assert draw(seed=1234, neighbours=5) == alone
+    assert draw(seed=1234, neighbours=2) == alone
+    assert draw(seed=99, neighbours=0) != alone
