@@ -18,11 +18,12 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         assert logits.shape[0] == len(requests)
         if not requests:
             return []
-        logits = logits.float()
+        logits = logits.float().clone()  # the processing below edits rows in place
         logits = self._apply_logit_bias(logits, requests)
         logits = self._apply_penalties(logits, requests)
         greedy = logits.argmax(dim=-1).tolist()

@@ -48,6 +48,16 @@ def test_penalties_follow_openai_definition() -> None:
     assert Sampler(V)(logits.clone(), [req(outputs=[7], temperature=0.0, presence_penalty=-2.0)]) == [7]
 
 
+def test_penalties_work_on_logits_made_in_inference_mode() -> None:
+    # The runner produces inference tensors; in-place edits of them outside inference mode raise.
+    with torch.inference_mode():
+        logits = torch.zeros(2, V)
+        logits[:, 5] = 1.0
+    requests = [req("a", outputs=[5], temperature=0.0, presence_penalty=2.0), req("b", outputs=[5], temperature=0.0)]
+    assert Sampler(V)(logits, requests) == [0, 5]
+    assert logits[0, 5] == 1.0, "the caller's logits are left untouched"
+
+
 def test_top_p_restricts_to_the_nucleus() -> None:
     logits = torch.full((1, V), -5.0)
     logits[0, :3] = torch.tensor([3.0, 2.5, 2.0])

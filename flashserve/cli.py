@@ -1,0 +1,82 @@
+"""The `flashserve` command line: `serve` loads a model and starts the HTTP API.
+
+Start-up shows progress while the weights load and ends with a banner that
+names the base URL, the API key and every served model with its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flashserve.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="flashserve: the DeepSeek-V4-Flash API.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """flashserve command line."""
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="GGUF file or Hugging Face safetensors folder.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the server keeps its state.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file ([server] table).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    kv_cache_tokens: Annotated[int | None, typer.Option(help="Tokens of KV cache to preallocate.")] = None,
+) -> None:
+    """Load the model and serve the chat completions API."""
+    import uvicorn
+
+    settings = Settings.load(config, model=model, host=host, port=port, data_dir=data_dir, dtype=dtype,
+                             kv_cache_tokens=kv_cache_tokens)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flashserve.server import build_server
+
+    with Progress(TextColumn("[bold]loading weights"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("", total=None)
+
+        def on_tensor(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        server = build_server(settings, on_tensor)
+    _banner(settings, server)
+    sys.stdout.flush()
+    uvicorn.run(server.app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+
+
+def _banner(settings: Settings, server: object) -> None:
+    base = f"http://{settings.host}:{settings.port}/v1"
+    table = Table(title="flashserve is ready", show_header=True, title_justify="left", width=100)
+    table.add_column("model")
+    table.add_column("weights")
+    for card in server.catalog.cards():  # type: ignore[attr-defined]
+        table.add_row(card.id, card.weights)
+    out = Console(soft_wrap=True)
+    out.print(table)
+    out.print(f"base URL: [bold]{base}[/bold]")
+    source = "from FLASHSERVE_API_KEY" if os.environ.get("FLASHSERVE_API_KEY") else "generated for this run"
+    key = server.api_key  # type: ignore[attr-defined]
+    out.print(f"API key:  [bold]{key}[/bold] ({source})")
+    out.print(f"try:      curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
+              "-H 'Content-Type: application/json' "
+              "-d '{\"model\": \"deepseek/deepseek-v4-flash\", \"messages\": [{\"role\": \"user\", "
+              "\"content\": \"Hello!\"}]}'", markup=False, highlight=False)
+
+if __name__ == "__main__":
+    app()

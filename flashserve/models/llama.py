@@ -1,0 +1,279 @@
+"""The Llama family (SmolLM2, the embedded default; Llama 2/3, Mistral-style dense models).
+
+Owns the config dataclass and the module tree. Submodule names mirror Hugging Face's
+`LlamaForCausalLM` exactly, so a `Checkpoint.state_dict` (always in HF names, whatever the file
+format) loads without renaming, and the parity tests can load the same dict into transformers.
+
+The forward pass takes the engine's flat token batch (many requests, prefill chunks and decodes
+mixed) and returns final-normed hidden states; `compute_logits` is separate so the runner only
+projects the rows it samples from (the last token of each request), not every prefill position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashserve.models.layers import (
+    FULL_ATTENTION,
+    AttentionMetadata,
+    CacheSpec,
+    LayerKVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    paged_attention,
+)
+
+SUPPORTED_ROPE_SCALING = ("linear", "llama3")
+
+
+@dataclass(slots=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    rope_scaling: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        assert self.vocab_size > 0 and self.hidden_size > 0 and self.intermediate_size > 0
+        assert self.num_hidden_layers > 0 and self.max_position_embeddings > 0
+        assert self.num_attention_heads > 0 and self.num_key_value_heads > 0
+        assert self.num_attention_heads % self.num_key_value_heads == 0, (
+            "query heads must group evenly over KV heads"
+        )
+        assert self.head_dim > 0 and self.head_dim % 2 == 0, "rotary needs an even head_dim"
+        assert self.rms_norm_eps > 0 and self.rope_theta > 0
+        if self.hidden_act != "silu":
+            raise ValueError(f"Llama hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in SUPPORTED_ROPE_SCALING and kind != "default":
+                supported = ", ".join(SUPPORTED_ROPE_SCALING)
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {supported})")
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
+        """From an HF-style config dict (`config.json`, or `Checkpoint.config` for either format)."""
+        heads = int(config["num_attention_heads"])
+        rope_theta = config.get("rope_theta")
+        rope_scaling = config.get("rope_scaling")
+        rope_parameters = config.get("rope_parameters")
+        # transformers 5 folds rope_theta and the scaling into `rope_parameters`.
+        if isinstance(rope_parameters, dict):
+            rope_theta = rope_theta if rope_theta is not None else rope_parameters.get("rope_theta")
+            if rope_scaling is None and rope_parameters.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            hidden_act=str(config.get("hidden_act", "silu")),
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, with `rope_scaling` applied (same formulas as transformers)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling.get("original_max_position_embeddings", config.max_position_embeddings))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq  # "default"; unsupported kinds were rejected by LlamaConfig
+
+
+def build_rotary(config: LlamaConfig) -> RotaryEmbedding:
+    """layers.RotaryEmbedding, with its cos/sin tables recomputed when the config scales rope."""
+    rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+    if config.rope_scaling:
+        inv_freq = rope_inv_freq(config)
+        t = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        emb = torch.outer(t, inv_freq).repeat(1, 2)
+        rotary.cos, rotary.sin = emb.cos(), emb.sin()
+    return rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = paged_attention(q, k, v, cache, meta, self.scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        on_meta = weight.is_meta  # registry.build_model constructs on the meta device, then loads
+        if not on_meta:
+            # On meta, `normal_` would import torch._dynamo (~2 s) for values nobody reads.
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # One table for all layers; its buffers are not persistent, so they never enter the state dict
+        # and no checkpoint can fill them: build them for real even when the rest is on meta.
+        with torch.device("cpu") if on_meta else contextlib.nullcontext():
+            self.rotary_emb = build_rotary(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[LayerKVCache],
+    ) -> torch.Tensor:
+        assert len(kv_caches) == len(self.layers), "one LayerKVCache per layer"
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, self.rotary_emb, cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[LayerKVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
+        return self.model(input_ids, positions, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def cache_specs(self) -> list[CacheSpec]:
+        spec = CacheSpec(FULL_ATTENTION, self.config.num_key_value_heads, self.config.head_dim)
+        return [spec] * self.config.num_hidden_layers
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Adopt a checkpoint's tensors (no copy) and check the names match exactly.
+
+        Works on a module built on the meta device: `assign=True` replaces every parameter (the rotary
+        tables, which no checkpoint holds, are always built for real).
+        """
+        expected = set(self.state_dict())
+        if self.config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the Llama model: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+        self.load_state_dict(state_dict, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            # assign=True replaced the embedding Parameter; re-point the head at the new one.
+            self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,94 @@
+"""Assembles a running server from settings: loads the checkpoint, builds the
+model and engine, wraps them in the local backend, and lists the served
+model ids in the catalog.
+
+Kept apart from the CLI so tests and benchmarks build the same server the
+command line does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from flashserve.accounts.keys import StaticKeyVerifier, generate_key
+from flashserve.api.app import create_app
+from flashserve.backends.local import LocalBackend, LocalModel
+from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard
+from flashserve.chat.template import ChatTemplate
+from flashserve.engine.async_engine import AsyncEngine
+from flashserve.engine.engine import EngineConfig, LLMEngine
+from flashserve.models.loading import Checkpoint, embedded_model_path, load_checkpoint
+from flashserve.models.registry import build_model
+from flashserve.settings import Settings
+
+EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class Server:
+    app: FastAPI
+    catalog: Catalog
+    api_key: str
+    checkpoint_name: str
+
+
+def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
+    dtype = _DTYPES[settings.dtype]
+    model = build_model(checkpoint, dtype)
+    max_len = int(checkpoint.config["max_position_embeddings"])
+    if settings.max_context_tokens:
+        max_len = min(max_len, settings.max_context_tokens)
+    num_blocks = max(-(-settings.kv_cache_tokens // settings.block_size), -(-max_len // settings.block_size))
+    config = EngineConfig(max_model_len=max_len, num_kv_blocks=num_blocks, block_size=settings.block_size,
+                          max_num_seqs=settings.max_num_seqs,
+                          max_num_batched_tokens=settings.max_num_batched_tokens,
+                          enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype)
+    vocab = int(checkpoint.config["vocab_size"])
+    engine = AsyncEngine(LLMEngine(model, config, vocab))
+    local = LocalModel(
+        tokenizer=checkpoint.tokenizer,
+        template=ChatTemplate(checkpoint.chat_template, checkpoint.bos_token, checkpoint.eos_token),
+        stop_token_ids=tuple(checkpoint.stop_token_ids),
+        max_model_len=max_len,
+        vocab_size=vocab,
+        fingerprint=checkpoint.fingerprint,
+    )
+    return engine, local
+
+
+def build_server(settings: Settings, progress: Callable[[int, int, str], None] | None = None) -> Server:
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    path = Path(settings.model) if settings.model else embedded_model_path()
+    checkpoint = load_checkpoint(path, _DTYPES[settings.dtype], progress)
+    engine, local = build_engine(checkpoint, settings)
+    engine.start()
+    backend = LocalBackend(engine, local)
+
+    own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
+    ids = list(dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]))
+    catalog = Catalog()
+    created = int(time.time())
+    for model_id in ids:
+        stand_in = model_id == REFERENCE_MODEL_ID
+        catalog.add(ModelCard(
+            id=model_id,
+            context_length=local.max_model_len,
+            prices=REFERENCE_PRICES,
+            owned_by="deepseek" if stand_in else "flashserve",
+            created=created,
+            weights=f"{checkpoint.name} ({checkpoint.architecture}, embedded engine)",
+            description=("DeepSeek-V4-Flash API served by stand-in weights on the embedded engine"
+                         if stand_in else f"{checkpoint.name} on the embedded engine"),
+        ), backend)
+
+    api_key = settings.api_key or generate_key()
+    app = create_app(catalog, StaticKeyVerifier(api_key))
+    return Server(app=app, catalog=catalog, api_key=api_key, checkpoint_name=checkpoint.name)

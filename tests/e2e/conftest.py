@@ -1,0 +1,167 @@
+"""End-to-end fixtures: ONE real `flashserve serve` process for the whole e2e session.
+
+The server is started exactly as a user would start it (`python -m flashserve serve` on a free
+127.0.0.1 port, a temporary data dir, the API key in FLASHSERVE_API_KEY), and the tests drive it
+over HTTP with the official `openai` client or raw `httpx`. Its stdout/stderr go to a log file
+whose tail is attached to every failing e2e test report and printed when startup fails.
+
+Every test under tests/e2e gets the `e2e` marker, so `pytest -m "not e2e"` runs the unit tests only.
+Set FLASHSERVE_E2E_BASE_URL (and FLASHSERVE_E2E_API_KEY) to run the suite against a server that is
+already running instead of starting one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+E2E_DIR = Path(__file__).resolve().parent
+API_KEY = "sk-flashserve-e2e-0123456789abcdef"
+STARTUP_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 80
+
+_server_log: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end test against a real `flashserve serve` process")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report = yield
+    if report.failed and _server_log is not None and E2E_DIR in Path(str(item.path)).resolve().parents:
+        report.sections.append((f"flashserve server log (last {LOG_TAIL_LINES} lines)", _log_tail()))
+    return report
+
+
+def _log_tail(lines: int = LOG_TAIL_LINES) -> str:
+    if _server_log is None or not _server_log.exists():
+        return "<no server log>"
+    text = _server_log.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _python() -> str:
+    venv_python = REPO / ".venv" / "bin" / "python"
+    return str(venv_python) if venv_python.exists() else sys.executable
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    api_key: str
+    process: subprocess.Popen | None
+    log_path: Path | None
+
+
+def _wait_ready(base_url: str, process: subprocess.Popen | None) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_error = "no attempt"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"flashserve exited with code {process.returncode} during startup; log:\n{_log_tail()}",
+                        pytrace=False)
+        try:
+            r = httpx.get(f"{base_url}/health", timeout=5.0)
+            if r.status_code == 200:
+                return
+            last_error = f"GET /health -> {r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last_error = repr(e)
+        time.sleep(0.25)
+    pytest.fail(f"flashserve not ready after {STARTUP_TIMEOUT_S:.0f}s (last: {last_error}); log:\n{_log_tail()}",
+                pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    global _server_log
+    external = os.environ.get("FLASHSERVE_E2E_BASE_URL")
+    if external:
+        base = external.rstrip("/")
+        _wait_ready(base, None)
+        yield Server(base, os.environ.get("FLASHSERVE_E2E_API_KEY", API_KEY), None, None)
+        return
+
+    workdir = tmp_path_factory.mktemp("flashserve-e2e")
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    _server_log = workdir / "server.log"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [_python(), "-m", "flashserve", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(data_dir)]
+    env = {**os.environ, "FLASHSERVE_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+    with open(_server_log, "wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    try:
+        _wait_ready(base, process)
+        yield Server(base, API_KEY, process, _server_log)
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        pytest.fail(f"flashserve did not exit within {STOP_TIMEOUT_S:.0f}s of SIGTERM; log:\n{_log_tail()}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def base_url(server: Server) -> str:
+    return server.base_url
+
+
+@pytest.fixture(scope="session")
+def api_key(server: Server) -> str:
+    return server.api_key
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str, api_key: str) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=120.0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def http(base_url: str, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=120.0) as c:
+        yield c
