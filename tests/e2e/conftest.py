@@ -54,10 +54,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     return report
 
 
-def _log_tail(lines: int = LOG_TAIL_LINES) -> str:
-    if _server_log is None or not _server_log.exists():
+def _log_tail(log_path: Path | None = None, lines: int = LOG_TAIL_LINES) -> str:
+    log_path = log_path or _server_log
+    if log_path is None or not log_path.exists():
         return "<no server log>"
-    text = _server_log.read_text(errors="replace").splitlines()
+    text = log_path.read_text(errors="replace").splitlines()
     return "\n".join(text[-lines:])
 
 
@@ -80,12 +81,12 @@ class Server:
     log_path: Path | None
 
 
-def _wait_ready(base_url: str, process: subprocess.Popen | None) -> None:
+def _wait_ready(base_url: str, process: subprocess.Popen | None, log_path: Path | None = None) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last_error = "no attempt"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            pytest.fail(f"flashserve exited with code {process.returncode} during startup; log:\n{_log_tail()}",
+            pytest.fail(f"flashserve exited with code {process.returncode} during startup; log:\n{_log_tail(log_path)}",
                         pytrace=False)
         try:
             r = httpx.get(f"{base_url}/health", timeout=5.0)
@@ -95,8 +96,8 @@ def _wait_ready(base_url: str, process: subprocess.Popen | None) -> None:
         except httpx.HTTPError as e:
             last_error = repr(e)
         time.sleep(0.25)
-    pytest.fail(f"flashserve not ready after {STARTUP_TIMEOUT_S:.0f}s (last: {last_error}); log:\n{_log_tail()}",
-                pytrace=False)
+    pytest.fail(f"flashserve not ready after {STARTUP_TIMEOUT_S:.0f}s (last: {last_error}); "
+                f"log:\n{_log_tail(log_path)}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -109,28 +110,36 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield Server(base, os.environ.get("FLASHSERVE_E2E_API_KEY", API_KEY), None, None)
         return
 
+    process, base, _server_log = start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": API_KEY})
+    try:
+        _wait_ready(base, process, _server_log)
+        yield Server(base, API_KEY, process, _server_log)
+    finally:
+        _stop(process, _server_log)
+
+
+def start_server(tmp_path_factory: pytest.TempPathFactory, env_overrides: dict[str, str],
+                 unset: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, Path]:
+    """Start `flashserve serve` on a free port; returns the process, its base URL and its log file."""
     workdir = tmp_path_factory.mktemp("flashserve-e2e")
     data_dir = workdir / "data"
     data_dir.mkdir()
-    _server_log = workdir / "server.log"
+    log_path = workdir / "server.log"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [_python(), "-m", "flashserve", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(data_dir)]
-    env = {**os.environ, "FLASHSERVE_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
-    with open(_server_log, "wb") as log:
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update({"PYTHONUNBUFFERED": "1", **env_overrides})
+    with open(log_path, "wb") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-    try:
-        _wait_ready(base, process)
-        yield Server(base, API_KEY, process, _server_log)
-    finally:
-        _stop(process)
+    return process, base, log_path
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, log_path: Path | None = None) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGTERM)
@@ -139,7 +148,7 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
-        pytest.fail(f"flashserve did not exit within {STOP_TIMEOUT_S:.0f}s of SIGTERM; log:\n{_log_tail()}",
+        pytest.fail(f"flashserve did not exit within {STOP_TIMEOUT_S:.0f}s of SIGTERM; log:\n{_log_tail(log_path)}",
                     pytrace=False)
 
 
