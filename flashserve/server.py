@@ -54,11 +54,12 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
     engine = AsyncEngine(LLMEngine(model, config, vocab))
     local = LocalModel(
         tokenizer=checkpoint.tokenizer,
-        template=ChatTemplate(checkpoint.chat_template, checkpoint.bos_token, checkpoint.eos_token),
+        template=ChatTemplate.from_checkpoint(checkpoint),
         stop_token_ids=tuple(checkpoint.stop_token_ids),
         max_model_len=max_len,
         vocab_size=vocab,
         fingerprint=checkpoint.fingerprint,
+        dtype=settings.dtype,
     )
     return engine, local
 

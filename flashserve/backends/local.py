@@ -9,6 +9,7 @@ strings applied. Usage comes from the engine's own counters.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from flashserve import __version__
 from flashserve.api.errors import OpenAIError, invalid_request, unsupported_parameter
 from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
 from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
@@ -36,7 +38,8 @@ class LocalModel:
     stop_token_ids: tuple[int, ...]
     max_model_len: int
     vocab_size: int
-    fingerprint: str
+    fingerprint: str  # of the weights
+    dtype: str = "float32"
 
 
 class LocalBackend:
@@ -45,7 +48,9 @@ class LocalBackend:
     def __init__(self, engine: AsyncEngine, model: LocalModel) -> None:
         self.engine = engine
         self.model = model
-        self.system_fingerprint = "fp_" + model.fingerprint[:10]
+        # Names the engine build and the exact weights: a change of either changes the fingerprint.
+        ident = f"flashserve-{__version__}:{model.fingerprint}:{model.dtype}"
+        self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     # -- request preparation ---------------------------------------------------
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
