@@ -4,9 +4,13 @@ it can do, what it costs) and the `Backend` that serves it.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
+from flashserve.accounts.pricing import TokenPrices, per_token_pusd
 from flashserve.api.errors import NOT_FOUND, OpenAIError
 from flashserve.backends.base import Backend
 
@@ -37,6 +41,11 @@ class ModelCard:
     description: str = ""
     capabilities: tuple[str, ...] = ("chat",)
     input_modalities: tuple[str, ...] = ("text",)
+
+    @property
+    def token_prices(self) -> TokenPrices:
+        return TokenPrices.from_usd_per_million(self.prices.input_cache_hit, self.prices.input_cache_miss,
+                                                self.prices.output)
 
     def to_openai(self) -> dict[str, object]:
         return {
@@ -80,3 +89,76 @@ class Catalog:
         for _, backend in self.entries.values():
             unique.setdefault(id(backend), backend)
         return list(unique.values())
+
+
+class CatalogError(ValueError):
+    """A catalog file that cannot be used; the message names the file, line and key."""
+
+
+_PRICE_KEYS = ("input_cache_hit", "input_cache_miss", "output")
+
+
+def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read per-model settings from a TOML catalog file::
+
+        [models."deepseek/deepseek-v4-flash".prices]   # USD per million tokens
+        input_cache_hit = "0.0028"
+        input_cache_miss = "0.14"
+        output = "0.28"
+
+    Returns {model_id: {"prices": Prices}}. Prices are strings (or integers) so that no float
+    rounding creeps into money.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{path}: {exc}") from None
+    unknown = set(data) - {"models"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise CatalogError(f"{path}:{_line_of(text, key)}: unknown top-level key '{key}' (expected 'models')")
+    out: dict[str, dict[str, Any]] = {}
+    for model_id, table in data.get("models", {}).items():
+        where = f'models."{model_id}"'
+        if not isinstance(table, dict):
+            raise CatalogError(f"{path}:{_line_of(text, model_id)}: {where} must be a table")
+        entry: dict[str, Any] = {}
+        for key, value in table.items():
+            if key != "prices":
+                raise CatalogError(f"{path}:{_line_of(text, key, after=model_id)}: unknown key '{where}.{key}'")
+            entry["prices"] = _prices(path, text, model_id, value)
+        out[model_id] = entry
+    return out
+
+
+def _prices(path: Path, text: str, model_id: str, table: Any) -> Prices:
+    where = f'models."{model_id}".prices'
+    if not isinstance(table, dict):
+        raise CatalogError(f"{path}:{_line_of(text, 'prices', after=model_id)}: {where} must be a table")
+    missing = [k for k in _PRICE_KEYS if k not in table]
+    extra = [k for k in table if k not in _PRICE_KEYS]
+    if missing or extra:
+        problem = f"missing {', '.join(missing)}" if missing else f"unknown key {extra[0]}"
+        raise CatalogError(f"{path}:{_line_of(text, 'prices', after=model_id)}: {where}: {problem}")
+    values = []
+    for key in _PRICE_KEYS:
+        raw = table[key]
+        line = _line_of(text, key, after=model_id)
+        if isinstance(raw, float | bool) or not isinstance(raw, str | int):
+            raise CatalogError(f'{path}:{line}: {where}.{key} must be a decimal string such as "0.14"')
+        try:
+            value = Decimal(str(raw))
+            per_token_pusd(value)
+        except (ArithmeticError, ValueError) as exc:
+            raise CatalogError(f"{path}:{line}: {where}.{key} = {raw!r}: {exc}") from None
+        values.append(value)
+    return Prices(*values)
+
+
+def _line_of(text: str, needle: str, after: str | None = None) -> int:
+    """1-based line of the first `needle` (after the first `after`), for error messages."""
+    start = text.find(after) if after else 0
+    index = text.find(needle, max(start, 0))
+    return text.count("\n", 0, index) + 1 if index >= 0 else 1

@@ -37,12 +37,13 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="TOML settings file ([server] table).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     kv_cache_tokens: Annotated[int | None, typer.Option(help="Tokens of KV cache to preallocate.")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="TOML catalog file (prices per model).")] = None,
 ) -> None:
     """Load the model and serve the chat completions API."""
     import uvicorn
 
     settings = Settings.load(config, model=model, host=host, port=port, data_dir=data_dir, dtype=dtype,
-                             kv_cache_tokens=kv_cache_tokens)
+                             kv_cache_tokens=kv_cache_tokens, catalog=catalog)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flashserve.server import build_server
 
@@ -72,11 +73,19 @@ def _banner(settings: Settings, server: object) -> None:
     out.print(f"base URL: [bold]{base}[/bold]")
     source = "from FLASHSERVE_API_KEY" if os.environ.get("FLASHSERVE_API_KEY") else "generated for this run"
     key = server.api_key  # type: ignore[attr-defined]
-    out.print(f"API key:  [bold]{key}[/bold] ({source})")
+    out.print(f"API key:  [bold]{key}[/bold] ({source}; default account)")
+    admin_source = "from FLASHSERVE_ADMIN_KEY" if os.environ.get("FLASHSERVE_ADMIN_KEY") else "generated for this run"
+    out.print(f"admin key: [bold]{server.admin_key}[/bold] ({admin_source}; for /admin/*)")  # type: ignore[attr-defined]
     out.print(f"try:      curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
               "-H 'Content-Type: application/json' "
               "-d '{\"model\": \"deepseek/deepseek-v4-flash\", \"messages\": [{\"role\": \"user\", "
               "\"content\": \"Hello!\"}]}'", markup=False, highlight=False)
+
+from flashserve.accounts import cli as accounts_cli  # noqa: E402 - registered after `app` exists
+
+app.add_typer(accounts_cli.accounts_app, name="accounts")
+app.add_typer(accounts_cli.keys_app, name="keys")
+app.command("usage")(accounts_cli.usage)
 
 if __name__ == "__main__":
     app()

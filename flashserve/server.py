@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
-from flashserve.accounts.keys import StaticKeyVerifier, generate_key
+from flashserve.accounts.keys import generate_key
+from flashserve.accounts.pricing import pusd_from_usd
+from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
 from flashserve.backends.local import LocalBackend, LocalModel
-from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard
+from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
 from flashserve.chat.template import ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
@@ -36,6 +38,7 @@ class Server:
     app: FastAPI
     catalog: Catalog
     api_key: str
+    admin_key: str
     checkpoint_name: str
 
 
@@ -75,6 +78,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
 
     own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
     ids = list(dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]))
+    overrides = load_catalog_file(settings.catalog) if settings.catalog else {}
     catalog = Catalog()
     created = int(time.time())
     for model_id in ids:
@@ -82,7 +86,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
         catalog.add(ModelCard(
             id=model_id,
             context_length=local.max_model_len,
-            prices=REFERENCE_PRICES,
+            prices=overrides.get(model_id, {}).get("prices", REFERENCE_PRICES),
             owned_by="deepseek" if stand_in else "flashserve",
             created=created,
             weights=f"{checkpoint.name} ({checkpoint.architecture}, embedded engine)",
@@ -91,5 +95,8 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
         ), backend)
 
     api_key = settings.api_key or generate_key()
-    app = create_app(catalog, StaticKeyVerifier(api_key))
-    return Server(app=app, catalog=catalog, api_key=api_key, checkpoint_name=checkpoint.name)
+    admin_key = settings.admin_key or generate_key()
+    accounts = Accounts(settings.resolved_database_url, Bootstrap(
+        api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
+    app = create_app(catalog, accounts)
+    return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint.name)

@@ -22,8 +22,12 @@ ENV_PREFIX = "FLASHSERVE_"
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # the accepted Bearer key; generated at startup when unset
+    api_key: str | None = None  # bootstrap key of the default account; generated at startup when unset
+    admin_key: str | None = None  # Bearer key of /admin/*; generated at startup when unset
     data_dir: Path = Path("data")
+    database_url: str | None = None  # default: sqlite file flashserve.db in data_dir
+    default_balance_usd: str = "10"  # opening balance of the default account, when first created
+    catalog: Path | None = None  # TOML file of model cards (prices per model)
     model: str | None = None  # GGUF file or HF safetensors folder; None: the embedded SmolLM2
     served_model_ids: tuple[str, ...] = ()  # extra ids for the model; default: the reference id
     dtype: str = "float32"
@@ -54,6 +58,12 @@ class Settings:
                 values[f.name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    @property
+    def resolved_database_url(self) -> str:
+        from flashserve.accounts.db import default_url
+
+        return self.database_url or default_url(self.data_dir)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -35,3 +35,26 @@ def smollm(smollm_path: Path) -> Checkpoint:
     from flashserve.models.loading import load_checkpoint
 
     return load_checkpoint(smollm_path, dtype=torch.float32)
+
+
+# -- databases -------------------------------------------------------------------------------------------
+POSTGRES_ENV = "FLASHSERVE_TEST_DATABASE_URL"
+
+
+def postgres_url() -> str:
+    """The PostgreSQL URL the ledger tests run against. `.ci/run` starts a server and sets it; in CI a
+    missing URL is a failure, never a skip. Locally, without one, the PostgreSQL variants skip."""
+    url = os.environ.get(POSTGRES_ENV)
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(f"{POSTGRES_ENV} is not set: .ci/run must start PostgreSQL for the ledger tests", pytrace=False)
+    pytest.skip(f"{POSTGRES_ENV} not set (`.ci/run` sets it); PostgreSQL variant not run locally")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for each backend the accounts layer supports."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'flashserve.db'}"
+    return postgres_url()

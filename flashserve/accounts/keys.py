@@ -1,8 +1,9 @@
-"""API key checks.
+"""API keys: issue, verify, list, revoke.
 
-Keys are held only as SHA-256 digests and compared with
-`hmac.compare_digest`, so neither memory dumps nor response timing reveal
-them. Full accounts (many keys, balances) build on this module.
+A key is shown once, when it is created. At rest only its SHA-256 digest and
+a short public prefix are stored; verification hashes the presented key and
+compares digests with `hmac.compare_digest`. Neither the key nor its digest
+ever goes into a log line or an error message; the prefix may.
 """
 
 from __future__ import annotations
@@ -10,32 +11,131 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flashserve.accounts.clock import utcnow
+from flashserve.accounts.tables import api_keys
 
 KEY_PREFIX = "sk-fs-"
+_PUBLIC_CHARS = 12
 
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def public_prefix(key: str) -> str:
     """The part of a key that may appear in logs and listings."""
-    return key[: len(KEY_PREFIX) + 4] + "…"
+    return key[:_PUBLIC_CHARS]
 
 
-class StaticKeyVerifier:
-    """Accepts exactly one key (the operator's `FLASHSERVE_API_KEY` or a generated one)."""
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """None means unlimited."""
 
-    def __init__(self, key: str) -> None:
-        if not key:
-            raise ValueError("the API key must not be empty")
-        self._digest = digest(key)
-        self.tenant = hashlib.sha256(b"tenant:" + self._digest).hexdigest()[:16]
+    max_concurrent: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
-    def verify(self, presented: str) -> str | None:
-        """The tenant the key belongs to, or None."""
-        return self.tenant if hmac.compare_digest(digest(presented), self._digest) else None
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent", "rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or unset")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the verified key and its account."""
+
+    key_id: str
+    account_id: str
+    prefix: str
+    limits: KeyLimits
+
+
+def key_view(row: Any) -> dict[str, Any]:
+    """A key as listings show it: never the key itself, never its digest."""
+    return {
+        "id": row.id, "object": "api_key", "account_id": row.account_id, "name": row.name, "prefix": row.prefix,
+        "created_at": _iso(row.created_at), "expires_at": _iso(row.expires_at), "revoked_at": _iso(row.revoked_at),
+        "max_concurrent": row.max_concurrent, "rpm": row.rpm, "tpm": row.tpm,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(self, account_id: str, name: str, expires_at: datetime | None = None,
+                     limits: KeyLimits = KeyLimits(), key: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Store a new key (or adopt `key`, for the operator's bootstrap key). Returns the plaintext
+        key, to be shown once, and the stored view."""
+        key = key or generate_key()
+        values = {
+            "id": "key_" + uuid.uuid4().hex[:20], "account_id": account_id, "name": name,
+            "prefix": public_prefix(key), "digest": digest(key), "created_at": utcnow(), "expires_at": expires_at,
+            "revoked_at": None, "max_concurrent": limits.max_concurrent, "rpm": limits.rpm, "tpm": limits.tpm,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.insert(api_keys).values(**values))
+        return key, key_view(_Obj(values))
+
+    async def find(self, key: str) -> dict[str, Any] | None:
+        row = await self._row_by_digest(digest(key))
+        return None if row is None else key_view(row)
+
+    async def verify(self, presented: str) -> Principal | None:
+        """The principal behind a live key, or None (unknown, revoked or expired)."""
+        presented_digest = digest(presented)
+        row = await self._row_by_digest(presented_digest)
+        if row is None or not hmac.compare_digest(row.digest, presented_digest):
+            return None
+        now = utcnow()
+        if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+            return None
+        return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm))
+
+    async def _row_by_digest(self, key_digest: str) -> Any:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(sa.select(api_keys).where(api_keys.c.digest == key_digest))
+            return result.first()
+
+    async def list(self, account_id: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at)
+        if account_id is not None:
+            query = query.where(api_keys.c.account_id == account_id)
+        async with self.engine.connect() as conn:
+            return [key_view(row) for row in await conn.execute(query)]
+
+    async def get(self, key_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
+        return None if row is None else key_view(row)
+
+    async def revoke(self, key_id: str) -> dict[str, Any] | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                               .values(revoked_at=utcnow()))
+        return await self.get(key_id)
+
+
+class _Obj:
+    """Attribute access over a dict, so a freshly inserted row renders like a fetched one."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)

@@ -14,13 +14,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from flashserve.accounts.keys import Principal
+from flashserve.accounts.pricing import format_usd, usd_from_pusd
 from flashserve.api.auth import require_api_key
+from flashserve.api.billing import Meter
 from flashserve.api.errors import SERVER_ERROR, OpenAIError, invalid_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.base import Generation, RequestContext, Usage
@@ -28,24 +31,30 @@ from flashserve.catalog import ModelCard
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+COST_HEADER = "x-flashserve-cost-usd"
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, tenant: str = Depends(require_api_key)
+    body: ChatCompletionRequest, request: Request, principal: Annotated[Principal, Depends(require_api_key)]
 ) -> JSONResponse | StreamingResponse:
     card, backend = request.app.state.catalog.resolve(body.model)
     check_request(body, card)
-    ctx = RequestContext(request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant)
-    generation = await backend.open(body, ctx)
+    ctx = RequestContext(request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=principal.account_id)
+    meter = await Meter.admit(request.app.state.accounts, principal, card.id, card.token_prices, ctx.request_id)
+    try:
+        generation = await backend.open(body, ctx)
+    except BaseException:
+        meter.release_unused()
+        raise
     meta = _Meta(ctx.request_id, int(time.time()), body.model, backend.system_fingerprint)
     if body.stream:
         return StreamingResponse(
-            _sse(generation, meta, body.n or 1, body.include_usage),
+            _sse(generation, meter, meta, body.n or 1, body.include_usage),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-request-id": ctx.request_id},
         )
-    return await _complete(generation, meta, body.n or 1, request)
+    return await _complete(generation, meter, meta, body.n or 1, request)
 
 
 def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
@@ -70,8 +79,8 @@ class _Meta:
         self.id, self.created, self.model, self.fingerprint = id, created, model, fingerprint
 
 
-def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
+def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
@@ -80,10 +89,13 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
         "completion_tokens_details": {"text_tokens": usage.completion_tokens - usage.reasoning_tokens,
                                       "audio_tokens": 0, "reasoning_tokens": usage.reasoning_tokens},
     }
+    if cost_pusd is not None:
+        out["cost"] = float(usd_from_pusd(cost_pusd))  # USD, as OpenRouter reports it
+    return out
 
 
 # -- non-streaming ---------------------------------------------------------------
-async def _complete(generation: Generation, meta: _Meta, n: int, request: Request) -> JSONResponse:
+async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, request: Request) -> JSONResponse:
     texts = [""] * n
     reasons: list[str | None] = [None] * n
 
@@ -95,19 +107,24 @@ async def _complete(generation: Generation, meta: _Meta, n: int, request: Reques
 
     collector = asyncio.create_task(collect())
     watcher = asyncio.create_task(_wait_for_disconnect(request))
+    status = "error"
     try:
         await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not collector.done():
             log.info("client disconnected; aborting %s", meta.id)
+            status = "cancelled"
             collector.cancel()
             await generation.abort()
             return JSONResponse({}, status_code=499)
         collector.result()
+        status = "ok"
     finally:
         watcher.cancel()
         if not collector.done():
             collector.cancel()
-        await generation.abort()
+        with anyio.CancelScope(shield=True):
+            await generation.abort()
+            cost = await meter.record(generation.usage, status)
     body = {
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "choices": [
@@ -115,10 +132,10 @@ async def _complete(generation: Generation, meta: _Meta, n: int, request: Reques
              "finish_reason": reasons[i]}
             for i in range(n)
         ],
-        "usage": usage_dict(generation.usage),
+        "usage": usage_dict(generation.usage, cost),
         "system_fingerprint": meta.fingerprint,
     }
-    return JSONResponse(body, headers={"x-request-id": meta.id})
+    return JSONResponse(body, headers={"x-request-id": meta.id, COST_HEADER: format_usd(cost)})
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -132,7 +149,8 @@ def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _sse(generation: Generation, meta: _Meta, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
+               include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                                "model": meta.model, "system_fingerprint": meta.fingerprint, "choices": choices}
@@ -140,30 +158,38 @@ async def _sse(generation: Generation, meta: _Meta, n: int, include_usage: bool)
             out["usage"] = None
         return out
 
+    status = "cancelled"  # unless the stream ends below, the client went away
     try:
         for i in range(n):
             yield _event(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None}]))
-        async for delta in generation:
-            if delta.content:
-                yield _event(chunk([{"index": delta.index, "delta": {"content": delta.content}, "logprobs": None,
-                                     "finish_reason": None}]))
-            if delta.finish_reason:
-                yield _event(chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                     "finish_reason": delta.finish_reason}]))
+        try:
+            async for delta in generation:
+                if delta.content:
+                    yield _event(chunk([{"index": delta.index, "delta": {"content": delta.content},
+                                         "logprobs": None, "finish_reason": None}]))
+                if delta.finish_reason:
+                    yield _event(chunk([{"index": delta.index, "delta": {}, "logprobs": None,
+                                         "finish_reason": delta.finish_reason}]))
+        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
+            status = "error"
+            if not isinstance(exc, OpenAIError):
+                log.exception("stream %s failed", meta.id)
+                exc = OpenAIError(500, "The server had an error while generating.", SERVER_ERROR)
+            yield _event(exc.body())
+            yield _event("[DONE]")
+            return
+        status = "ok"
+        with anyio.CancelScope(shield=True):
+            cost = await meter.record(generation.usage, status)
         if include_usage:
             final = chunk([])
-            final["usage"] = usage_dict(generation.usage)
+            final["usage"] = usage_dict(generation.usage, cost)
             yield _event(final)
         yield _event("[DONE]")
-    except OpenAIError as exc:
-        yield _event(exc.body())
-        yield _event("[DONE]")
-    except Exception:  # noqa: BLE001 - headers are sent; report in-band
-        log.exception("stream %s failed", meta.id)
-        yield _event(OpenAIError(500, "The server had an error while generating.", SERVER_ERROR).body())
-        yield _event("[DONE]")
     finally:
-        # Runs on completion and on disconnect (cancellation); shield the awaited abort from the cancel.
+        # Runs on completion, on error and on disconnect (cancellation): shield the awaited
+        # abort and the usage write from the cancel so neither is lost.
         with anyio.CancelScope(shield=True):
             await generation.abort()
+            await meter.record(generation.usage, status)

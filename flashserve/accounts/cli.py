@@ -1,0 +1,163 @@
+"""`flashserve accounts|keys|usage`: manage accounts, keys and balances, and read usage,
+directly on the database (the same one the server uses; SQLite's WAL mode lets both run at once)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flashserve.accounts.clock import parse_instant
+from flashserve.accounts.keys import KeyLimits
+from flashserve.accounts.ledger import GROUPINGS
+from flashserve.accounts.pricing import pusd_from_usd
+from flashserve.accounts.service import Accounts
+from flashserve.settings import Settings
+
+accounts_app = typer.Typer(no_args_is_help=True, help="Accounts and balances.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+console = Console(soft_wrap=True)
+T = TypeVar("T")
+
+DataDir = Annotated[Path | None, typer.Option(help="Server data directory (holds the SQLite database).")]
+DatabaseUrl = Annotated[str | None, typer.Option(help="Database URL (overrides --data-dir).")]
+
+
+def _run(data_dir: Path | None, database_url: str | None, work: Callable[[Accounts], Awaitable[T]]) -> T:
+    settings = Settings.load(data_dir=data_dir, database_url=database_url)
+
+    async def main() -> T:
+        async with Accounts(settings.resolved_database_url) as accounts:
+            return await work(accounts)
+
+    return asyncio.run(main())
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    return table
+
+
+# -- accounts ----------------------------------------------------------------------------
+@accounts_app.command("create")
+def accounts_create(name: str, balance_usd: Annotated[str, typer.Option(help="Opening balance in USD.")] = "0",
+                    data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Create an account."""
+    async def work(accounts: Accounts) -> dict[str, Any] | None:
+        if await accounts.ledger.account_by_name(name) is not None:
+            return None
+        return await accounts.ledger.create_account(name, pusd_from_usd(balance_usd))
+
+    account = _run(data_dir, database_url, work)
+    if account is None:
+        raise _fail(f"an account named {name!r} already exists")
+    console.print(_table("account created", [account], ["id", "name", "balance_usd", "created_at"]))
+
+
+@accounts_app.command("top-up")
+def accounts_top_up(account_id: str, amount_usd: str, note: str = "", data_dir: DataDir = None,
+                    database_url: DatabaseUrl = None) -> None:
+    """Add credit to an account's balance."""
+    amount = pusd_from_usd(amount_usd)
+    if amount <= 0:
+        raise _fail("the amount must be positive")
+    account = _run(data_dir, database_url, lambda a: a.ledger.top_up(account_id, amount, note))
+    if account is None:
+        raise _fail(f"no account {account_id!r}")
+    console.print(_table("balance", [account], ["id", "name", "balance_usd"]))
+
+
+@accounts_app.command("show")
+def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = None,
+                  database_url: DatabaseUrl = None) -> None:
+    """Show one account (or all) with its balance."""
+    async def work(accounts: Accounts) -> list[dict[str, Any]]:
+        if account_id is None:
+            return await accounts.ledger.list_accounts()
+        account = await accounts.ledger.get_account(account_id)
+        return [account] if account else []
+
+    rows = _run(data_dir, database_url, work)
+    if account_id is not None and not rows:
+        raise _fail(f"no account {account_id!r}")
+    console.print(_table("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "created_at"]))
+
+
+# -- keys --------------------------------------------------------------------------------
+@keys_app.command("create")
+def keys_create(
+    account_id: str,
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "key",
+    expires_at: Annotated[str | None, typer.Option(help="ISO 8601 expiry (UTC).")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1)] = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a key. It is printed once and cannot be shown again."""
+    expires = parse_instant(expires_at) if expires_at else None
+
+    async def work(accounts: Accounts) -> tuple[str, dict[str, Any]] | None:
+        if await accounts.ledger.get_account(account_id) is None:
+            return None
+        return await accounts.keys.create(account_id, name, expires, KeyLimits(max_concurrent, rpm, tpm))
+
+    created = _run(data_dir, database_url, work)
+    if created is None:
+        raise _fail(f"no account {account_id!r}")
+    key, view = created
+    console.print(_table("key created", [view], ["id", "name", "prefix", "account_id", "expires_at"]))
+    console.print(f"key: [bold]{key}[/bold]  (shown once; store it now)")
+
+
+@keys_app.command("list")
+def keys_list(account_id: Annotated[str | None, typer.Option()] = None, data_dir: DataDir = None,
+              database_url: DatabaseUrl = None) -> None:
+    """List keys (never the keys themselves)."""
+    rows = _run(data_dir, database_url, lambda a: a.keys.list(account_id))
+    console.print(_table("keys", rows, ["id", "name", "prefix", "account_id", "created_at", "expires_at",
+                                        "revoked_at", "max_concurrent", "rpm", "tpm"]))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Revoke a key: it stops working at once."""
+    view = _run(data_dir, database_url, lambda a: a.keys.revoke(key_id))
+    if view is None:
+        raise _fail(f"no key {key_id!r}")
+    console.print(_table("key revoked", [view], ["id", "name", "prefix", "revoked_at"]))
+
+
+# -- usage -------------------------------------------------------------------------------
+def usage(
+    account_id: Annotated[str | None, typer.Option(help="Only this account.")] = None,
+    group_by: Annotated[str, typer.Option(help="key, model or day.")] = "day",
+    start: Annotated[str | None, typer.Option("--from", help="Start (ISO date/datetime or unix seconds).")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="End, exclusive.")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Usage grouped by key, model or day: requests, tokens, cache hit ratio and cost."""
+    if group_by not in GROUPINGS:
+        raise _fail(f"--group-by must be one of {', '.join(GROUPINGS)}")
+    begin = parse_instant(start) if start else None
+    finish = parse_instant(end) if end else None
+    rows = _run(data_dir, database_url, lambda a: a.ledger.report(account_id, begin, finish, group_by))
+    console.print(_table(f"usage by {group_by}", rows, ["group", "requests", "prompt_tokens", "cached_tokens",
+                                                        "completion_tokens", "reasoning_tokens", "cache_hit_ratio",
+                                                        "cost_usd"]))

@@ -1,0 +1,146 @@
+"""The admin HTTP API under /admin/: accounts, balances, keys and usage for
+everyone. Every route needs the admin key; an ordinary API key is refused."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from flashserve.accounts.clock import parse_instant
+from flashserve.accounts.keys import KeyLimits
+from flashserve.accounts.pricing import pusd_from_usd
+from flashserve.api.auth import require_admin_key
+from flashserve.api.errors import NOT_FOUND, OpenAIError, invalid_request
+from flashserve.api.usage import usage_report
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)])
+
+Money = str | int | float
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateAccount(_Body):
+    name: str = Field(min_length=1, max_length=200)
+    balance_usd: Money = "0"
+
+
+class TopUp(_Body):
+    amount_usd: Money
+    note: str = Field(default="", max_length=200)
+
+
+class CreateKey(_Body):
+    account_id: str
+    name: str = Field(default="key", min_length=1, max_length=200)
+    expires_at: str | None = None
+    max_concurrent: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
+def _pusd(value: Money, param: str) -> int:
+    try:
+        return pusd_from_usd(value)
+    except (ArithmeticError, ValueError):
+        raise invalid_request(f"Invalid '{param}': expected a decimal USD amount.", param, "invalid_value") from None
+
+
+def _not_found(what: str, ident: str) -> OpenAIError:
+    return OpenAIError(404, f"No {what} with id '{ident}'.", NOT_FOUND, None, f"{what}_not_found")
+
+
+@router.post("/accounts", status_code=201)
+async def create_account(body: CreateAccount, request: Request) -> JSONResponse:
+    ledger = request.app.state.accounts.ledger
+    if await ledger.account_by_name(body.name) is not None:
+        raise invalid_request(f"An account named '{body.name}' already exists.", "name", "account_exists")
+    balance = _pusd(body.balance_usd, "balance_usd")
+    if balance < 0:
+        raise invalid_request("'balance_usd' must not be negative.", "balance_usd", "invalid_value")
+    return JSONResponse(await ledger.create_account(body.name, balance), status_code=201)
+
+
+@router.get("/accounts")
+async def list_accounts(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": await request.app.state.accounts.ledger.list_accounts()}
+
+
+@router.get("/accounts/{account_id}")
+async def get_account(account_id: str, request: Request) -> dict[str, Any]:
+    account = await request.app.state.accounts.ledger.get_account(account_id)
+    if account is None:
+        raise _not_found("account", account_id)
+    return account
+
+
+@router.post("/accounts/{account_id}/top-up")
+async def top_up(account_id: str, body: TopUp, request: Request) -> dict[str, Any]:
+    amount = _pusd(body.amount_usd, "amount_usd")
+    if amount <= 0:
+        raise invalid_request("'amount_usd' must be positive.", "amount_usd", "invalid_value")
+    account = await request.app.state.accounts.ledger.top_up(account_id, amount, body.note)
+    if account is None:
+        raise _not_found("account", account_id)
+    return account
+
+
+@router.post("/keys", status_code=201)
+async def create_key(body: CreateKey, request: Request) -> JSONResponse:
+    accounts = request.app.state.accounts
+    if await accounts.ledger.get_account(body.account_id) is None:
+        raise _not_found("account", body.account_id)
+    expires: datetime | None = None
+    if body.expires_at is not None:
+        try:
+            expires = parse_instant(body.expires_at)
+        except ValueError:
+            raise invalid_request("Invalid 'expires_at': expected an ISO 8601 datetime.", "expires_at",
+                                  "invalid_value") from None
+    limits = KeyLimits(body.max_concurrent, body.rpm, body.tpm)
+    key, view = await accounts.keys.create(body.account_id, body.name, expires, limits)
+    return JSONResponse({**view, "key": key}, status_code=201)
+
+
+@router.get("/keys")
+async def list_keys(request: Request, account_id: str | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": await request.app.state.accounts.keys.list(account_id)}
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
+    view = await request.app.state.accounts.keys.revoke(key_id)
+    if view is None:
+        raise _not_found("key", key_id)
+    return view
+
+
+@router.get("/usage")
+async def usage(
+    request: Request,
+    account_id: str | None = None,
+    start: Annotated[str | None, Query(alias="from")] = None,
+    end: Annotated[str | None, Query(alias="to")] = None,
+    group_by: str = "day",
+) -> dict[str, Any]:
+    return await usage_report(request, account_id, start, end, group_by)
+
+
+@router.get("/usage/records")
+async def usage_records(request: Request, account_id: str | None = None,
+                        limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
+    return {"object": "list", "data": await request.app.state.accounts.ledger.records(account_id, limit)}
+
+
+@router.get("/accounts/{account_id}/audit")
+async def audit(account_id: str, request: Request) -> dict[str, Any]:
+    """The balance next to Σ top-ups − Σ usage costs; the two are equal in a consistent ledger."""
+    if await request.app.state.accounts.ledger.get_account(account_id) is None:
+        raise _not_found("account", account_id)
+    return await request.app.state.accounts.ledger.audit(account_id)

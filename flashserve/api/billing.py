@@ -1,0 +1,84 @@
+"""Admission and the usage record of one chat request.
+
+`Meter.admit` runs before any model work: an account at or below zero gets a
+402, a key over its limits a 429. Once the backend has accepted the request,
+`Meter.record` prices the engine's token counts and writes the usage row with
+the balance debit in one transaction, exactly once, whatever ended the
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+
+from flashserve.accounts.keys import Principal
+from flashserve.accounts.ledger import UsageRecord
+from flashserve.accounts.limits import Lease, RateLimited
+from flashserve.accounts.pricing import TokenPrices
+from flashserve.accounts.service import Accounts
+from flashserve.api.errors import INVALID_REQUEST, RATE_LIMIT, OpenAIError
+from flashserve.backends.base import Usage
+
+log = logging.getLogger(__name__)
+_WRITE_ATTEMPTS = 5
+
+
+class Meter:
+    def __init__(self, accounts: Accounts, principal: Principal, model: str, prices: TokenPrices,
+                 request_id: str, lease: Lease) -> None:
+        self.accounts = accounts
+        self.principal = principal
+        self.model = model
+        self.prices = prices
+        self.request_id = request_id
+        self._lease = lease
+        self._started = time.monotonic()
+        self.cost_pusd: int | None = None
+
+    @classmethod
+    async def admit(cls, accounts: Accounts, principal: Principal, model: str, prices: TokenPrices,
+                    request_id: str) -> Meter:
+        balance = await accounts.ledger.balance(principal.account_id)
+        if balance is None or balance <= 0:
+            raise OpenAIError(402, "Insufficient balance: top up the account to continue.", INVALID_REQUEST,
+                              None, "insufficient_balance")
+        try:
+            lease = accounts.limiter.acquire(principal.key_id, principal.limits)
+        except RateLimited as exc:
+            raise OpenAIError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
+                              headers={"retry-after": str(exc.retry_after)}) from None
+        return cls(accounts, principal, model, prices, request_id, lease)
+
+    def cost(self, usage: Usage) -> int:
+        return self.prices.cost(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+
+    def release_unused(self) -> None:
+        """The request never reached the model: free its limit slot, write nothing."""
+        self._lease.release(0)
+
+    async def record(self, usage: Usage, status: str) -> int:
+        """Write the usage row (once; later calls return the first cost)."""
+        if self.cost_pusd is not None:
+            return self.cost_pusd
+        self.cost_pusd = cost = self.cost(usage)
+        self._lease.release(usage.total_tokens)
+        rec = UsageRecord(
+            request_id=self.request_id, account_id=self.principal.account_id, key_id=self.principal.key_id,
+            model=self.model, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens, reasoning_tokens=usage.reasoning_tokens, cost_pusd=cost,
+            status=status, latency_ms=int((time.monotonic() - self._started) * 1000),
+        )
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                await self.accounts.ledger.record(rec)
+                return cost
+            except Exception:  # noqa: BLE001 - retried, then reported without losing the record
+                if attempt == _WRITE_ATTEMPTS - 1:
+                    # The row is logged in full (no key material in it) so an operator can replay it.
+                    log.critical("could not write usage record; replay it: %s", asdict(rec), exc_info=True)
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
+        return cost
