@@ -22,9 +22,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]
     try:
         _wait_ready(base, process, log)
         banner = log.read_text(errors="replace")
-        match = re.search(r"API key:\s+(\S+)\s+\(generated for this run\)", banner)
+        match = re.search(r"API key:\s+(\S+)\s+\(generated for this run", banner)
         assert match, f"the banner names no generated key:\n{banner}"
         assert f"{base}/v1" in banner, "the banner names the base URL"
+        assert re.search(r"admin key:\s+sk-fs-\S+\s+\(generated for this run", banner), "an admin key is printed"
         assert "deepseek/deepseek-v4-flash" in banner and "SmolLM2-135M-Instruct" in banner
         yield base, match.group(1)
     finally:
