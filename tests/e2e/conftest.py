@@ -6,8 +6,9 @@ over HTTP with the official `openai` client or raw `httpx`. Its stdout/stderr go
 whose tail is attached to every failing e2e test report and printed when startup fails.
 
 Every test under tests/e2e gets the `e2e` marker, so `pytest -m "not e2e"` runs the unit tests only.
-Set FLASHSERVE_E2E_BASE_URL (and FLASHSERVE_E2E_API_KEY) to run the suite against a server that is
-already running instead of starting one.
+The session server also gets a known admin key (ADMIN_KEY, for /admin/*) and its own SQLite ledger in
+the data dir. Set FLASHSERVE_E2E_BASE_URL (and FLASHSERVE_E2E_API_KEY, FLASHSERVE_E2E_ADMIN_KEY) to run
+the suite against a server that is already running instead of starting one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
 API_KEY = "sk-flashserve-e2e-0123456789abcdef"
+ADMIN_KEY = "sk-flashserve-e2e-admin-0123456789abcdef"
 STARTUP_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 80
@@ -79,6 +81,7 @@ class Server:
     api_key: str
     process: subprocess.Popen | None
     log_path: Path | None
+    admin_key: str | None = None
 
 
 def _wait_ready(base_url: str, process: subprocess.Popen | None, log_path: Path | None = None) -> None:
@@ -107,23 +110,30 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if external:
         base = external.rstrip("/")
         _wait_ready(base, None)
-        yield Server(base, os.environ.get("FLASHSERVE_E2E_API_KEY", API_KEY), None, None)
+        yield Server(base, os.environ.get("FLASHSERVE_E2E_API_KEY", API_KEY), None, None,
+                     os.environ.get("FLASHSERVE_E2E_ADMIN_KEY") or None)
         return
 
-    process, base, _server_log = start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": API_KEY})
+    # A fresh SQLite ledger in the data dir and the default starting balance, whatever the caller's env says.
+    process, base, _server_log = start_server(tmp_path_factory,
+                                              {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_ADMIN_KEY": ADMIN_KEY},
+                                              unset=("FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
     try:
         _wait_ready(base, process, _server_log)
-        yield Server(base, API_KEY, process, _server_log)
+        yield Server(base, API_KEY, process, _server_log, ADMIN_KEY)
     finally:
         _stop(process, _server_log)
 
 
 def start_server(tmp_path_factory: pytest.TempPathFactory, env_overrides: dict[str, str],
-                 unset: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, Path]:
-    """Start `flashserve serve` on a free port; returns the process, its base URL and its log file."""
+                 unset: tuple[str, ...] = (), data_dir: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """Start `flashserve serve` on a free port; returns the process, its base URL and its log file.
+
+    The data dir is a fresh `<workdir>/data` unless `data_dir` names one (to restart on the same state)."""
     workdir = tmp_path_factory.mktemp("flashserve-e2e")
-    data_dir = workdir / "data"
-    data_dir.mkdir()
+    if data_dir is None:
+        data_dir = workdir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "server.log"
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -172,5 +182,15 @@ def client(base_url: str, api_key: str) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="session")
 def http(base_url: str, api_key: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=120.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def admin(server: Server) -> Iterator[httpx.Client]:
+    """Raw httpx client carrying the admin key, for /admin/*."""
+    if server.admin_key is None:
+        pytest.skip("set FLASHSERVE_E2E_ADMIN_KEY to run the admin tests against an external server")
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.admin_key}"},
                       timeout=120.0) as c:
         yield c
