@@ -41,6 +41,7 @@ class ModelCard:
     description: str = ""
     capabilities: tuple[str, ...] = ("chat",)
     input_modalities: tuple[str, ...] = ("text",)
+    reasoning: bool = False  # whether the model can think; one that cannot ignores reasoning_effort
 
     @property
     def token_prices(self) -> TokenPrices:
@@ -58,6 +59,8 @@ class ModelCard:
             "description": self.description,
             "capabilities": list(self.capabilities),
             "input_modalities": list(self.input_modalities),
+            "reasoning": self.reasoning,
+            "structured_outputs": True,
             "pricing": {
                 "input_cache_hit_per_million_usd": str(self.prices.input_cache_hit),
                 "input_cache_miss_per_million_usd": str(self.prices.input_cache_miss),

@@ -22,6 +22,7 @@ from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
+from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
@@ -55,6 +56,13 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
                           enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype)
     vocab = int(checkpoint.config["vocab_size"])
     engine = AsyncEngine(LLMEngine(model, config, vocab))
+    tokens = checkpoint.tokenizer.get_vocab(with_added_tokens=True)
+    by_id = [""] * max(len(tokens), 1)
+    for text, token_id in tokens.items():
+        if token_id < len(by_id):
+            by_id[token_id] = text
+    special = {i for i, t in checkpoint.tokenizer.get_added_tokens_decoder().items() if t.special}
+    grammars = GrammarBackend(by_id, special, list(checkpoint.stop_token_ids), vocab)
     local = LocalModel(
         tokenizer=checkpoint.tokenizer,
         template=ChatTemplate.from_checkpoint(checkpoint),
@@ -63,6 +71,7 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
         vocab_size=vocab,
         fingerprint=checkpoint.fingerprint,
         dtype=settings.dtype,
+        grammars=grammars,
     )
     return engine, local
 

@@ -62,7 +62,14 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
     if body.stream_options is not None and not body.stream:
         raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               "stream_options", "invalid_value")
+    call_ids: set[str] = set()
     for i, message in enumerate(body.messages):
+        for call in message.tool_calls or ():
+            call_ids.add(call.id)
+        if message.role == "tool" and message.tool_call_id not in call_ids:
+            raise invalid_request(f"messages[{i}] answers tool call '{message.tool_call_id}', but no earlier "
+                                  "assistant message made a call with that id.", f"messages[{i}].tool_call_id",
+                                  "invalid_tool_call_id")
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):

@@ -22,6 +22,7 @@ from flashserve.api.errors import OpenAIError, invalid_request, unsupported_para
 from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
 from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
 from flashserve.chat.output import ChoiceOutput
+from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate, TemplateError
 from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -40,6 +41,7 @@ class LocalModel:
     vocab_size: int
     fingerprint: str  # of the weights
     dtype: str = "float32"
+    grammars: GrammarBackend | None = None  # structured output; None: JSON formats are refused
 
 
 class LocalBackend:
@@ -88,23 +90,19 @@ class LocalBackend:
             out[token_id] = float(value)
         return out
 
-    @staticmethod
-    def check_supported(request: ChatCompletionRequest) -> None:
+    def check_supported(self, request: ChatCompletionRequest) -> None:
         """Fields the embedded engine does not implement yet answer 400, never silently ignored."""
         if request.tools:
             raise unsupported_parameter("tools", "is not supported by this model yet.")
         if request.tool_choice is not None:
             raise unsupported_parameter("tool_choice", "is not supported by this model yet.")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise unsupported_parameter("response_format", f"of type '{request.response_format.type}' is not "
-                                        "supported by this model yet.")
-        if request.reasoning_effort not in (None, "none"):
-            raise unsupported_parameter("reasoning_effort", f"'{request.reasoning_effort}' is not supported by "
-                                        "this model yet; use 'none'.")
         if request.audio is not None:
             raise unsupported_parameter("audio", "output is not supported: this model produces text only.")
         if request.modalities and "audio" in request.modalities:
             raise unsupported_parameter("modalities", "'audio' is not supported: this model produces text only.")
+        wants_json = request.response_format is not None and request.response_format.type != "text"
+        if wants_json and self.model.grammars is None:
+            raise unsupported_parameter("response_format", "is not available: structured output is not set up.")
         if request.logprobs:
             raise unsupported_parameter("logprobs", "is not supported yet.")
         if request.top_logprobs:
@@ -120,12 +118,14 @@ class LocalBackend:
                 f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
                 f"{len(prompt)} tokens. Please reduce the length of the messages.",
                 "messages", "context_length_exceeded")
+        grammar = self.model.grammars.for_response_format(request.response_format) if self.model.grammars else None
         params = [self.sampling_params(request, i) for i in range(request.n or 1)]
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(params):
+                constraint = None if grammar is None else GrammarBackend.constraint(grammar)
                 streams.append(await self.engine.add_request(f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}",
-                                                             prompt, p, ctx.tenant))
+                                                             prompt, p, ctx.tenant, constraint))
         except EngineDeadError as exc:
             for s in streams:
                 await s.abort()

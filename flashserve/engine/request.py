@@ -11,8 +11,20 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+
+class TokenConstraint(Protocol):
+    """A grammar that decides which tokens may come next (see chat/structured.py)."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+    def accept(self, token_id: int) -> bool: ...
+
+    @property
+    def is_terminated(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -66,6 +78,7 @@ class Request:
     params: SamplingParams
     max_output_tokens: int  # params.max_tokens clamped to what the context leaves
     cache_salt: str = ""  # namespaces prefix-cache blocks (per tenant)
+    constraint: TokenConstraint | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

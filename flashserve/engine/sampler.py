@@ -1,8 +1,8 @@
 """Turns a batch of logits into one next token per request.
 
 Order of operations, per row: logit_bias, presence/frequency penalties over
-the tokens generated so far, then greedy argmax (temperature 0) or
-temperature + top-p sampling. The processing is batched; only the final draw
+the tokens generated so far, the grammar's token mask (structured output),
+then greedy argmax (temperature 0) or temperature + top-p sampling. The processing is batched; only the final draw
 runs per row, with the request's own `torch.Generator`, so a seeded request
 gives the same tokens whatever else shares its batch.
 """
@@ -26,6 +26,7 @@ class Sampler:
         logits = logits.float().clone()  # the processing below edits rows in place
         logits = self._apply_logit_bias(logits, requests)
         logits = self._apply_penalties(logits, requests)
+        self._apply_grammar(logits, requests)
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for row, request in enumerate(requests):
@@ -58,6 +59,17 @@ class Sampler:
             # OpenAI's definition: mu[j] -= c[j] * alpha_frequency + float(c[j] > 0) * alpha_presence
             logits[row] -= counts * params.frequency_penalty + (counts > 0).float() * params.presence_penalty
         return logits
+
+    def _apply_grammar(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        rows = [row for row, request in enumerate(requests) if request.constraint is not None]
+        if not rows:
+            return
+        from flashserve.chat.structured import allocate_bitmask, apply_bitmask
+
+        bitmask = allocate_bitmask(len(requests), logits.shape[1])
+        for row in rows:
+            requests[row].constraint.fill_bitmask(bitmask, row)  # type: ignore[union-attr]
+        apply_bitmask(logits, bitmask, rows)
 
     @staticmethod
     def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

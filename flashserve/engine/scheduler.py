@@ -160,6 +160,10 @@ class Scheduler:
         return outputs
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        # The mask only offers tokens the grammar accepts; a refusal would be a bug, so stop cleanly.
+        constraint = request.constraint
+        if constraint is not None and (not constraint.accept(token) or constraint.is_terminated):
+            return FinishReason.STOP
         if not request.params.ignore_eos and token in request.params.stop_token_ids:
             return FinishReason.STOP
         if len(request.output_token_ids) >= request.max_output_tokens:

@@ -206,13 +206,6 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
     ("tool_choice", "auto"),
     ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-    ("response_format", {"type": "json_schema", "schema": {"type": "object"}}),
-    ("reasoning_effort", "low"),
-    ("reasoning_effort", "medium"),
-    ("reasoning_effort", "high"),
-    ("reasoning_effort", "xhigh"),
     ("audio", {"format": "wav", "voice": "alloy"}),
     ("modalities", ["text", "audio"]),
     ("modalities", ["audio"]),
@@ -239,13 +232,38 @@ def test_400_unsupported_parameter_when_streaming(client: openai.OpenAI) -> None
     {"tools": []},
     {"response_format": {"type": "text"}},
     {"reasoning_effort": "none"},
+    {"reasoning_effort": "low"},
+    {"reasoning_effort": "high"},
+    {"reasoning_effort": "xhigh"},
+    {"reasoning_effort": "max"},
     {"modalities": ["text"]},
     {"user": "user-1234", "stop": [], "logit_bias": {}, "presence_penalty": 0.5},
-], ids=["empty-tools", "text-format", "no-reasoning", "text-modality", "misc"])
+], ids=["empty-tools", "text-format", "no-reasoning", "low", "high", "xhigh", "max", "text-modality", "misc"])
 def test_supported_variants_are_accepted(client: openai.OpenAI, extra: dict) -> None:
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, **extra)
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.choices[0].message.content is not None
+    # The embedded model cannot think: any effort is accepted and produces no reasoning.
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert getattr(r.choices[0].message, "reasoning_content", None) is None
+
+
+def test_model_object_says_it_cannot_reason(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(MODEL).model_extra["reasoning"] is False
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_nope", "content": "18C"}],
+     "messages[1].tool_call_id"),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": None,
+       "tool_calls": [{"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "call_a", "content": "ok"},
+      {"role": "tool", "tool_call_id": "call_b", "content": "?"}],
+     "messages[3].tool_call_id"),
+])
+def test_400_tool_message_answering_no_earlier_call(http: httpx.Client, messages: list, param: str) -> None:
+    check_error(post(http, body(messages=messages)), 400, param=param)
 
 
 # -- non-text content ------------------------------------------------------------------------------------------

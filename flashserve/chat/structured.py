@@ -1,0 +1,126 @@
+"""`response_format` -> an xgrammar grammar, and the per-request matcher the
+engine uses to mask logits.
+
+One `GrammarBackend` per tokenizer compiles grammars with xgrammar against
+the engine's own vocabulary; compiled grammars are cached by their schema
+text, so a schema is compiled once however many requests use it. Each
+request (each choice) gets its own `GrammarConstraint`: a matcher that
+fills its row of the batch's token bitmask and advances on every sampled
+token. JSON is generated compactly (no free whitespace) so a small model
+cannot wander into whitespace until `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from flashserve.api.errors import invalid_request
+
+if TYPE_CHECKING:
+    import torch
+    import xgrammar as xgr
+
+    from flashserve.api.schemas import ResponseFormat
+
+_CACHE_SIZE = 256
+# The smallest JSON object grammar: `json_object` mode means "one JSON object".
+_ANY_OBJECT_SCHEMA = {"type": "object"}
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+class GrammarConstraint:
+    """One request's grammar state; used by the engine thread only."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self.matcher = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        return bool(self.matcher.accept_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+
+def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(batch, vocab_size)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Disallowed tokens of the listed rows get -inf, in place."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+
+
+class GrammarBackend:
+    """Compiles and caches grammars for one tokenizer's vocabulary."""
+
+    def __init__(self, vocab: list[str], special_ids: set[int], stop_token_ids: list[int], vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        # xgrammar treats tokens that decode to nothing as special and never allows them (stop tokens aside),
+        # so control tokens such as <|im_start|> can never appear inside generated JSON.
+        encoded = ["" if i in special_ids else token for i, token in enumerate(vocab)]
+        info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
+                                 stop_token_ids=stop_token_ids)
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile_schema(self, schema: dict[str, Any], param: str) -> Any:
+        text = json.dumps(schema)  # key order kept: it is the order the properties are generated in
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise invalid_request(f"The JSON schema is too large (over {MAX_SCHEMA_BYTES} bytes).", param,
+                                  "invalid_value")
+        with self._lock:
+            compiled = self._cache.get(text)
+            if compiled is not None:
+                self._cache.move_to_end(text)
+                return compiled
+        try:
+            compiled = self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError/ValueError
+            raise invalid_request(f"Invalid JSON schema in '{param}': {_first_line(exc)}", param,
+                                  "invalid_json_schema") from None
+        with self._lock:
+            self._cache[text] = compiled
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def for_response_format(self, response_format: ResponseFormat | None) -> Any | None:
+        """The compiled grammar a response format asks for, or None for free text."""
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return self.compile_schema(_ANY_OBJECT_SCHEMA, "response_format")
+        schema = response_format.schema_
+        if schema is None and response_format.json_schema is not None:
+            schema = response_format.json_schema.schema_
+        if schema is None:
+            raise invalid_request("response_format of type 'json_schema' needs a schema: "
+                                  "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.",
+                                  "response_format", "missing_required_parameter")
+        return self.compile_schema(schema, "response_format")
+
+    @staticmethod
+    def constraint(compiled: Any) -> GrammarConstraint:
+        import xgrammar as xgr
+
+        return GrammarConstraint(xgr.GrammarMatcher(compiled))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # xgrammar prefixes messages with a timestamp and a C++ source location; keep the reason.
+    return text.split(": ", 1)[-1] if text.startswith("[") else text
