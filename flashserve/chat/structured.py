@@ -65,17 +65,24 @@ class GrammarBackend:
     """Compiles and caches grammars for one tokenizer's vocabulary."""
 
     def __init__(self, vocab: list[str], special_ids: set[int], stop_token_ids: list[int], vocab_size: int) -> None:
-        import xgrammar as xgr
-
         # xgrammar treats tokens that decode to nothing as special and never allows them (stop tokens aside),
         # so control tokens such as <|im_start|> can never appear inside generated JSON.
-        encoded = ["" if i in special_ids else token for i, token in enumerate(vocab)]
-        info = xgr.TokenizerInfo(encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
-                                 stop_token_ids=stop_token_ids)
+        self._encoded = ["" if i in special_ids else token for i, token in enumerate(vocab)]
+        self._stop_token_ids = list(stop_token_ids)
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._compiler: Any = None  # built on first use: importing xgrammar costs seconds at start-up
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo(self._encoded, xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
+                                         stop_token_ids=self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
 
     def compile_schema(self, schema: dict[str, Any], param: str) -> Any:
         text = json.dumps(schema)  # key order kept: it is the order the properties are generated in
@@ -88,7 +95,7 @@ class GrammarBackend:
                 self._cache.move_to_end(text)
                 return compiled
         try:
-            compiled = self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+            compiled = self._get_compiler().compile_json_schema(text, any_whitespace=False, strict_mode=True)
         except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError/ValueError
             raise invalid_request(f"Invalid JSON schema in '{param}': {_first_line(exc)}", param,
                                   "invalid_json_schema") from None
