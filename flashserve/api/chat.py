@@ -28,6 +28,7 @@ from flashserve.api.errors import SERVER_ERROR, OpenAIError, invalid_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.base import Generation, RequestContext, Usage
 from flashserve.catalog import ModelCard
+from flashserve.chat.tools import ParsedCall
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -104,11 +105,13 @@ def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
 # -- non-streaming ---------------------------------------------------------------
 async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, request: Request) -> JSONResponse:
     texts = [""] * n
+    calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
 
     async def collect() -> None:
         async for delta in generation:
             texts[delta.index] += delta.content
+            calls[delta.index].extend(_call_dict(c) for c in delta.tool_calls)
             if delta.finish_reason:
                 reasons[delta.index] = delta.finish_reason
 
@@ -135,14 +138,24 @@ async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, r
     body = {
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-             "finish_reason": reasons[i]}
+            {"index": i, "message": _message(texts[i], calls[i]), "logprobs": None, "finish_reason": reasons[i]}
             for i in range(n)
         ],
         "usage": usage_dict(generation.usage, cost),
         "system_fingerprint": meta.fingerprint,
     }
     return JSONResponse(body, headers={"x-request-id": meta.id, COST_HEADER: format_usd(cost)})
+
+
+def _call_dict(call: ParsedCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -170,11 +183,23 @@ async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
         for i in range(n):
             yield _event(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None}]))
+        call_counts = [0] * n
         try:
             async for delta in generation:
                 if delta.content:
                     yield _event(chunk([{"index": delta.index, "delta": {"content": delta.content},
                                          "logprobs": None, "finish_reason": None}]))
+                for call in delta.tool_calls:
+                    # As OpenAI streams them: the call's index, id and name first, then its arguments.
+                    k = call_counts[delta.index]
+                    call_counts[delta.index] += 1
+                    head = {"index": k, "id": call.id, "type": "function",
+                            "function": {"name": call.name, "arguments": ""}}
+                    yield _event(chunk([{"index": delta.index, "delta": {"tool_calls": [head]}, "logprobs": None,
+                                         "finish_reason": None}]))
+                    args = {"index": k, "function": {"arguments": call.arguments}}
+                    yield _event(chunk([{"index": delta.index, "delta": {"tool_calls": [args]}, "logprobs": None,
+                                         "finish_reason": None}]))
                 if delta.finish_reason:
                     yield _event(chunk([{"index": delta.index, "delta": {}, "logprobs": None,
                                          "finish_reason": delta.finish_reason}]))

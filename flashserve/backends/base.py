@@ -10,11 +10,12 @@ one it talks to.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from flashserve.api.schemas import ChatCompletionRequest
+    from flashserve.chat.tools import ParsedCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class ChoiceDelta:
     index: int
     content: str = ""
     reasoning_content: str = ""
+    tool_calls: list[ParsedCall] = field(default_factory=list)  # complete calls, in order
     finish_reason: str | None = None  # set on a choice's last delta
 
 

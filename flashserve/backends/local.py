@@ -24,6 +24,7 @@ from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
 from flashserve.chat.output import ChoiceOutput
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate, TemplateError
+from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, with_tools_in_system_prompt
 from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams
 
@@ -55,9 +56,16 @@ class LocalBackend:
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     # -- request preparation ---------------------------------------------------
-    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan) -> list[int]:
+        dicts = [_message_dict(m) for m in messages]
+        tools = None
+        if plan.tools:
+            if self.model.template.handles_tools:
+                tools = [t.model_dump(exclude_none=True) for t in plan.tools]
+            else:
+                dicts = with_tools_in_system_prompt(dicts, plan)
         try:
-            text = self.model.template.render([_message_dict(m) for m in messages])
+            text = self.model.template.render(dicts, tools=tools)
         except TemplateError as exc:
             raise invalid_request(f"The messages could not be rendered by the model's chat template: {exc}",
                                   "messages") from exc
@@ -92,10 +100,6 @@ class LocalBackend:
 
     def check_supported(self, request: ChatCompletionRequest) -> None:
         """Fields the embedded engine does not implement yet answer 400, never silently ignored."""
-        if request.tools:
-            raise unsupported_parameter("tools", "is not supported by this model yet.")
-        if request.tool_choice is not None:
-            raise unsupported_parameter("tool_choice", "is not supported by this model yet.")
         if request.audio is not None:
             raise unsupported_parameter("audio", "output is not supported: this model produces text only.")
         if request.modalities and "audio" in request.modalities:
@@ -103,6 +107,8 @@ class LocalBackend:
         wants_json = request.response_format is not None and request.response_format.type != "text"
         if wants_json and self.model.grammars is None:
             raise unsupported_parameter("response_format", "is not available: structured output is not set up.")
+        if request.tools and self.model.grammars is None:
+            raise unsupported_parameter("tools", "are not available: constrained decoding is not set up.")
         if request.logprobs:
             raise unsupported_parameter("logprobs", "is not supported yet.")
         if request.top_logprobs:
@@ -111,14 +117,15 @@ class LocalBackend:
     # -- Backend -----------------------------------------------------------------
     async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> LocalGeneration:
         self.check_supported(request)
-        prompt = self.render_prompt(request.messages)
+        plan = plan_tools(request)
+        prompt = self.render_prompt(request.messages, plan)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
                 f"{len(prompt)} tokens. Please reduce the length of the messages.",
                 "messages", "context_length_exceeded")
-        grammar = self.model.grammars.for_response_format(request.response_format) if self.model.grammars else None
+        grammar = self._grammar(request, plan)
         params = [self.sampling_params(request, i) for i in range(request.n or 1)]
         streams: list[RequestStream] = []
         try:
@@ -131,7 +138,21 @@ class LocalBackend:
                 await s.abort()
             raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
                               "engine_unavailable") from exc
-        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt))
+        names = [t.function.name for t in plan.tools] if plan.parses_calls else None
+        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names)
+
+    def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
+        grammars = self.model.grammars
+        if grammars is None:
+            return None
+        wants_json = request.response_format is not None and request.response_format.type != "text"
+        if plan.choice in ("required", "named"):
+            return grammars.for_tools(plan)  # the output is calls: a response format has nothing to shape
+        if plan.choice == "auto" and plan.tools:
+            if wants_json:
+                raise unsupported_parameter("response_format", "cannot be combined with tool_choice 'auto' yet.")
+            return grammars.for_tools(plan)
+        return grammars.for_response_format(request.response_format)
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.engine.engine.stats(), "active_requests": self.engine.num_active}
@@ -142,10 +163,11 @@ class LocalBackend:
 
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, tool_names: list[str] | None = None) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
+        self._parsers = [None if tool_names is None else ToolCallParser(tool_names) for _ in streams]
         self._done = [False] * len(streams)
         self._completion = [0] * len(streams)
 
@@ -159,18 +181,32 @@ class LocalGeneration:
                 continue  # the closing output of a choice we already ended on a stop string
             choice = self._choices[index]
             text = choice.add(out.new_token_ids)
-            if choice.stopped:
+            if choice.stopped or out.finished:
                 self._done[index] = True
-                await self._streams[index].abort()
-                yield ChoiceDelta(index, text, finish_reason="stop")
-            elif out.finished:
-                self._done[index] = True
-                if out.finish_reason is FinishReason.ABORT:
+                if choice.stopped:
+                    await self._streams[index].abort()
+                elif out.finish_reason is FinishReason.ABORT:
                     raise OpenAIError(503, "The request was aborted by the server.", "server_error", None,
                                       "request_aborted")
-                yield ChoiceDelta(index, text + choice.finish(), finish_reason=str(out.finish_reason))
+                else:
+                    text += choice.finish()
+                reason = "stop" if choice.stopped else str(out.finish_reason)
+                yield self._delta(index, text, final=True, reason=reason)
             elif text:
-                yield ChoiceDelta(index, text)
+                delta = self._delta(index, text)
+                if delta.content or delta.tool_calls:
+                    yield delta
+
+    def _delta(self, index: int, text: str, final: bool = False, reason: str | None = None) -> ChoiceDelta:
+        parser = self._parsers[index]
+        if parser is None:
+            return ChoiceDelta(index, text, finish_reason=reason)
+        content, calls = parser.feed(text)
+        if final:
+            content += parser.finish()
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
+        return ChoiceDelta(index, content, tool_calls=calls, finish_reason=reason)
 
     def _account(self, index: int, out: RequestOutput) -> None:
         self._completion[index] = out.num_output_tokens

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from flashserve.api.errors import invalid_request
+from flashserve.chat.tools import CALL_SUFFIX, MAX_PARALLEL_CALLS, OPEN, ToolPlan, call_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -89,21 +90,8 @@ class GrammarBackend:
         if len(text) > MAX_SCHEMA_BYTES:
             raise invalid_request(f"The JSON schema is too large (over {MAX_SCHEMA_BYTES} bytes).", param,
                                   "invalid_value")
-        with self._lock:
-            compiled = self._cache.get(text)
-            if compiled is not None:
-                self._cache.move_to_end(text)
-                return compiled
-        try:
-            compiled = self._get_compiler().compile_json_schema(text, any_whitespace=False, strict_mode=True)
-        except Exception as exc:  # noqa: BLE001 - xgrammar reports schema problems as RuntimeError/ValueError
-            raise invalid_request(f"Invalid JSON schema in '{param}': {_first_line(exc)}", param,
-                                  "invalid_json_schema") from None
-        with self._lock:
-            self._cache[text] = compiled
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return compiled
+        return self._cached(text, lambda: self._get_compiler().compile_json_schema(
+            text, any_whitespace=False, strict_mode=True), param)
 
     def for_response_format(self, response_format: ResponseFormat | None) -> Any | None:
         """The compiled grammar a response format asks for, or None for free text."""
@@ -119,6 +107,61 @@ class GrammarBackend:
                                   "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.",
                                   "response_format", "missing_required_parameter")
         return self.compile_schema(schema, "response_format")
+
+    def for_tools(self, plan: ToolPlan) -> Any | None:
+        """The grammar of a request's tool calls: None when the model may answer freely."""
+        if plan.choice == "none" or not plan.tools:
+            return None
+        tools = [t for t in plan.tools if plan.choice != "named" or t.function.name == plan.named]
+        key = json.dumps(["tools", plan.choice, plan.parallel,
+                          [(t.function.name, plan.parameters(t)) for t in tools]])
+        return self._cached(key, lambda: self._compile_tools(plan, tools), "tools")
+
+    def _compile_tools(self, plan: ToolPlan, tools: list[Any]) -> Any:
+        import xgrammar as xgr
+
+        compiler = self._get_compiler()
+        if plan.choice == "auto":
+            # Free text until the model opens a call; from there the call must be well-formed.
+            items = [xgr.StructuralTagItem(begin=call_prefix(t.function.name), schema=json.dumps(plan.parameters(t)),
+                                           end=CALL_SUFFIX) for t in tools]
+            return compiler.compile_structural_tag(items, [OPEN])
+
+        def literal(text: str) -> Any:
+            return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))
+
+        one = xgr.Grammar.union(*[
+            xgr.Grammar.concat(literal(call_prefix(t.function.name)),
+                               xgr.Grammar.from_json_schema(json.dumps(plan.parameters(t)), any_whitespace=False),
+                               literal(CALL_SUFFIX))
+            for t in tools
+        ]) if len(tools) > 1 else xgr.Grammar.concat(
+            literal(call_prefix(tools[0].function.name)),
+            xgr.Grammar.from_json_schema(json.dumps(plan.parameters(tools[0])), any_whitespace=False),
+            literal(CALL_SUFFIX))
+        if plan.choice == "named" or not plan.parallel:
+            return compiler.compile_grammar(one)
+        sequences = [one]
+        for _ in range(MAX_PARALLEL_CALLS - 1):
+            sequences.append(xgr.Grammar.concat(sequences[-1], literal("\n"), one))
+        return compiler.compile_grammar(xgr.Grammar.union(*sequences))
+
+    def _cached(self, key: str, build: Any, param: str) -> Any:
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+        try:
+            compiled = build()
+        except Exception as exc:  # noqa: BLE001 - a schema xgrammar cannot compile is the caller's error
+            raise invalid_request(f"Invalid JSON schema in '{param}': {_first_line(exc)}", param,
+                                  "invalid_json_schema") from None
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
 
     @staticmethod
     def constraint(compiled: Any) -> GrammarConstraint:

@@ -172,6 +172,7 @@ class ChatTemplate:
         # cannot render them, so we adapt the messages instead.
         self.handles_developer = "developer" in source
         self.handles_tool_calls = "tool_calls" in source
+        self.handles_tools = "tools" in source.replace("tool_calls", "")
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:

@@ -202,10 +202,6 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [TOOL]),
-    ("tool_choice", "auto"),
-    ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}),
     ("audio", {"format": "wav", "voice": "alloy"}),
     ("modalities", ["text", "audio"]),
     ("modalities", ["audio"]),
@@ -214,18 +210,23 @@ def test_400_unsupported_parameter(http: httpx.Client, field: str, value) -> Non
     check_error(post(http, body(**{field: value})), 400, param=field, code="unsupported_parameter")
 
 
-def test_400_unsupported_parameter_with_tools_and_tool_choice(http: httpx.Client) -> None:
-    err = check_error(post(http, body(tools=[TOOL], tool_choice="auto")), 400, code="unsupported_parameter")
-    assert err["param"] in ("tools", "tool_choice")
-
-
 def test_400_unsupported_parameter_when_streaming(client: openai.OpenAI) -> None:
     """Refused before the stream starts: a plain JSON 400, which the client raises."""
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, stream=True, tools=[TOOL])
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, stream=True,
+                                       modalities=["text", "audio"])
     assert e.value.status_code == 400
     assert e.value.code == "unsupported_parameter"
-    assert e.value.param == "tools"
+    assert e.value.param == "modalities"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+])
+def test_400_inconsistent_tools(http: httpx.Client, extra: dict, param: str) -> None:
+    check_error(post(http, body(**extra)), 400, param=param)
 
 
 @pytest.mark.parametrize("extra", [
