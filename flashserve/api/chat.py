@@ -105,12 +105,14 @@ def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
 # -- non-streaming ---------------------------------------------------------------
 async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, request: Request) -> JSONResponse:
     texts = [""] * n
+    thoughts = [""] * n
     calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
 
     async def collect() -> None:
         async for delta in generation:
             texts[delta.index] += delta.content
+            thoughts[delta.index] += delta.reasoning_content
             calls[delta.index].extend(_call_dict(c) for c in delta.tool_calls)
             if delta.finish_reason:
                 reasons[delta.index] = delta.finish_reason
@@ -138,7 +140,8 @@ async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, r
     body = {
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
         "choices": [
-            {"index": i, "message": _message(texts[i], calls[i]), "logprobs": None, "finish_reason": reasons[i]}
+            {"index": i, "message": _message(texts[i], calls[i], thoughts[i]), "logprobs": None,
+             "finish_reason": reasons[i]}
             for i in range(n)
         ],
         "usage": usage_dict(generation.usage, cost),
@@ -151,8 +154,10 @@ def _call_dict(call: ParsedCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+def _message(text: str, calls: list[dict[str, Any]], reasoning: str = "") -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return message
@@ -186,6 +191,9 @@ async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
         call_counts = [0] * n
         try:
             async for delta in generation:
+                if delta.reasoning_content:
+                    yield _event(chunk([{"index": delta.index, "delta": {"reasoning_content": delta.reasoning_content},
+                                         "logprobs": None, "finish_reason": None}]))
                 if delta.content:
                     yield _event(chunk([{"index": delta.index, "delta": {"content": delta.content},
                                          "logprobs": None, "finish_reason": None}]))

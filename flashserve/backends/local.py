@@ -22,11 +22,12 @@ from flashserve.api.errors import OpenAIError, invalid_request, unsupported_para
 from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
 from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
 from flashserve.chat.output import ChoiceOutput
+from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate, TemplateError
 from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, with_tools_in_system_prompt
 from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams, ThinkingControl
 
 _SEED_MOD = 2**64
 
@@ -43,6 +44,8 @@ class LocalModel:
     fingerprint: str  # of the weights
     dtype: str = "float32"
     grammars: GrammarBackend | None = None  # structured output; None: JSON formats are refused
+    reasoning: ReasoningSpec = ReasoningSpec()
+    think_end_ids: tuple[int, ...] = ()  # tokens of the end-of-thinking marker, for thinking models
 
 
 class LocalBackend:
@@ -56,7 +59,7 @@ class LocalBackend:
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     # -- request preparation ---------------------------------------------------
-    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan) -> list[int]:
+    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan, thinking: bool = False) -> list[int]:
         dicts = [_message_dict(m) for m in messages]
         tools = None
         if plan.tools:
@@ -65,7 +68,9 @@ class LocalBackend:
             else:
                 dicts = with_tools_in_system_prompt(dicts, plan)
         try:
-            text = self.model.template.render(dicts, tools=tools)
+            # Templates of thinking models read one of these to open (or skip) the thinking block.
+            extra = {"thinking": thinking, "enable_thinking": thinking} if self.model.reasoning.can_think else {}
+            text = self.model.template.render(dicts, tools=tools, **extra)
         except TemplateError as exc:
             raise invalid_request(f"The messages could not be rendered by the model's chat template: {exc}",
                                   "messages") from exc
@@ -118,28 +123,34 @@ class LocalBackend:
     async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> LocalGeneration:
         self.check_supported(request)
         plan = plan_tools(request)
-        prompt = self.render_prompt(request.messages, plan)
+        grammar = self._grammar(request, plan)
+        # Constrained output starts at the first token, so a constrained request does not think first.
+        thinking = resolve_thinking(request.reasoning_effort, self.model.reasoning)
+        if grammar is not None or not self.model.think_end_ids:
+            thinking = Thinking(False)
+        prompt = self.render_prompt(request.messages, plan, thinking.enabled)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
                 f"{len(prompt)} tokens. Please reduce the length of the messages.",
                 "messages", "context_length_exceeded")
-        grammar = self._grammar(request, plan)
+        control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
         params = [self.sampling_params(request, i) for i in range(request.n or 1)]
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(params):
                 constraint = None if grammar is None else GrammarBackend.constraint(grammar)
                 streams.append(await self.engine.add_request(f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}",
-                                                             prompt, p, ctx.tenant, constraint))
+                                                             prompt, p, ctx.tenant, constraint, control))
         except EngineDeadError as exc:
             for s in streams:
                 await s.abort()
             raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
                               "engine_unavailable") from exc
         names = [t.function.name for t in plan.tools] if plan.parses_calls else None
-        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names)
+        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
+                               thinking.enabled)
 
     def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
         grammars = self.model.grammars
@@ -163,11 +174,13 @@ class LocalBackend:
 
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
-                 prompt_tokens: int, tool_names: list[str] | None = None) -> None:
+                 prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
         self._parsers = [None if tool_names is None else ToolCallParser(tool_names) for _ in streams]
+        self._splitters = [ReasoningSplitter(thinking) for _ in streams]
+        self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)
         self._completion = [0] * len(streams)
 
@@ -194,22 +207,29 @@ class LocalGeneration:
                 yield self._delta(index, text, final=True, reason=reason)
             elif text:
                 delta = self._delta(index, text)
-                if delta.content or delta.tool_calls:
+                if delta.content or delta.reasoning_content or delta.tool_calls:
                     yield delta
 
     def _delta(self, index: int, text: str, final: bool = False, reason: str | None = None) -> ChoiceDelta:
+        splitter = self._splitters[index]
+        reasoning, text = splitter.feed(text)
+        if final:
+            more_reasoning, more_text = splitter.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
         parser = self._parsers[index]
         if parser is None:
-            return ChoiceDelta(index, text, finish_reason=reason)
+            return ChoiceDelta(index, text, reasoning, finish_reason=reason)
         content, calls = parser.feed(text)
         if final:
             content += parser.finish()
             if parser.calls and reason == "stop":
                 reason = "tool_calls"
-        return ChoiceDelta(index, content, tool_calls=calls, finish_reason=reason)
+        return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason)
 
     def _account(self, index: int, out: RequestOutput) -> None:
         self._completion[index] = out.num_output_tokens
+        self._reasoning[index] = out.num_reasoning_tokens
+        self.usage.reasoning_tokens = sum(self._reasoning)
         if index == 0:
             self.usage.cached_tokens = out.num_cached_tokens
         self.usage.completion_tokens = sum(self._completion)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from flashserve.engine.engine import LLMEngine
-from flashserve.engine.request import RequestOutput, SamplingParams, TokenConstraint
+from flashserve.engine.request import RequestOutput, SamplingParams, ThinkingControl, TokenConstraint
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class AsyncEngine:
 
     # -- requests -----------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          cache_salt: str = "", constraint: TokenConstraint | None = None) -> RequestStream:
+                          cache_salt: str = "", constraint: TokenConstraint | None = None,
+                          thinking: ThinkingControl | None = None) -> RequestStream:
         if self._closed:
             raise EngineDeadError("the inference engine has stopped") from self._dead
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -97,7 +98,7 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(_settle, added, EngineDeadError("the inference engine is stopped"))
                 return
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, cache_salt, constraint)
+                self.engine.add_request(request_id, prompt_token_ids, params, cache_salt, constraint, thinking)
             except BaseException as exc:  # noqa: BLE001 - handed back to the caller
                 stream.loop.call_soon_threadsafe(_settle, added, exc)
                 return

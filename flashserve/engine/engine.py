@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheManager, KVCacheStorage
-from flashserve.engine.request import Request, RequestOutput, SamplingParams, TokenConstraint
+from flashserve.engine.request import Request, RequestOutput, SamplingParams, ThinkingControl, TokenConstraint
 from flashserve.engine.runner import ModelRunner
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -53,14 +53,15 @@ class LLMEngine:
         self.sampler = Sampler(vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    cache_salt: str = "", constraint: TokenConstraint | None = None) -> Request:
+                    cache_salt: str = "", constraint: TokenConstraint | None = None,
+                    thinking: ThinkingControl | None = None) -> Request:
         room = self.config.max_model_len - len(prompt_token_ids)
         if room < 1:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens leaves no room in a context of "
                              f"{self.config.max_model_len}")
         max_out = room if params.max_tokens is None else min(params.max_tokens, room)
         request = Request(request_id, list(prompt_token_ids), params, max_output_tokens=max_out,
-                          cache_salt=cache_salt, constraint=constraint)
+                          cache_salt=cache_salt, constraint=constraint, thinking=thinking)
         self.scheduler.add(request)
         return request
 

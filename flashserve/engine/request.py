@@ -59,6 +59,19 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ThinkingControl:
+    """A request that starts inside a thinking block: its tokens count as reasoning until the
+    end marker, which the engine forces once `budget` thinking tokens are spent."""
+
+    end_token_ids: tuple[int, ...]
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        assert self.end_token_ids, "a thinking request needs the end-of-thinking marker's tokens"
+        assert self.budget is None or self.budget > len(self.end_token_ids)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -79,6 +92,10 @@ class Request:
     max_output_tokens: int  # params.max_tokens clamped to what the context leaves
     cache_salt: str = ""  # namespaces prefix-cache blocks (per tenant)
     constraint: TokenConstraint | None = None
+    thinking: ThinkingControl | None = None
+    num_reasoning_tokens: int = 0
+    thinking_done: bool = False
+    forced_token_ids: list[int] = field(default_factory=list)  # emitted next, whatever the logits say
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -115,6 +132,20 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def track_thinking(self, token: int) -> None:
+        """Count a thinking token; force the end marker when the budget is spent."""
+        control = self.thinking
+        if control is None or self.thinking_done:
+            return
+        self.num_reasoning_tokens += 1
+        end = control.end_token_ids
+        if tuple(self.output_token_ids[-len(end):]) == end:
+            self.thinking_done = True
+            self.forced_token_ids.clear()
+        elif (control.budget is not None and not self.forced_token_ids
+              and self.num_reasoning_tokens + len(end) >= control.budget):
+            self.forced_token_ids.extend(end)
+
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
@@ -127,3 +158,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    num_reasoning_tokens: int = 0

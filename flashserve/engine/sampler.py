@@ -30,7 +30,9 @@ class Sampler:
         greedy = logits.argmax(dim=-1).tolist()
         tokens: list[int] = []
         for row, request in enumerate(requests):
-            if request.params.greedy:
+            if request.forced_token_ids:  # e.g. the end-of-thinking marker once the budget is spent
+                tokens.append(request.forced_token_ids.pop(0))
+            elif request.params.greedy:
                 tokens.append(greedy[row])
             else:
                 probs = self._probabilities(logits[row], request.params.temperature, request.params.top_p)

@@ -151,6 +151,7 @@ class Scheduler:
                 self.kv.cache_full_blocks(request)
                 continue
             request.output_token_ids.append(token)
+            request.track_thinking(token)
             reason = self._stop_reason(request, token)
             self.kv.cache_full_blocks(request)
             if reason is not None:
@@ -188,6 +189,7 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
             num_output_tokens=len(request.output_token_ids),
+            num_reasoning_tokens=request.num_reasoning_tokens,
         )
 
     @staticmethod

@@ -1,0 +1,84 @@
+"""Reasoning efforts: whether a request thinks, for how many tokens at most,
+and splitting the thinking text out of the answer.
+
+The mapping is DeepSeek's own: `none` turns thinking off; `low`, `medium`
+and `high` mean "high"; `xhigh` and `max` mean "max". Without an effort the
+model card's default applies. A model that cannot think accepts any effort
+and simply answers. Thinking text runs until the end-of-thinking marker; it
+goes to `reasoning_content` and never into `content`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+EFFORT_MODE = {"none": None, "minimal": "high", "low": "high", "medium": "high", "high": "high",
+               "xhigh": "max", "max": "max"}
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningSpec:
+    """What a model card says about thinking."""
+
+    can_think: bool = False
+    thinks_by_default: bool = False
+    budgets: dict[str, int] = field(default_factory=lambda: {"high": 8192, "max": 32768})  # tokens per mode
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    enabled: bool
+    mode: str | None = None  # "high" or "max"
+    budget: int | None = None  # most thinking tokens before the end marker is forced
+
+
+def resolve_thinking(effort: str | None, spec: ReasoningSpec) -> Thinking:
+    if not spec.can_think:
+        return Thinking(False)
+    default = "high" if spec.thinks_by_default else None
+    mode = default if effort is None else EFFORT_MODE[effort]
+    if mode is None:
+        return Thinking(False)
+    return Thinking(True, mode, spec.budgets.get(mode))
+
+
+class ReasoningSplitter:
+    """Splits one choice's text stream into (reasoning, content) deltas.
+
+    A thinking request starts inside the thinking block (the prompt opened
+    it); a leading `<think>` the model writes itself is dropped. Text that
+    could be the start of `</think>` is held back until it proves otherwise.
+    """
+
+    def __init__(self, thinking: bool) -> None:
+        self.thinking = thinking
+        self._buffer = ""
+        self._started = False
+
+    def feed(self, text: str) -> tuple[str, str]:
+        if not self.thinking:
+            return "", text
+        self._buffer += text
+        if not self._started:
+            stripped = self._buffer.lstrip()
+            if THINK_START.startswith(stripped) and len(stripped) < len(THINK_START):
+                return "", ""  # might still become "<think>"
+            if stripped.startswith(THINK_START):
+                self._buffer = stripped[len(THINK_START):]
+            self._started = True
+        end = self._buffer.find(THINK_END)
+        if end >= 0:
+            reasoning, content = self._buffer[:end], self._buffer[end + len(THINK_END):].lstrip("\n")
+            self._buffer, self.thinking = "", False
+            return reasoning, content
+        hold = next((k for k in range(min(len(THINK_END) - 1, len(self._buffer)), 0, -1)
+                     if THINK_END.startswith(self._buffer[-k:])), 0)
+        reasoning = self._buffer[: len(self._buffer) - hold]
+        self._buffer = self._buffer[len(self._buffer) - hold:]
+        return reasoning, ""
+
+    def finish(self) -> tuple[str, str]:
+        rest, self._buffer = self._buffer, ""
+        return (rest, "") if self.thinking else ("", rest)
