@@ -150,7 +150,7 @@ class LocalBackend:
                               "engine_unavailable") from exc
         names = [t.function.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
-                               thinking.enabled)
+                               thinking.enabled, max_calls=None if plan.parallel else 1)
 
     def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
         grammars = self.model.grammars
@@ -174,11 +174,12 @@ class LocalBackend:
 
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
-                 prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False) -> None:
+                 prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
+                 max_calls: int | None = None) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
-        self._parsers = [None if tool_names is None else ToolCallParser(tool_names) for _ in streams]
+        self._parsers = [None if tool_names is None else ToolCallParser(tool_names, max_calls) for _ in streams]
         self._splitters = [ReasoningSplitter(thinking) for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)
@@ -282,4 +283,6 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
         out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
+    if message.reasoning_content:
+        out["reasoning_content"] = message.reasoning_content  # for templates that show earlier thinking
     return out

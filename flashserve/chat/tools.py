@@ -145,8 +145,9 @@ class ToolCallParser:
     either a call (then it never reaches `content`) or plain text.
     """
 
-    def __init__(self, tool_names: Sequence[str]) -> None:
+    def __init__(self, tool_names: Sequence[str], max_calls: int | None = None) -> None:
         self.names = set(tool_names)
+        self.max_calls = max_calls  # parallel_tool_calls=false: calls after the first are dropped
         self.calls: list[ParsedCall] = []
         self._buffer = ""
         self._in_call = False
@@ -164,8 +165,10 @@ class ToolCallParser:
                 call = self._parse(body)
                 if call is None:
                     content += OPEN + body + CLOSE
-                else:
+                elif self.max_calls is None or len(self.calls) <= self.max_calls:
                     calls.append(call)
+                else:
+                    self.calls.pop()
             else:
                 if self.calls:
                     # Between and after calls, bare newlines are separators, not content.

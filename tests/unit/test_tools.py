@@ -86,3 +86,10 @@ def test_unknown_functions_and_broken_calls_stay_text() -> None:
 def test_a_lookalike_of_the_open_tag_is_released_as_text() -> None:
     content, calls = feed_all(ToolCallParser(["f"]), ["a <tool", "_x> b"])
     assert content == "a <tool_x> b" and calls == []
+
+
+def test_without_parallel_calls_only_the_first_is_kept() -> None:
+    text = ('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n'
+            '<tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    content, calls = feed_all(ToolCallParser(["f"], max_calls=1), [text])
+    assert len(calls) == 1 and json.loads(calls[0].arguments) == {"a": 1} and content == ""
