@@ -90,6 +90,9 @@ class GrammarBackend:
         if len(text) > MAX_SCHEMA_BYTES:
             raise invalid_request(f"The JSON schema is too large (over {MAX_SCHEMA_BYTES} bytes).", param,
                                   "invalid_value")
+        problem = unenforceable(schema)
+        if problem:
+            raise invalid_request(f"Unsupported JSON schema in '{param}': {problem}", param, "invalid_json_schema")
         return self._cached(text, lambda: self._get_compiler().compile_json_schema(
             text, any_whitespace=False, strict_mode=True), param)
 
@@ -113,6 +116,11 @@ class GrammarBackend:
         if plan.choice == "none" or not plan.tools:
             return None
         tools = [t for t in plan.tools if plan.choice != "named" or t.function.name == plan.named]
+        for i, tool in enumerate(plan.tools):
+            problem = unenforceable(plan.parameters(tool))
+            if problem:
+                raise invalid_request(f"Unsupported JSON schema in tool '{tool.function.name}': {problem}",
+                                      f"tools[{i}].function.parameters", "invalid_json_schema")
         key = json.dumps(["tools", plan.choice, plan.parallel,
                           [(t.function.name, plan.parameters(t)) for t in tools]])
         return self._cached(key, lambda: self._compile_tools(plan, tools), "tools")
@@ -168,6 +176,49 @@ class GrammarBackend:
         import xgrammar as xgr
 
         return GrammarConstraint(xgr.GrammarMatcher(compiled))
+
+
+# Keywords xgrammar 0.2.8 compiles but does not enforce: output "valid" to the grammar could then break
+# the schema, so such schemas are refused instead of silently honoured in part.
+_UNENFORCED = ("uniqueItems", "not", "contains", "dependentRequired", "dependentSchemas", "if", "then", "else")
+
+
+def unenforceable(schema: Any, path: str = "$") -> str | None:
+    """Why the grammar could not guarantee this schema, or None."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            problem = unenforceable(item, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for key in _UNENFORCED:
+        if key in schema and not (key == "uniqueItems" and schema[key] is False):
+            return f"'{key}' at {path} cannot be enforced by the grammar"
+    for key in ("oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and len(schema[key]) > 1:
+            return f"'{key}' with several branches at {path} cannot be enforced by the grammar (use anyOf)"
+    if ("format" in schema or "pattern" in schema) and ("minLength" in schema or "maxLength" in schema):
+        return f"'minLength'/'maxLength' together with 'format' or 'pattern' at {path} cannot be enforced"
+    properties = schema.get("properties")
+    if schema.get("additionalProperties") is False and isinstance(schema.get("required"), list):
+        missing = [name for name in schema["required"] if name not in (properties or {})]
+        if missing:
+            return f"required property '{missing[0]}' at {path} is not allowed by 'properties'"
+    for key, value in schema.items():
+        if key in ("enum", "const", "default", "examples", "description", "title"):
+            continue  # values, not subschemas
+        if key == "properties" and isinstance(value, dict):
+            for name, sub in value.items():
+                problem = unenforceable(sub, f"{path}.properties.{name}")
+                if problem:
+                    return problem
+        elif isinstance(value, dict | list):
+            problem = unenforceable(value, f"{path}.{key}")
+            if problem:
+                return problem
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

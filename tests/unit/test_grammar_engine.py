@@ -100,3 +100,21 @@ def test_unusable_schemas_are_a_400_naming_response_format(grammars: GrammarBack
 def test_text_format_means_no_grammar(grammars: GrammarBackend) -> None:
     assert grammars.for_response_format(None) is None
     assert grammars.for_response_format(ResponseFormat.model_validate({"type": "text"})) is None
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+    {"type": "object", "properties": {"a": {"not": {"type": "integer"}}}},
+    {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+    {"type": "object", "properties": {"e": {"type": "string", "format": "email", "maxLength": 12}}},
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"], "additionalProperties": False},
+])
+def test_schemas_the_grammar_cannot_enforce_are_refused(grammars: GrammarBackend, schema: dict) -> None:
+    with pytest.raises(OpenAIError) as err:
+        grammars.compile_schema(schema, "response_format")
+    assert err.value.code == "invalid_json_schema"
+
+
+def test_property_names_that_look_like_keywords_are_fine(grammars: GrammarBackend) -> None:
+    schema = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}}
+    assert grammars.compile_schema(schema, "response_format") is not None
