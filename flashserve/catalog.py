@@ -13,6 +13,7 @@ from typing import Any
 from flashserve.accounts.pricing import TokenPrices, per_token_pusd
 from flashserve.api.errors import NOT_FOUND, OpenAIError
 from flashserve.backends.base import Backend
+from flashserve.chat.reasoning import ReasoningSpec
 
 REFERENCE_MODEL_ID = "deepseek/deepseek-v4-flash"
 
@@ -41,7 +42,9 @@ class ModelCard:
     description: str = ""
     capabilities: tuple[str, ...] = ("chat",)
     input_modalities: tuple[str, ...] = ("text",)
-    reasoning: bool = False  # whether the model can think; one that cannot ignores reasoning_effort
+    # Whether the model can think, whether it does by default, and the thinking-token budget of each
+    # effort mode; a model that cannot think ignores reasoning_effort.
+    reasoning: ReasoningSpec = field(default_factory=ReasoningSpec)
 
     @property
     def token_prices(self) -> TokenPrices:
@@ -59,7 +62,9 @@ class ModelCard:
             "description": self.description,
             "capabilities": list(self.capabilities),
             "input_modalities": list(self.input_modalities),
-            "reasoning": self.reasoning,
+            "reasoning": self.reasoning.can_think,
+            "reasoning_default": self.reasoning.thinks_by_default if self.reasoning.can_think else False,
+            "reasoning_budgets": dict(self.reasoning.budgets) if self.reasoning.can_think else {},
             "structured_outputs": True,
             "pricing": {
                 "input_cache_hit_per_million_usd": str(self.prices.input_cache_hit),

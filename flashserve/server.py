@@ -97,7 +97,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             context_length=local.max_model_len,
             prices=overrides.get(model_id, {}).get("prices", REFERENCE_PRICES),
             owned_by="deepseek" if stand_in else "flashserve",
-            reasoning=local.reasoning.can_think,
+            reasoning=local.reasoning,  # the same spec the backend applies
             created=created,
             weights=f"{checkpoint.name} ({checkpoint.architecture}, embedded engine)",
             description=("DeepSeek-V4-Flash API served by stand-in weights on the embedded engine"

@@ -134,3 +134,32 @@ def test_usage_is_charged_for_tool_calls(http: httpx.Client, stream: bool) -> No
     else:
         usage = r.json()["usage"]
     assert usage["completion_tokens"] > 0 and usage["cost"] > 0
+
+
+def test_mixed_batch_of_tools_json_and_free_text(client: openai.OpenAI) -> None:
+    """Constrained (tools, JSON) and free requests share batches; each still comes out right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    free_kw = dict(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                   temperature=0, max_tokens=16)
+    alone = client.chat.completions.create(**free_kw).choices[0].message.content
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}
+    jobs = [
+        lambda: ("free", client.chat.completions.create(**free_kw)),
+        lambda: ("tool", client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                        parallel_tool_calls=False, temperature=0, max_tokens=64)),
+        lambda: ("json", client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name a city as JSON."}], temperature=0, max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})),
+        lambda: ("free", client.chat.completions.create(**free_kw)),
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: job(), jobs))
+    for kind, r in results:
+        choice = r.choices[0]
+        if kind == "free":
+            assert choice.message.content == alone
+        elif kind == "tool":
+            assert len(check_calls(choice.message, choice.finish_reason)) == 1
+        elif choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), schema)
