@@ -128,3 +128,13 @@ def test_splitter_holds_back_a_partial_end_marker() -> None:
     parts = [s.feed(x) for x in ["<thi", "nk>a b </th", "ink", ">\nanswer"]]
     assert "".join(r for r, _ in parts) == "a b " and "".join(c for _, c in parts) == "answer"
     assert s.finish() == ("", "")
+
+
+def test_earlier_reasoning_reaches_templates_that_use_it() -> None:
+    from flashserve.api.schemas import ChatMessage
+    from flashserve.backends.local import _message_dict
+
+    message = ChatMessage.model_validate({"role": "assistant", "content": "Paris", "reasoning_content": "hmm"})
+    assert _message_dict(message)["reasoning_content"] == "hmm"
+    template = ChatTemplate("{% for m in messages %}[{{ m.reasoning_content }}]{{ m.content }}{% endfor %}")
+    assert template.render([_message_dict(message)], add_generation_prompt=False) == "[hmm]Paris"
