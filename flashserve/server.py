@@ -45,7 +45,7 @@ class Server:
 
 def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
     dtype = _DTYPES[settings.dtype]
-    model = build_model(checkpoint, dtype)
+    model = build_model(checkpoint, dtype, settings.weight_quant)
     max_len = int(checkpoint.config["max_position_embeddings"])
     if settings.max_context_tokens:
         max_len = min(max_len, settings.max_context_tokens)

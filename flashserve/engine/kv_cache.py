@@ -196,9 +196,10 @@ class KVCacheStorage:
         for spec in specs:
             assert spec.kind == FULL_ATTENTION, spec.kind
             shape = (num_slots, spec.num_kv_heads, spec.head_dim)
+            # Uninitialised: a slot is always written before it is read, and untouched pages cost no RSS.
             self.layers.append(LayerKVCache(
-                key=torch.zeros(shape, dtype=dtype, device=device),
-                value=torch.zeros(shape, dtype=dtype, device=device),
+                key=torch.empty(shape, dtype=dtype, device=device),
+                value=torch.empty(shape, dtype=dtype, device=device),
             ))
 
     @staticmethod

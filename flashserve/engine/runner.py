@@ -1,9 +1,10 @@
 """Runs the model on one scheduled batch and returns the logits to sample from.
 
 The runner is the only engine part that knows tensors: it flattens the
-scheduled chunks into one token batch, turns block tables into cache slot
-indices, calls the model, and computes logits only for the rows that sample
-(the last token of each request whose known tokens are now all computed).
+scheduled chunks into one token batch (one-token chunks first, so the decode
+kernel reads them as one contiguous slice), builds the attention metadata from
+the block tables, calls the model, and computes logits only for the rows that
+sample (the last token of each request whose known tokens are now all computed).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheStorage
 from flashserve.engine.scheduler import SchedulerOutput
-from flashserve.models.layers import AttentionMetadata, SeqAttention
+from flashserve.models.layers import AttentionMetadata
 
 
 class ModelRunner:
@@ -23,35 +24,39 @@ class ModelRunner:
         self.storage = storage
         self.block_size = block_size
         self.device = torch.device(device)
-        self._block_offsets = torch.arange(block_size)
-
-    def _slots(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        blocks = torch.tensor(block_ids, dtype=torch.int64)
-        slots = (blocks.unsqueeze(1) * self.block_size + self._block_offsets).flatten()
-        return slots[:num_tokens]
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
+        # Stable sort: decodes keep their order among themselves, as do longer chunks.
+        chunks = sorted(batch.chunks, key=lambda c: c.num_new_tokens != 1)
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        new_slots: list[torch.Tensor] = []
-        seqs: list[SeqAttention] = []
-        logit_rows: list[int] = []
-        for chunk in batch.chunks:
+        positions: list[int] = []
+        tables: list[list[int]] = []
+        q_lens: list[int] = []
+        ctx_lens: list[int] = []
+        logit_rows: list[int] = []  # decode rows first, like the batch
+        sampled: list[str] = []
+        decode_logits = 0
+        for chunk in chunks:
             request = chunk.request
             start = request.num_computed_tokens
             end = start + chunk.num_new_tokens
             token_ids.extend(request.all_token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            ctx_slots = self._slots(request.block_ids, end)
-            new_slots.append(ctx_slots[start:end])
-            seqs.append(SeqAttention(q_start=len(token_ids) - chunk.num_new_tokens, q_len=chunk.num_new_tokens,
-                                     ctx_len=end, ctx_slots=ctx_slots.to(self.device)))
+            positions.extend(range(start, end))
+            tables.append(request.block_ids)
+            q_lens.append(chunk.num_new_tokens)
+            ctx_lens.append(end)
             if chunk.samples:
                 logit_rows.append(len(token_ids) - 1)
-        meta = AttentionMetadata(slot_mapping=torch.cat(new_slots).to(self.device), seqs=seqs)
+                sampled.append(request.request_id)
+                decode_logits += chunk.num_new_tokens == 1
+        meta = AttentionMetadata.build(tables, q_lens, ctx_lens, self.block_size, self.device)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, torch.cat(positions).to(self.device), meta, self.storage.layers)
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[rows]).float().cpu()
+        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta, self.storage.layers)
+        if logit_rows != list(range(len(token_ids))):  # a pure decode batch samples every row, in order
+            hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
+        logits = self.model.compute_logits(hidden, decode_logits).float().cpu()
+        order = {request_id: i for i, request_id in enumerate(sampled)}
+        wanted = [order[r.request_id] for r in batch.sampling_requests]
+        return logits if wanted == list(range(len(wanted))) else logits[torch.tensor(wanted)]

@@ -3,10 +3,10 @@ attention over the engine's paged KV cache.
 
 The engine hands every model forward pass one flat batch of new tokens (from
 many requests, prefill chunks and decodes mixed) plus an `AttentionMetadata`
-saying where each request's tokens sit in that batch and where its context
-lives in the cache. Models never see block tables: the runner has already
-turned them into flat slot indices, so a model's attention only gathers and
-scatters rows of a `[num_slots, kv_heads, head_dim]` tensor.
+saying where each request's tokens sit in that batch and which cache blocks
+hold its context. One-token requests are attended in place by the native
+kernel in `flashserve.kernels`; longer chunks gather their context rows and
+use SDPA.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flashserve.kernels import CpuOps, cpu_ops
 
 FULL_ATTENTION = "full_attention"
 
@@ -44,20 +46,69 @@ class SeqAttention:
     """One request's slice of the batch.
 
     The request's new tokens are `q_len` rows starting at `q_start`; they are
-    the last `q_len` positions of a context of `ctx_len` tokens whose K/V sit
-    at `ctx_slots` in the cache (new tokens included, written before reading).
+    the last `q_len` positions of a context of `ctx_len` tokens, whose K/V sit
+    in the blocks of row `index` of the metadata's block table (new tokens
+    included: they are written before anything is read).
     """
 
     q_start: int
     q_len: int
     ctx_len: int
-    ctx_slots: torch.Tensor  # [ctx_len] int64
+    index: int
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    """Where each request's tokens sit in the flat batch and where its context lives in the cache.
+
+    Built once per step by `build`, shared by every layer. Requests with one new
+    token (decodes, and one-token prefill tails) are attended by the native
+    paged kernel straight from the block tables; longer chunks gather their
+    context and use SDPA, where the matmuls dominate the copy.
+    """
+
     slot_mapping: torch.Tensor  # [num_new_tokens] int64: where each new token's K/V goes
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    block_size: int
     seqs: list[SeqAttention]
+    decode_seqs: list[int]  # indexes into `seqs` of the one-token requests
+    decodes_lead: bool  # those are seqs 0..n-1 at rows 0..n-1, so slices replace gathers
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Metadata for requests laid out one after another in the batch, in the order given."""
+        seqs, slots = [], []
+        q_start = 0
+        for i, (table, q_len, ctx_len) in enumerate(zip(block_tables, q_lens, ctx_lens, strict=True)):
+            seqs.append(SeqAttention(q_start, q_len, ctx_len, i))
+            for pos in range(ctx_len - q_len, ctx_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            q_start += q_len
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        decode_seqs = [i for i, n in enumerate(q_lens) if n == 1]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+            block_size=block_size,
+            seqs=seqs,
+            decode_seqs=decode_seqs,
+            decodes_lead=decode_seqs == list(range(len(decode_seqs))),
+        )
+
+    @property
+    def num_decode_rows(self) -> int:
+        """Leading batch rows that are one-token requests (0 unless they lead): int8 weights serve them."""
+        return len(self.decode_seqs) if self.decodes_lead else 0
+
+    def context_slots(self, seq: SeqAttention) -> torch.Tensor:
+        """[ctx_len] int64 cache slots of the request's whole context, in position order."""
+        table = self.block_tables[seq.index].to(torch.int64)
+        offsets = torch.arange(self.block_size, device=table.device)
+        return (table.unsqueeze(1) * self.block_size + offsets).flatten()[: seq.ctx_len]
 
 
 @dataclass(slots=True)
@@ -68,17 +119,28 @@ class LayerKVCache:
     value: torch.Tensor  # [num_slots, kv_heads, head_dim]
 
 
+def _native(x: torch.Tensor) -> CpuOps | None:
+    """The compiled CPU operators when they apply to `x`, else None (PyTorch path)."""
+    return cpu_ops() if CpuOps.supports(x) else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); or, given the residual stream, `residual += x` in place and norm(residual)."""
+        ops = _native(x)
+        if (ops is not None and x.is_contiguous() and self.weight.dtype == x.dtype
+                and (residual is None or residual.dtype == x.dtype)):
+            out = torch.empty_like(x)
+            if ops.rms_norm(x, self.weight, self.eps, out, residual):
+                return out
+        if residual is not None:
+            x = residual.add_(x)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -86,55 +148,71 @@ class RotaryEmbedding(nn.Module):
 
     GGUF files store Q/K rows permuted for llama.cpp's interleaved rotary;
     the loader undoes that permutation, so every checkpoint reaches the model
-    in one layout.
+    in one layout. The native kernel reads the half-width float32 tables; the
+    PyTorch path uses full-width ones whose `sin` carries rotate-half's sign,
+    so applying it is a roll and two multiplies.
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.set_frequencies(inv_freq, max_positions)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, KV, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def set_frequencies(self, inv_freq: torch.Tensor, max_positions: int) -> None:
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_half", freqs.cos().contiguous(), persistent=False)
+        self.register_buffer("sin_half", freqs.sin().contiguous(), persistent=False)
+        self.register_buffer("cos", torch.cat((freqs, freqs), dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotary_and_store(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: LayerKVCache,
+                     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Apply rotary to the Q and K heads of a fused projection [T, (H + 2KV) * D] and write the new K/V
+    rows to the cache. Returns Q as [T, H, D] (a view; rows may be strided)."""
+    t, h, kv, d = qkv.shape[0], num_heads, num_kv_heads, head_dim
+    ops = _native(qkv)
+    if ops is not None and qkv.is_contiguous() and cache.key.dtype == qkv.dtype and ops.rotary_store(
+            qkv, h, kv, d, positions, rotary.cos_half, rotary.sin_half, slot_mapping, cache.key, cache.value):
+        return qkv[:, : h * d].view(t, h, d)
+    cos = rotary.cos[positions].unsqueeze(1).to(qkv.dtype)
+    sin = rotary.sin[positions].unsqueeze(1).to(qkv.dtype)
+    x = qkv[:, : (h + kv) * d].view(t, h + kv, d)
+    qk = torch.addcmul(x * cos, x.roll(d // 2, dims=-1), sin)
+    cache.key.index_copy_(0, slot_mapping, qk[:, h:].to(cache.key.dtype))
+    cache.value.index_copy_(0, slot_mapping, qkv[:, (h + kv) * d :].view(t, kv, d).to(cache.value.dtype))
+    return qk[:, :h]
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cache: LayerKVCache,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> silu(first half) * second half, [T, I]."""
+    inter = gate_up.shape[-1] // 2
+    ops = _native(gate_up)
+    if ops is not None and gate_up.is_contiguous():
+        out = gate_up.new_empty(gate_up.shape[0], inter)
+        if ops.silu_mul(gate_up, out):
+            return out
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
+
+
+def paged_attention(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached context.
 
-    q: [T, H, D]; k, v: [T, KV, D] for the new tokens. Returns [T, H, D].
-    New K/V are written into the cache first, so a request's context is read
-    back uniformly whether it came from this step, an earlier one, or the
-    prefix cache.
+    q: [T, H, D], heads contiguous. The new tokens' K/V are already in the
+    cache (`rotary_and_store`), so a request's context is read back uniformly
+    whether it came from this step, an earlier one, or the prefix cache.
+    Returns [T, H, D], contiguous.
     """
-    cache.key[meta.slot_mapping] = k
-    cache.value[meta.slot_mapping] = v
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    done = _native_decode(q, cache, meta, scale, out)
     for seq in meta.seqs:
+        if seq.index in done:
+            continue
+        slots = meta.context_slots(seq)
         q_i = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1)  # [H, q, D]
-        k_i = cache.key[seq.ctx_slots].transpose(0, 1)  # [KV, ctx, D]
-        v_i = cache.value[seq.ctx_slots].transpose(0, 1)
+        k_i = cache.key[slots].transpose(0, 1).to(q.dtype)  # [KV, ctx, D]
+        v_i = cache.value[slots].transpose(0, 1).to(q.dtype)
         mask = _causal_mask(seq.q_len, seq.ctx_len, q.device)
         o = F.scaled_dot_product_attention(
             q_i.unsqueeze(0), k_i.unsqueeze(0), v_i.unsqueeze(0),
@@ -142,6 +220,28 @@ def paged_attention(
         )
         out[seq.q_start : seq.q_start + seq.q_len] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _native_decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                   out: torch.Tensor) -> set[int]:
+    """Attend the one-token requests with the native kernel, writing into `out`. Returns the indexes of
+    the requests it handled (none where the kernel does not apply)."""
+    ops = _native(q)
+    if ops is None or not meta.decode_seqs or q.dtype != cache.key.dtype or q.stride(-1) != 1:
+        return set()
+    n = len(meta.decode_seqs)
+    if meta.decodes_lead:  # the runner's layout: decode rows first, read and written in place
+        handled = ops.paged_decode(q[:n], cache.key, cache.value, meta.block_tables[:n], meta.context_lens[:n],
+                                   meta.block_size, scale, out[:n])
+    else:
+        rows = torch.tensor([meta.seqs[i].q_start for i in meta.decode_seqs], dtype=torch.int64)
+        index = torch.tensor(meta.decode_seqs, dtype=torch.int64)
+        part = torch.empty((n, *q.shape[1:]), dtype=q.dtype)
+        handled = ops.paged_decode(q[rows], cache.key, cache.value, meta.block_tables[index].contiguous(),
+                                   meta.context_lens[index].contiguous(), meta.block_size, scale, part)
+        if handled:
+            out[rows] = part
+    return set(meta.decode_seqs) if handled else set()
 
 
 def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashserve.models.layers import (
@@ -28,7 +27,10 @@ from flashserve.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     paged_attention,
+    rotary_and_store,
+    silu_and_mul,
 )
+from flashserve.models.linear import PackedLinear
 
 SUPPORTED_ROPE_SCALING = ("linear", "llama3")
 
@@ -130,14 +132,13 @@ def build_rotary(config: LlamaConfig) -> RotaryEmbedding:
     """layers.RotaryEmbedding, with its cos/sin tables recomputed when the config scales rope."""
     rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
     if config.rope_scaling:
-        inv_freq = rope_inv_freq(config)
-        t = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        emb = torch.outer(t, inv_freq).repeat(1, 2)
-        rotary.cos, rotary.sin = emb.cos(), emb.sin()
+        rotary.set_frequencies(rope_inv_freq(config), config.max_position_embeddings)
     return rotary
 
 
 class LlamaAttention(nn.Module):
+    """Loads as HF's separate q/k/v projections; `pack` fuses them into one `qkv_proj` for serving."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -148,7 +149,13 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.o_proj: nn.Module = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj: PackedLinear | None = None
+
+    def pack(self, weight_quant: str) -> None:
+        self.qkv_proj = PackedLinear([self.q_proj, self.k_proj, self.v_proj], weight_quant)
+        self.o_proj = PackedLinear([self.o_proj], weight_quant)  # type: ignore[list-item]
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -158,25 +165,32 @@ class LlamaAttention(nn.Module):
         cache: LayerKVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        out = paged_attention(q, k, v, cache, meta, self.scale)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        assert self.qkv_proj is not None, "pack() the model before running it"
+        qkv = self.qkv_proj(x, meta.num_decode_rows)
+        q = rotary_and_store(qkv, positions, rotary, cache, meta.slot_mapping, self.num_heads,
+                             self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, cache, meta, self.scale)
+        return self.o_proj(out.view(x.shape[0], self.num_heads * self.head_dim), meta.num_decode_rows)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.intermediate_size = inter
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.down_proj: nn.Module = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj: PackedLinear | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def pack(self, weight_quant: str) -> None:
+        self.gate_up_proj = PackedLinear([self.gate_proj, self.up_proj], weight_quant)
+        self.down_proj = PackedLinear([self.down_proj], weight_quant)  # type: ignore[list-item]
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
+        assert self.gate_up_proj is not None, "pack() the model before running it"
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, decode_rows)), decode_rows)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -190,13 +204,20 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         cache: LayerKVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, not yet added to `residual` (the stream), which is None
+        for the first layer (x is then the embeddings). The adds happen inside the norms, in place."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, positions, rotary, cache, meta), residual)
+        return self.mlp(h, meta.num_decode_rows), residual
 
 
 class LlamaModel(nn.Module):
@@ -223,10 +244,10 @@ class LlamaModel(nn.Module):
         kv_caches: list[LayerKVCache],
     ) -> torch.Tensor:
         assert len(kv_caches) == len(self.layers), "one LayerKVCache per layer"
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary_emb, cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary_emb, cache, meta)
+        return self.norm(x, residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -236,7 +257,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -250,19 +271,20 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final-normed hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta, kv_caches)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]; the first `decode_rows` rows come from decode steps."""
+        return self.lm_head(hidden, decode_rows).float()
 
     def cache_specs(self) -> list[CacheSpec]:
         spec = CacheSpec(FULL_ATTENTION, self.config.num_key_value_heads, self.config.head_dim)
         return [spec] * self.config.num_hidden_layers
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Adopt a checkpoint's tensors (no copy) and check the names match exactly.
+    def load_weights(self, state_dict: dict[str, torch.Tensor], weight_quant: str = "none") -> None:
+        """Adopt a checkpoint's tensors (no copy), check the names match exactly, then pack for serving.
 
         Works on a module built on the meta device: `assign=True` replaces every parameter (the rotary
-        tables, which no checkpoint holds, are always built for real).
+        tables, which no checkpoint holds, are always built for real). `weight_quant` is one of
+        `linear.WEIGHT_QUANTS`.
         """
         expected = set(self.state_dict())
         if self.config.tie_word_embeddings:
@@ -277,3 +299,11 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             # assign=True replaced the embedding Parameter; re-point the head at the new one.
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.pack(weight_quant)
+
+    def pack(self, weight_quant: str) -> None:
+        """Fuse Q/K/V and gate/up, and add int8 copies for small batches (see `linear.PackedLinear`)."""
+        for layer in self.model.layers:
+            layer.self_attn.pack(weight_quant)
+            layer.mlp.pack(weight_quant)
+        self.lm_head = PackedLinear([self.lm_head], weight_quant)  # type: ignore[list-item]

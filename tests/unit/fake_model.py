@@ -36,13 +36,13 @@ class CountingModel(nn.Module):
         cache.key[meta.slot_mapping, 0, 0] = input_ids.float()
         out = torch.zeros(input_ids.numel(), 1)
         for seq in meta.seqs:
-            ctx = cache.key[seq.ctx_slots, 0, 0]
+            ctx = cache.key[meta.context_slots(seq), 0, 0]
             # Row j of the chunk sees the context up to its own position.
             cums = ctx.cumsum(0)[seq.ctx_len - seq.q_len:]
             out[seq.q_start:seq.q_start + seq.q_len, 0] = cums
         return out
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
         nxt = (hidden[:, 0].round().long() + 1) % VOCAB
         logits = torch.full((hidden.shape[0], VOCAB), -10.0)
         logits[torch.arange(hidden.shape[0]), nxt] = 10.0

@@ -40,7 +40,7 @@ class ScriptedModel(nn.Module):
                 kv_caches: list[LayerKVCache]) -> torch.Tensor:
         return input_ids.float().unsqueeze(1)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
         logits = torch.full((hidden.shape[0], len(WORDS)), -10.0)
         for row, token in enumerate(hidden[:, 0].long().tolist()):
             logits[row, NEXT.get(token, ID["<eos>"])] = 10.0

@@ -1,0 +1,157 @@
+"""Fused CPU operators that PyTorch lacks, built on first use with the host C compiler.
+
+`cpu_ops.c` holds them (decode attention straight from the paged cache, residual-add + RMSNorm,
+rotary + cache store, silu-and-mul); see its header for why each exists. The library is compiled once
+per machine into a cache folder keyed by the source, the flags and the CPU, and loaded with ctypes,
+which releases the GIL while a kernel runs. Where no compiler is available, or
+`FLASHSERVE_NATIVE_KERNELS=0`, `cpu_ops()` returns None and the models use their PyTorch path, which
+is also the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_ops.c")
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "paged_decode": [_P, _L, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I, _I, _F],
+    "rms_norm": [_P, _P, _P, _P, _L, _I, _F],
+    "rotary_store": [_P, _L, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+    "silu_mul": [_P, _P, _L, _I],
+}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("FLASHSERVE_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flashserve", "kernels")
+    return Path(base)
+
+
+def _cpu_id() -> str:
+    # -march=native binds the library to this CPU; a home folder shared between machines must not mix them.
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join([ln for ln in f if ln.startswith(("model name", "flags"))][:2])
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()
+    target = _cache_dir() / f"cpu_ops-{digest[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: servers starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], check=True,
+                       capture_output=True, text=True)
+        os.replace(out, target)
+    return target
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuOps:
+    """Typed wrappers over the compiled library. Each returns False (doing nothing) when the shapes are
+    outside what the kernel handles, so callers can fall back to PyTorch."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, argtypes in _SIGNATURES.items():
+            for dtype, suffix in _SUFFIX.items():
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                self._fns[name, dtype] = fn
+
+    @staticmethod
+    def supports(t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.dtype in _SUFFIX
+
+    def _call(self, name: str, dtype: torch.dtype, *args: object) -> bool:
+        rc = self._fns[name, dtype](*args)
+        if rc == -1:
+            raise MemoryError(f"{name}: the kernel could not allocate its scratch space")
+        return rc == 0
+
+    def paged_decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
+                     out: torch.Tensor) -> bool:
+        """q, out: [B, H, D] with contiguous heads (rows may be strided); caches: [slots, KV, D];
+        block_tables: [B, max_blocks] int32; context_lens: [B] int32."""
+        num_seqs, num_heads, head_dim = q.shape
+        assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+        assert key_cache.is_contiguous() and value_cache.is_contiguous() and key_cache.dtype == q.dtype
+        assert block_tables.dtype == torch.int32 and block_tables.is_contiguous() and context_lens.is_contiguous()
+        return self._call("paged_decode", q.dtype, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
+                          value_cache.data_ptr(), out.data_ptr(), out.stride(0), block_tables.data_ptr(),
+                          context_lens.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_heads,
+                          key_cache.shape[1], head_dim, scale)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> bool:
+        """out = rmsnorm(residual + x) * weight, with residual += x in place (or of x alone)."""
+        assert x.is_contiguous() and out.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype
+        assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        return self._call("rms_norm", x.dtype, x.data_ptr(), _ptr(residual), weight.data_ptr(), out.data_ptr(),
+                          rows, dim, eps)
+
+    def rotary_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                     positions: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor,
+                     slots: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+        """Rotate the Q and K heads of qkv [T, (H + 2KV) * D] in place; store K, V rows at `slots`."""
+        assert qkv.is_contiguous() and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
+        assert positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
+        assert cos_half.dtype == sin_half.dtype == torch.float32 and cos_half.is_contiguous()
+        assert key_cache.dtype == qkv.dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
+        return self._call("rotary_store", qkv.dtype, qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads,
+                          head_dim, positions.data_ptr(), cos_half.data_ptr(), sin_half.data_ptr(),
+                          slots.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> bool:
+        """out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]."""
+        assert gate_up.is_contiguous() and out.is_contiguous() and gate_up.shape[1] == 2 * out.shape[1]
+        return self._call("silu_mul", gate_up.dtype, gate_up.data_ptr(), out.data_ptr(), out.shape[0],
+                          out.shape[1])
+
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def cpu_ops() -> CpuOps | None:
+    """The compiled operators, or None (with one warning) where they cannot be built here."""
+    if os.environ.get("FLASHSERVE_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: using PyTorch operators only (slower decode)")
+        return None
+    with _lock:
+        try:
+            return CpuOps(ctypes.CDLL(str(_build(compiler))))
+        except (OSError, subprocess.CalledProcessError) as exc:
+            log.warning("native CPU operators unavailable (%s): using PyTorch only",
+                        getattr(exc, "stderr", "") or exc)
+            return None

@@ -1,0 +1,186 @@
+/* Fused CPU operators for the decode path: each replaces several PyTorch calls, or a copy.
+ *
+ * - paged_decode: attention of one query token per sequence over its paged context, read in
+ *   place through the block table (PyTorch can only attend over contiguous tensors).
+ * - rms_norm: optionally adds a residual first (in place), so "x + sublayer; norm" is one call.
+ * - rotary_store: rotates Q and K inside the fused QKV output and writes K and V to their cache slots.
+ * - silu_mul: silu(gate) * up over the fused gate/up output.
+ *
+ * Loops over independent work use OpenMP. PyTorch's CPU build ships libgomp.so.1 and loads it first,
+ * so these regions run on the same thread pool as PyTorch's own operators rather than a second one
+ * competing for the cores.
+ *
+ * Written with GCC vector extensions rather than intrinsics: a 16-float vector becomes one AVX-512
+ * register, two AVX2 ones or four NEON/SSE ones, so the same source builds on any host. Math is in
+ * float32 whatever the storage type; bf16 results are rounded to nearest even. Widths that are not
+ * multiples of 16 are refused (return -2) and the caller falls back to PyTorch.
+ *
+ * Built by flashserve/kernels/__init__.py with the host compiler; Python passes raw pointers of
+ * tensors whose layout it has checked.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+
+#define MAX_CHUNKS 32 /* head_dim / 16 */
+#define MAX_GROUP 16  /* query heads per KV head */
+
+static inline v16f load_f32(const float *p) { return *(const v16f *)p; }
+static inline void store_f32(float *p, v16f x) { *(v16f *)p = x; }
+
+static inline v16f load_bf16(const uint16_t *p) {
+    v16u wide = __builtin_convertvector(*(const v16h *)p, v16u) << 16;
+    v16f f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+}
+
+static inline void store_bf16(uint16_t *p, v16f x) {
+    v16u u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16; /* round to nearest even */
+    *(v16h *)p = __builtin_convertvector(u, v16h);
+}
+
+static inline float hsum(v16f x) {
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += x[i];
+    return s;
+}
+
+static inline v16f vsilu(v16f g) {
+    v16f e;
+    /* -ffast-math assumes no infinities: keep exp finite (silu is ~0 there anyway) or g/(1+e) turns NaN. */
+    for (int i = 0; i < 16; ++i) e[i] = expf(fminf(-g[i], 80.f));
+    return g / (1.f + e);
+}
+
+#define DEFINE_OPS(SUF, T, LOAD, STORE)                                                                    \
+int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *value_cache, T *out,       \
+                       long out_stride, const int32_t *block_tables, const int32_t *context_lens,          \
+                       int num_seqs, int max_blocks_per_seq, int block_size, int num_heads,                \
+                       int num_kv_heads, int head_dim, float scale) {                                      \
+    const int group = num_heads / num_kv_heads, chunks = head_dim / 16;                                    \
+    if (head_dim % 16 || chunks > MAX_CHUNKS || group > MAX_GROUP) return -2;                              \
+    const long row = (long)num_kv_heads * head_dim; /* elements per cache slot */                         \
+    int max_len = 1;                                                                                       \
+    for (int b = 0; b < num_seqs; ++b) if (context_lens[b] > max_len) max_len = context_lens[b];           \
+    int failed = 0;                                                                                        \
+    _Pragma("omp parallel")                                                                                \
+    {                                                                                                      \
+    float *scores = malloc(sizeof(float) * (size_t)group * (size_t)max_len);                               \
+    v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];                            \
+    if (!scores) { _Pragma("omp atomic write") failed = 1; }                                               \
+    _Pragma("omp for schedule(dynamic)")                                                                   \
+    for (long work = 0; work < (long)num_seqs * num_kv_heads; ++work) {                                    \
+        if (!scores) continue;                                                                             \
+        const int b = (int)(work / num_kv_heads), g = (int)(work % num_kv_heads);                          \
+        const int len = context_lens[b];                                                                   \
+        const int32_t *table = block_tables + (long)b * max_blocks_per_seq;                                \
+        {                                                                                                  \
+            const long head_off = (long)g * head_dim;                                                      \
+            for (int j = 0; j < group; ++j)                                                                \
+                for (int c = 0; c < chunks; ++c)                                                           \
+                    qv[j][c] = LOAD(q + b * q_stride + (long)(g * group + j) * head_dim + c * 16) * scale; \
+            for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                 \
+                const T *base = key_cache + (long)table[blk] * block_size * row + head_off;                \
+                const int n = len - t0 < block_size ? len - t0 : block_size;                               \
+                for (int i = 0; i < n; ++i) {                                                              \
+                    for (int c = 0; c < chunks; ++c) kv[c] = LOAD(base + i * row + c * 16);                \
+                    for (int j = 0; j < group; ++j) {                                                      \
+                        v16f s = qv[j][0] * kv[0];                                                         \
+                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * kv[c];                            \
+                        scores[(long)j * len + t0 + i] = hsum(s);                                          \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+            for (int j = 0; j < group; ++j) {                                                              \
+                float *sj = scores + (long)j * len;                                                        \
+                float m = -INFINITY, sum = 0.f;                                                            \
+                for (int t = 0; t < len; ++t) m = sj[t] > m ? sj[t] : m;                                   \
+                for (int t = 0; t < len; ++t) { sj[t] = expf(sj[t] - m); sum += sj[t]; }                   \
+                const float inv = 1.f / sum;                                                               \
+                for (int t = 0; t < len; ++t) sj[t] *= inv;                                                \
+                for (int c = 0; c < chunks; ++c) acc[j][c] = (v16f){0};                                    \
+            }                                                                                              \
+            for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                 \
+                const T *base = value_cache + (long)table[blk] * block_size * row + head_off;              \
+                const int n = len - t0 < block_size ? len - t0 : block_size;                               \
+                for (int i = 0; i < n; ++i) {                                                              \
+                    for (int c = 0; c < chunks; ++c) kv[c] = LOAD(base + i * row + c * 16);                \
+                    for (int j = 0; j < group; ++j) {                                                      \
+                        const float p = scores[(long)j * len + t0 + i];                                    \
+                        for (int c = 0; c < chunks; ++c) acc[j][c] += p * kv[c];                           \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+            for (int j = 0; j < group; ++j)                                                                \
+                for (int c = 0; c < chunks; ++c)                                                           \
+                    STORE(out + b * out_stride + (long)(g * group + j) * head_dim + c * 16, acc[j][c]);    \
+        }                                                                                                  \
+    }                                                                                                      \
+    free(scores);                                                                                          \
+    }                                                                                                      \
+    if (failed) return -1;                                                                                 \
+    return 0;                                                                                              \
+}                                                                                                          \
+                                                                                                           \
+int rms_norm_##SUF(const T *x, T *residual, const T *weight, T *out, long rows, int dim, float eps) {      \
+    if (dim % 16) return -2;                                                                               \
+    const int chunks = dim / 16;                                                                           \
+    for (long r = 0; r < rows; ++r) {                                                                      \
+        const T *xr = x + r * dim;                                                                         \
+        T *src = (T *)xr;                                                                                  \
+        if (residual) { /* residual += x, rounded to T, and the sum is what gets normalised */             \
+            src = residual + r * dim;                                                                      \
+            for (int c = 0; c < chunks; ++c) STORE(src + c * 16, LOAD(src + c * 16) + LOAD(xr + c * 16));  \
+        }                                                                                                  \
+        v16f ss = {0};                                                                                     \
+        for (int c = 0; c < chunks; ++c) { v16f v = LOAD(src + c * 16); ss += v * v; }                     \
+        const float inv = 1.f / sqrtf(hsum(ss) / dim + eps);                                               \
+        for (int c = 0; c < chunks; ++c)                                                                   \
+            STORE(out + r * dim + c * 16, LOAD(src + c * 16) * inv * LOAD(weight + c * 16));               \
+    }                                                                                                      \
+    return 0;                                                                                              \
+}                                                                                                          \
+                                                                                                           \
+int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int head_dim,                    \
+                       const int64_t *positions, const float *cos_half, const float *sin_half,             \
+                       const int64_t *slots, T *key_cache, T *value_cache) {                               \
+    const int half = head_dim / 2;                                                                         \
+    if (half % 16) return -2;                                                                              \
+    const long width = (long)(num_heads + 2 * num_kv_heads) * head_dim, kv_width = (long)num_kv_heads * head_dim; \
+    for (long r = 0; r < rows; ++r) {                                                                      \
+        T *row = qkv + r * width;                                                                          \
+        const float *cs = cos_half + positions[r] * half, *sn = sin_half + positions[r] * half;            \
+        for (int h = 0; h < num_heads + num_kv_heads; ++h) {                                               \
+            T *x = row + (long)h * head_dim;                                                               \
+            for (int i = 0; i < half; i += 16) {                                                           \
+                v16f x1 = LOAD(x + i), x2 = LOAD(x + half + i), c = load_f32(cs + i), s = load_f32(sn + i); \
+                STORE(x + i, x1 * c - x2 * s);                                                             \
+                STORE(x + half + i, x2 * c + x1 * s);                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        memcpy(key_cache + slots[r] * kv_width, row + (long)num_heads * head_dim, sizeof(T) * kv_width);   \
+        memcpy(value_cache + slots[r] * kv_width, row + (long)(num_heads + num_kv_heads) * head_dim,       \
+               sizeof(T) * kv_width);                                                                      \
+    }                                                                                                      \
+    return 0;                                                                                              \
+}                                                                                                          \
+                                                                                                           \
+int silu_mul_##SUF(const T *gate_up, T *out, long rows, int inter) {                                       \
+    if (inter % 16) return -2;                                                                             \
+    for (long r = 0; r < rows; ++r) {                                                                      \
+        const T *g = gate_up + r * 2L * inter, *u = g + inter;                                             \
+        for (int i = 0; i < inter; i += 16) STORE(out + r * inter + i, vsilu(LOAD(g + i)) * LOAD(u + i));  \
+    }                                                                                                      \
+    return 0;                                                                                              \
+}
+
+DEFINE_OPS(f32, float, load_f32, store_f32)
+DEFINE_OPS(bf16, uint16_t, load_bf16, store_bf16)
