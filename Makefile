@@ -35,7 +35,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check flashserve tests bench
 
 bench: $(VENV)/.dev
-	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/compare.py
 
 clean:
 	rm -rf $(VENV)

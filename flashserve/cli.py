@@ -36,7 +36,8 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option(help="Where the server keeps its state.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file ([server] table).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    weight_quant: Annotated[str | None, typer.Option(help="int8 (small batches) or none.")] = None,
+    weight_dtype: Annotated[str | None, typer.Option(help="Dense matmul weights: bfloat16 or float32.")] = None,
+    weight_quant: Annotated[str | None, typer.Option(help="Decode weights: int4, int8 or none.")] = None,
     kv_cache_tokens: Annotated[int | None, typer.Option(help="Tokens of KV cache to preallocate.")] = None,
     catalog: Annotated[Path | None, typer.Option(help="TOML catalog file (prices per model).")] = None,
 ) -> None:
@@ -44,7 +45,7 @@ def serve(
     import uvicorn
 
     settings = Settings.load(config, model=model, host=host, port=port, data_dir=data_dir, dtype=dtype,
-                             weight_quant=weight_quant,
+                             weight_dtype=weight_dtype, weight_quant=weight_quant,
                              kv_cache_tokens=kv_cache_tokens, catalog=catalog)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flashserve.server import build_server

@@ -45,7 +45,7 @@ class Server:
 
 def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
     dtype = _DTYPES[settings.dtype]
-    model = build_model(checkpoint, dtype, settings.weight_quant)
+    model = build_model(checkpoint, dtype, settings.weight_quant, _DTYPES[settings.weight_dtype])
     max_len = int(checkpoint.config["max_position_embeddings"])
     if settings.max_context_tokens:
         max_len = min(max_len, settings.max_context_tokens)
@@ -53,7 +53,8 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
     config = EngineConfig(max_model_len=max_len, num_kv_blocks=num_blocks, block_size=settings.block_size,
                           max_num_seqs=settings.max_num_seqs,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
-                          enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype)
+                          enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype,
+                          kv_cache_dtype=_DTYPES[settings.kv_cache_dtype])
     vocab = int(checkpoint.config["vocab_size"])
     engine = AsyncEngine(LLMEngine(model, config, vocab))
     tokens = checkpoint.tokenizer.get_vocab(with_added_tokens=True)

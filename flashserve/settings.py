@@ -30,12 +30,18 @@ class Settings:
     catalog: Path | None = None  # TOML file of model cards (prices per model)
     model: str | None = None  # GGUF file or HF safetensors folder; None: the embedded SmolLM2
     served_model_ids: tuple[str, ...] = ()  # extra ids for the model; default: the reference id
-    # Activations and KV cache. bf16 halves the bytes each step reads; float32 gives exact parity with
-    # the reference implementation.
-    dtype: str = "bfloat16"
-    # "int8": an int8 weight copy serves batches of a few rows (decode); bf16 serves larger ones.
-    weight_quant: str = "none"
-    kv_cache_tokens: int = 32768
+    # Activations, norms, residuals and attention. float32 keeps a 135M model's greedy answers those of
+    # the reference; the matmuls below are where the time goes, and they run in `weight_dtype`.
+    dtype: str = "float32"
+    # Dense matmul weights (prompt rows): bfloat16 uses the CPU's bf16 units and halves the bytes.
+    weight_dtype: str = "bfloat16"
+    # Generated-token rows use a quantized copy: "int4" (per 32-input group: a GGUF's 4-bit grid; the head
+    # stays int8), "int8" (per channel) or "none" (the dense weights).
+    weight_quant: str = "int4"
+    # float32: a bf16 cache would round K/V rows that differ in the last float bits (a prompt chunked
+    # differently) to different bf16 values, and greedy outputs would then depend on the batch.
+    kv_cache_dtype: str = "float32"
+    kv_cache_tokens: int = 16384
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
@@ -48,7 +54,9 @@ class Settings:
         assert 0 < self.port < 65536, self.port
         assert self.kv_cache_tokens > 0 and self.block_size > 0
         assert self.dtype in ("float32", "bfloat16", "float16"), self.dtype
-        assert self.weight_quant in ("none", "int8"), self.weight_quant
+        assert self.kv_cache_dtype in ("float32", "bfloat16", "float16"), self.kv_cache_dtype
+        assert self.weight_dtype in ("float32", "bfloat16", "float16"), self.weight_dtype
+        assert self.weight_quant in ("none", "int8", "int4"), self.weight_quant
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_kv_blocks > 0
@@ -45,7 +46,7 @@ class LLMEngine:
         self.model = model
         self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
-                                 config.dtype, config.device)
+                                 config.kv_cache_dtype or config.dtype, config.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), self.kv
         )

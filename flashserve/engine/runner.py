@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheStorage
-from flashserve.engine.scheduler import SchedulerOutput
+from flashserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from flashserve.models.layers import AttentionMetadata
 
 
@@ -28,8 +28,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
-        # Stable sort: decodes keep their order among themselves, as do longer chunks.
-        chunks = sorted(batch.chunks, key=lambda c: c.num_new_tokens != 1)
+        # Generated-token decodes first (the rows quantized weights serve), then other one-token chunks,
+        # then longer ones; the sort is stable, so each group keeps the scheduler's order.
+        chunks = sorted(batch.chunks, key=lambda c: 0 if _generated(c) else 1 if c.num_new_tokens == 1 else 2)
         token_ids: list[int] = []
         positions: list[int] = []
         tables: list[list[int]] = []
@@ -50,8 +51,9 @@ class ModelRunner:
             if chunk.samples:
                 logit_rows.append(len(token_ids) - 1)
                 sampled.append(request.request_id)
-                decode_logits += chunk.num_new_tokens == 1
-        meta = AttentionMetadata.build(tables, q_lens, ctx_lens, self.block_size, self.device)
+                decode_logits += _generated(chunk)
+        meta = AttentionMetadata.build(tables, q_lens, ctx_lens, self.block_size, self.device,
+                                       generated_rows=sum(map(_generated, chunks)))
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta, self.storage.layers)
         if logit_rows != list(range(len(token_ids))):  # a pure decode batch samples every row, in order
@@ -60,3 +62,9 @@ class ModelRunner:
         order = {request_id: i for i, request_id in enumerate(sampled)}
         wanted = [order[r.request_id] for r in batch.sampling_requests]
         return logits if wanted == list(range(len(wanted))) else logits[torch.tensor(wanted)]
+
+
+def _generated(chunk: ScheduledChunk) -> bool:
+    """A decode of a generated token (not a one-token piece of a prompt, e.g. after a prefix-cache hit):
+    which weights serve a row must follow from the request alone, so cached and uncached prompts agree."""
+    return chunk.num_new_tokens == 1 and chunk.request.num_computed_tokens >= chunk.request.num_prompt_tokens

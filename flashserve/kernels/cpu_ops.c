@@ -166,6 +166,7 @@ int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int h
                 STORE(x + half + i, x2 * c + x1 * s);                                                      \
             }                                                                                              \
         }                                                                                                  \
+        if (!slots) continue; /* the caller stores K/V itself (a cache of another dtype) */              \
         memcpy(key_cache + slots[r] * kv_width, row + (long)num_heads * head_dim, sizeof(T) * kv_width);   \
         memcpy(value_cache + slots[r] * kv_width, row + (long)(num_heads + num_kv_heads) * head_dim,       \
                sizeof(T) * kv_width);                                                                      \

@@ -74,11 +74,19 @@ class AttentionMetadata:
     seqs: list[SeqAttention]
     decode_seqs: list[int]  # indexes into `seqs` of the one-token requests
     decodes_lead: bool  # those are seqs 0..n-1 at rows 0..n-1, so slices replace gathers
+    # Leading rows that decode a generated token: quantized decode weights serve these (linear.PackedLinear).
+    num_generated_rows: int = 0
 
     @classmethod
     def build(cls, block_tables: list[list[int]], q_lens: list[int], ctx_lens: list[int], block_size: int,
-              device: torch.device | str = "cpu") -> AttentionMetadata:
-        """Metadata for requests laid out one after another in the batch, in the order given."""
+              device: torch.device | str = "cpu", generated_rows: int | None = None) -> AttentionMetadata:
+        """Metadata for requests laid out one after another in the batch, in the order given.
+
+        `generated_rows`: the engine's count of leading requests that decode a generated token. Only
+        those use the native decode kernel; one-token pieces of prompts (after a prefix-cache hit) go
+        through SDPA like the rest of their prompt, so a cached prompt gets the numbers of an uncached
+        one. None (tests) treats every one-token request as a decode.
+        """
         seqs, slots = [], []
         q_start = 0
         for i, (table, q_len, ctx_len) in enumerate(zip(block_tables, q_lens, ctx_lens, strict=True)):
@@ -88,7 +96,11 @@ class AttentionMetadata:
             q_start += q_len
         width = max((len(t) for t in block_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
-        decode_seqs = [i for i, n in enumerate(q_lens) if n == 1]
+        if generated_rows is None:
+            decode_seqs = [i for i, n in enumerate(q_lens) if n == 1]
+        else:
+            assert all(n == 1 for n in q_lens[:generated_rows])
+            decode_seqs = list(range(generated_rows))
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
@@ -97,12 +109,8 @@ class AttentionMetadata:
             seqs=seqs,
             decode_seqs=decode_seqs,
             decodes_lead=decode_seqs == list(range(len(decode_seqs))),
+            num_generated_rows=generated_rows or 0,
         )
-
-    @property
-    def num_decode_rows(self) -> int:
-        """Leading batch rows that are one-token requests (0 unless they lead): int8 weights serve them."""
-        return len(self.decode_seqs) if self.decodes_lead else 0
 
     def context_slots(self, seq: SeqAttention) -> torch.Tensor:
         """[ctx_len] int64 cache slots of the request's whole context, in position order."""
@@ -172,9 +180,16 @@ def rotary_and_store(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryE
     rows to the cache. Returns Q as [T, H, D] (a view; rows may be strided)."""
     t, h, kv, d = qkv.shape[0], num_heads, num_kv_heads, head_dim
     ops = _native(qkv)
-    if ops is not None and qkv.is_contiguous() and cache.key.dtype == qkv.dtype and ops.rotary_store(
-            qkv, h, kv, d, positions, rotary.cos_half, rotary.sin_half, slot_mapping, cache.key, cache.value):
-        return qkv[:, : h * d].view(t, h, d)
+    if ops is not None and qkv.is_contiguous():
+        same = cache.key.dtype == qkv.dtype  # else the cache is narrower (bf16 under float32 activations)
+        if ops.rotary_store(qkv, h, kv, d, positions, rotary.cos_half, rotary.sin_half,
+                            slot_mapping if same else None, cache.key if same else None,
+                            cache.value if same else None):
+            if not same:
+                new_kv = qkv[:, h * d :].view(t, 2, kv, d).to(cache.key.dtype)
+                cache.key.index_copy_(0, slot_mapping, new_kv[:, 0])
+                cache.value.index_copy_(0, slot_mapping, new_kv[:, 1])
+            return qkv[:, : h * d].view(t, h, d)
     cos = rotary.cos[positions].unsqueeze(1).to(qkv.dtype)
     sin = rotary.sin[positions].unsqueeze(1).to(qkv.dtype)
     x = qkv[:, : (h + kv) * d].view(t, h + kv, d)
@@ -227,9 +242,20 @@ def _native_decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
     """Attend the one-token requests with the native kernel, writing into `out`. Returns the indexes of
     the requests it handled (none where the kernel does not apply)."""
     ops = _native(q)
-    if ops is None or not meta.decode_seqs or q.dtype != cache.key.dtype or q.stride(-1) != 1:
+    if ops is None or not meta.decode_seqs or not CpuOps.supports(cache.key) or q.stride(-1) != 1:
         return set()
     n = len(meta.decode_seqs)
+    if q.dtype != cache.key.dtype:  # float32 activations over a bf16 cache: convert the few decode rows
+        dense = torch.empty((n, *q.shape[1:]), dtype=cache.key.dtype)
+        rows = q[:n] if meta.decodes_lead else q[[meta.seqs[i].q_start for i in meta.decode_seqs]]
+        index = list(range(n)) if meta.decodes_lead else meta.decode_seqs
+        handled = ops.paged_decode(rows.to(cache.key.dtype), cache.key, cache.value,
+                                   meta.block_tables[index].contiguous(), meta.context_lens[index].contiguous(),
+                                   meta.block_size, scale, dense)
+        if handled:
+            targets = slice(0, n) if meta.decodes_lead else [meta.seqs[i].q_start for i in meta.decode_seqs]
+            out[targets] = dense.to(out.dtype)
+        return set(meta.decode_seqs) if handled else set()
     if meta.decodes_lead:  # the runner's layout: decode rows first, read and written in place
         handled = ops.paged_decode(q[:n], cache.key, cache.value, meta.block_tables[:n], meta.context_lens[:n],
                                    meta.block_size, scale, out[:n])

@@ -1,15 +1,17 @@
-"""Linear layers packed for serving: fused projections, batch-invariant bf16, optional int8 for decode.
+"""Linear layers packed for serving: fused projections, bf16 matrix units, quantized decode weights.
 
 Packing fuses projections that read the same input (Q/K/V, gate/up) into one matmul.
 
-A decode step of a small model multiplies a few rows by every weight, so it is bound by the weight bytes
-it reads: an int8 copy (one scale per output channel) halves them against bf16. Prompt rows are bound by
-arithmetic instead, where the CPU's bf16 matrix units win. Which kernel a row uses is decided by the row's
-own kind (decode or prompt), never by the batch size, so results stay batch-invariant.
+Dense weights can be kept in bf16 under float32 activations: the matmul then runs on the CPU's bf16 units
+(rounding its input to bf16, accumulating in float32) while norms, residuals and attention stay float32.
+They are prepacked once into oneDNN's blocked layout (`_reorder_linear_weight`), which saves the per-call
+reorder of a plain weight; packed for a batch of one, the kernel computes every row on its own, so any
+batch gives each row the bits it would get alone.
 
-bf16 weights are prepacked once into oneDNN's blocked layout (`_reorder_linear_weight`), which saves the
-per-call reorder of a plain weight: ~30% less time per decode step. Packed for a batch of one, the kernel
-computes every row on its own, so any batch gives each row the bits it would get alone.
+A decode step of a small model multiplies a few rows by every weight, so it is bound by the weight bytes
+it reads: a 4-bit copy (per group of 32 inputs, the grid of GGUF's Q4 blocks) or an 8-bit one (per output
+channel) reads a quarter or half of bf16. Which kernel a row uses follows from the row itself (a generated
+token or a prompt token), never from the batch, so results stay batch-invariant.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_QUANTS = ("none", "int8")
+WEIGHT_QUANTS = ("none", "int8", "int4")
 # Without prepacking, oneDNN's bf16 matmul gives every row the same bits as that row alone for batches of
 # up to 32 rows, not beyond; unpacked bf16 batches therefore run in 32-row tiles. tests/unit/test_linear.py
 # checks both properties on the machine at hand.
 ROW_TILE = 32
+INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks, so 4-bit checkpoints requantize onto their own grid
 
 
 def _can_prepack(weight: torch.Tensor) -> bool:
@@ -41,51 +44,93 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of `group` inputs, packed for `torch._weight_int4pack_mm_for_cpu`:
+    weight ≈ (q - 8) * scale + zero. Returns (packed weight, scales_and_zeros [K / group, N, 2])."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group, group)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+    q = torch.round((w - low.unsqueeze(2)) / scale.unsqueeze(2)).clamp(0, 15).to(torch.int32).view(n, k)
+    zero = low + 8 * scale
+    scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
+
+
+class QuantizedWeight:
+    """A decode-row copy of a weight, int8 per channel or int4 per group, for torch's CPU kernels. Both
+    kernels compute each row on its own, so a row gets the same bits in any batch."""
+
+    def __init__(self, weight: torch.Tensor, bits: int) -> None:
+        self.bits = bits
+        # Quantize from the weight as loaded (float32 keeps a GGUF's 4-bit grid exact); the kernels take
+        # bf16 activations and scales.
+        data, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight)
+        self.data, self.scales = data, scales.to(torch.bfloat16)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x16 = x.to(torch.bfloat16)
+        if self.bits == 8:
+            out = torch._weight_int8pack_mm(x16, self.data, self.scales)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(x16, self.data, INT4_GROUP, self.scales)
+        return out.to(x.dtype)
+
+
 class PackedLinear(nn.Module):
     """y = x @ W.T + b for the row-concatenation of several linears' W and b.
 
-    With `weight_quant="int8"`, decode rows (the first `decode_rows` of the batch: one token per request)
-    use the int8 copy whatever their number, and prompt rows the bf16 weights: a row's kernel depends on
-    its own request only, never on the batch.
+    `dense_dtype` is the dtype the dense weight is kept and multiplied in (default: the weight's own);
+    inputs are cast to it and outputs back. With `weight_quant` "int8" or "int4", the first `decode_rows`
+    rows of a call (tokens the model generated, one per request) use the quantized copy whatever their
+    number, and the rest the dense weight: a row's kernel depends on its own request only.
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], weight_quant: str = "none") -> None:
+    def __init__(self, linears: Sequence[nn.Linear], weight_quant: str = "none",
+                 dense_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if weight_quant not in WEIGHT_QUANTS:
             raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, not {weight_quant!r}")
         weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight
+        weight = weight.detach()
         biases = [lin.bias for lin in linears]
-        self.out_features = [lin.out_features for lin in linears]
-        self.register_buffer("weight", weight.detach(), persistent=False)
         if len({b is None for b in biases}) > 1:
             raise ValueError("cannot pack linears where only some have a bias")
-        bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+        self.out_features = [lin.out_features for lin in linears]
+        self.quant: QuantizedWeight | None = None
+        # torch's weight-only kernels run on CPU, with bf16 activations (others are cast for the call).
+        usable = weight.dtype in (torch.bfloat16, torch.float32) and weight.device.type == "cpu"
+        if usable and (weight_quant == "int8" or (weight_quant == "int4" and weight.shape[1] % INT4_GROUP == 0)):
+            self.quant = QuantizedWeight(weight, 8 if weight_quant == "int8" else 4)
+        dense = weight.to(dense_dtype or weight.dtype)
+        self.register_buffer("weight", dense, persistent=False)
+        bias = torch.cat([b.detach() for b in biases]).to(dense.dtype) if biases[0] is not None else None
         self.register_buffer("bias", bias, persistent=False)
-        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        # torch's weight-only int8 kernel is fast with bf16 activations on CPU only.
-        if weight_quant == "int8" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-            self.int8 = quantize_int8(weight)
-        self._tiled = weight.dtype in (torch.bfloat16, torch.float16)
+        self._tiled = dense.dtype in (torch.bfloat16, torch.float16)
         self.packed: torch.Tensor | None = None
-        if _can_prepack(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        if _can_prepack(dense):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+
+    @property
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.quant.data, self.quant.scales) if self.quant is not None and self.quant.bits == 8 else None
 
     def forward(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
-        if self.int8 is None or decode_rows == 0:
+        if self.quant is None or decode_rows == 0:
             return self._dense(x)
-        decode = self._int8(x[:decode_rows].contiguous())
+        decode = self.quant.matmul(x[:decode_rows].contiguous())
+        if self.bias is not None:
+            decode = decode + self.bias.to(decode.dtype)
         if decode_rows == x.shape[0]:
             return decode
         return torch.cat([decode, self._dense(x[decode_rows:])])
 
-    def _int8(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.int8 is not None
-        out = torch._weight_int8pack_mm(x, *self.int8)  # row-invariant: each row is its own dot products
-        return out if self.bias is None else out + self.bias
-
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        xw = x.to(self.weight.dtype)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if not self._tiled or x.shape[0] <= ROW_TILE:
-            return F.linear(x, self.weight, self.bias)
-        return torch.cat([F.linear(tile, self.weight, self.bias) for tile in x.split(ROW_TILE)])
+            out = torch.ops.mkldnn._linear_pointwise(xw, self.packed, self.bias, "none", [], "")
+        elif not self._tiled or x.shape[0] <= ROW_TILE:
+            out = F.linear(xw, self.weight, self.bias)
+        else:
+            out = torch.cat([F.linear(tile, self.weight, self.bias) for tile in xw.split(ROW_TILE)])
+        return out.to(x.dtype)

@@ -27,9 +27,10 @@ def model_class(architecture: str) -> type[nn.Module]:
         raise ValueError(f"unsupported model architecture {architecture!r} (supported: {known})") from None
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, weight_quant: str = "none") -> nn.Module:
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, weight_quant: str = "none",
+                dense_dtype: torch.dtype | None = None) -> nn.Module:
     """Construct the checkpoint's model in `dtype` with its weights, in eval mode, without gradients,
-    packed for serving (`weight_quant`: see `linear.PackedLinear`).
+    packed for serving (`weight_quant`, `dense_dtype`: see `linear.PackedLinear`).
 
     The module is built on the meta device and adopts the checkpoint's tensors directly, so no
     throwaway random initialisation is computed and the weights are not held twice.
@@ -39,7 +40,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, weig
     with torch.device("meta"):
         model = cls(config)
     state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in checkpoint.state_dict.items()}
-    model.load_weights(state_dict, weight_quant)  # type: ignore[operator]
+    model.load_weights(state_dict, weight_quant, dense_dtype)  # type: ignore[operator]
     model.eval()
     model.requires_grad_(False)
     return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.models.linear import ROW_TILE, WEIGHT_QUANTS, PackedLinear, quantize_int8
+from flashserve.models.linear import INT4_GROUP, ROW_TILE, WEIGHT_QUANTS, PackedLinear, quantize_int4, quantize_int8
 
 MAX_ROWS = 80
 
@@ -205,22 +205,54 @@ def test_int8_fused_projections() -> None:
     assert rel.max() < 0.02, rel
 
 
-def test_int8_applies_to_bf16_weights_only() -> None:
-    """float32 weights keep no int8 copy: decode rows take the dense path, bit for bit."""
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_float32_activations_use_quantized_decode_rows_and_bf16_dense_rows(quant: str) -> None:
+    """The serving default: float32 activations, bf16 dense weights, a quantized copy for generated rows.
+    Outputs stay float32; every row equals that row computed alone, and is close to the float32 product."""
     torch.manual_seed(9)
     lin = make_linear(64, 32, True)
-    layer = PackedLinear([lin], weight_quant="int8")
-    assert layer.int8 is None
-    x = torch.randn(5, 64)
+    layer = PackedLinear([lin], weight_quant=quant, dense_dtype=torch.bfloat16)
+    assert layer.quant is not None and layer.quant.bits == (8 if quant == "int8" else 4)
+    assert layer.weight.dtype == torch.bfloat16
+    x = torch.randn(7, 64)
     with torch.no_grad():
-        assert torch.equal(layer(x, decode_rows=3), PackedLinear([lin])(x))
+        out = layer(x, decode_rows=3)
+        assert out.dtype == torch.float32
+        alone = torch.cat([layer(x[r : r + 1], decode_rows=1 if r < 3 else 0) for r in range(7)])
+        assert torch.equal(out, alone)
+        reference = lin(x)
+    rel = (out - reference).norm() / reference.norm()
+    assert rel < (0.02 if quant == "int8" else 0.12), rel
+
+
+def test_int4_is_skipped_where_inputs_do_not_fill_groups() -> None:
+    lin = make_linear(48, 16, False)  # 48 inputs: not a multiple of the 32-input group
+    assert PackedLinear([lin], weight_quant="int4").quant is None
 
 
 def test_weight_quant_is_validated() -> None:
     lin = make_linear(32, 16, False)
-    assert WEIGHT_QUANTS == ("none", "int8")
+    assert WEIGHT_QUANTS == ("none", "int8", "int4")
     for quant in WEIGHT_QUANTS:
         PackedLinear([lin], weight_quant=quant)
-    for bad in ("int4", "INT8", "", "fp8"):
+    for bad in ("int2", "INT8", "", "fp8"):
         with pytest.raises(ValueError, match="weight_quant"):
             PackedLinear([lin], weight_quant=bad)
+
+
+def test_int4_requantizes_a_q4_grid_onto_itself() -> None:
+    """Weights on a GGUF Q4_1-style grid (d * q + m per 32-input block, q spanning 0..15) come back to the
+    same grid: only the bf16 rounding of scale and zero separates the kernel's weights from the originals."""
+    torch.manual_seed(10)
+    n, k = 64, 128
+    d = torch.rand(n, k // 32, 1) * 0.01 + 0.001
+    m = -8 * d + torch.randn(n, k // 32, 1) * 0.001
+    q = torch.randint(0, 16, (n, k // 32, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # every block uses its whole range, as the Q4_1 quantizer makes it
+    weight = (d * q + m).view(n, k)
+    packed, scales = quantize_int4(weight)
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    recovered = torch._weight_int4pack_mm_for_cpu(eye, packed, INT4_GROUP, scales.to(torch.bfloat16)).float().T
+    step = d.expand(n, k // 32, 32).reshape(n, k)
+    # Off by at most a small fraction of a step (bf16 scale/zero rounding and the bf16 output), never a step.
+    assert ((recovered - weight).abs() / step).max() < 0.2
