@@ -41,7 +41,7 @@ class Settings:
     # float32: a bf16 cache would round K/V rows that differ in the last float bits (a prompt chunked
     # differently) to different bf16 values, and greedy outputs would then depend on the batch.
     kv_cache_dtype: str = "float32"
-    kv_cache_tokens: int = 16384
+    kv_cache_tokens: int = 12288  # float32: 566 MB for the embedded model, allocated as used
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512

@@ -103,13 +103,15 @@ class PackedLinear(nn.Module):
         if usable and (weight_quant == "int8" or (weight_quant == "int4" and weight.shape[1] % INT4_GROUP == 0)):
             self.quant = QuantizedWeight(weight, 8 if weight_quant == "int8" else 4)
         dense = weight.to(dense_dtype or weight.dtype)
-        self.register_buffer("weight", dense, persistent=False)
         bias = torch.cat([b.detach() for b in biases]).to(dense.dtype) if biases[0] is not None else None
         self.register_buffer("bias", bias, persistent=False)
+        self.dense_dtype = dense.dtype
         self._tiled = dense.dtype in (torch.bfloat16, torch.float16)
         self.packed: torch.Tensor | None = None
+        # The prepacked copy replaces the plain weight: keeping both would hold the weights twice.
         if _can_prepack(dense):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        self.register_buffer("weight", None if self.packed is not None else dense, persistent=False)
 
     @property
     def int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -126,7 +128,7 @@ class PackedLinear(nn.Module):
         return torch.cat([decode, self._dense(x[decode_rows:])])
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        xw = x.to(self.weight.dtype)
+        xw = x.to(self.dense_dtype)
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(xw, self.packed, self.bias, "none", [], "")
         elif not self._tiled or x.shape[0] <= ROW_TILE:

@@ -282,7 +282,8 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], weight_quant: str = "none",
                      dense_dtype: torch.dtype | None = None) -> None:
-        """Adopt a checkpoint's tensors (no copy), check the names match exactly, then pack for serving.
+        """Adopt a checkpoint's tensors (no copy, taking them out of `state_dict`), check the names match
+        exactly, then pack for serving.
 
         Works on a module built on the meta device: `assign=True` replaces every parameter (the rotary
         tables, which no checkpoint holds, are always built for real). `weight_quant` is one of
@@ -298,6 +299,9 @@ class LlamaForCausalLM(nn.Module):
                 f"unexpected {sorted(unexpected)[:8]}"
             )
         self.load_state_dict(state_dict, strict=False, assign=True)
+        # The modules hold the tensors now. Emptying the dict (the caller's: see the docstring) lets
+        # packing free each float32 weight as soon as its packed forms exist, instead of all at the end.
+        state_dict.clear()
         if self.config.tie_word_embeddings:
             # assign=True replaced the embedding Parameter; re-point the head at the new one.
             self.lm_head.weight = self.model.embed_tokens.weight

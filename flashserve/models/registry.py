@@ -28,9 +28,12 @@ def model_class(architecture: str) -> type[nn.Module]:
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, weight_quant: str = "none",
-                dense_dtype: torch.dtype | None = None) -> nn.Module:
+                dense_dtype: torch.dtype | None = None, consume: bool = False) -> nn.Module:
     """Construct the checkpoint's model in `dtype` with its weights, in eval mode, without gradients,
     packed for serving (`weight_quant`, `dense_dtype`: see `linear.PackedLinear`).
+
+    `consume=True` empties `checkpoint.state_dict`, so that each float32 weight is freed as soon as it
+    is packed: the server's peak memory is then one copy of the weights, not two.
 
     The module is built on the meta device and adopts the checkpoint's tensors directly, so no
     throwaway random initialisation is computed and the weights are not held twice.
@@ -40,6 +43,8 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, weig
     with torch.device("meta"):
         model = cls(config)
     state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in checkpoint.state_dict.items()}
+    if consume:
+        checkpoint.state_dict.clear()
     model.load_weights(state_dict, weight_quant, dense_dtype)  # type: ignore[operator]
     model.eval()
     model.requires_grad_(False)

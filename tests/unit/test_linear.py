@@ -98,7 +98,8 @@ BF16_SHAPES = [
 def test_bf16_rows_do_not_depend_on_batch(in_features: int, out_features: int, bias: bool,
                                           batch_sizes: range | tuple[int, ...]) -> None:
     torch.manual_seed(2)
-    layer = PackedLinear([make_linear(in_features, out_features, bias, torch.bfloat16)])
+    lin = make_linear(in_features, out_features, bias, torch.bfloat16)
+    layer = PackedLinear([lin])
     x = torch.randn(MAX_ROWS, in_features).to(torch.bfloat16)
     alone = rows_alone(layer, x)
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_bf16_rows_do_not_depend_on_batch(in_features: int, out_features: int, b
             got = layer(x[:n])
             assert got.shape == (n, out_features)
             assert not mismatched_rows(got, alone[:n]), f"batch of {n}: rows {mismatched_rows(got, alone[:n])}"
-    reference = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    reference = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
     torch.testing.assert_close(alone.double(), reference, rtol=1.6e-2, atol=2e-2)
 
 
@@ -213,7 +214,7 @@ def test_float32_activations_use_quantized_decode_rows_and_bf16_dense_rows(quant
     lin = make_linear(64, 32, True)
     layer = PackedLinear([lin], weight_quant=quant, dense_dtype=torch.bfloat16)
     assert layer.quant is not None and layer.quant.bits == (8 if quant == "int8" else 4)
-    assert layer.weight.dtype == torch.bfloat16
+    assert layer.dense_dtype == torch.bfloat16
     x = torch.randn(7, 64)
     with torch.no_grad():
         out = layer(x, decode_rows=3)
