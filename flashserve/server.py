@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from fastapi import FastAPI
@@ -34,6 +36,8 @@ from flashserve.settings import Settings
 
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -83,8 +87,12 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     path = Path(settings.model) if settings.model else embedded_model_path()
-    checkpoint = load_checkpoint(path, _DTYPES[settings.dtype], progress)
-    engine, local = build_engine(checkpoint, settings)
+
+    def load() -> tuple[Checkpoint, AsyncEngine, LocalModel]:
+        checkpoint = load_checkpoint(path, _DTYPES[settings.dtype], progress)
+        return checkpoint, *build_engine(checkpoint, settings)
+
+    checkpoint, engine, local = _off_main_thread(load)
     _return_freed_memory()
     engine.start()
     backend = LocalBackend(engine, local)
@@ -121,3 +129,28 @@ def _return_freed_memory() -> None:
     which would leave the server's resident size at its loading peak."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _off_main_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` (loading and packing: parallel PyTorch work) in a thread that then exits.
+
+    The engine steps on its own thread. libgomp keeps an OpenMP team for every thread that ever ran a
+    parallel region, and once it manages more threads than there are cores it stops spin-waiting
+    between regions: every parallel op then pays a futex wake-up, and a decode step on 2 cores takes
+    twice as long. A team created here ends with this thread, so the engine's is the only one.
+    """
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="flashserve-load")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
