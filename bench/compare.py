@@ -59,6 +59,7 @@ from serve_bench import (  # noqa: E402 - the sibling module, found through the 
     cpu_model,
     free_port,
     git_commit,
+    sse_chunks,
     story,
     versions,
 )
@@ -197,13 +198,7 @@ async def stream_chat(http: httpx.AsyncClient, model: str, messages: list[dict[s
             if r.status_code != 200:
                 s.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
                 return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(r):
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
