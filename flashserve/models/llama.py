@@ -251,6 +251,10 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)
 
 
+# Candidates per row whose logits a low-precision head has rescored in float32 (see compute_logits).
+REFINE_TOP_K = 8
+
+
 class LlamaForCausalLM(nn.Module):
     config_class = LlamaConfig
 
@@ -259,6 +263,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.exact_head: torch.Tensor | None = None  # set by pack()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -273,8 +278,20 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]; the first `decode_rows` rows come from decode steps."""
-        return self.lm_head(hidden, decode_rows).float()
+        """[N, hidden] -> float32 logits [N, vocab]; the first `decode_rows` rows come from decode steps.
+
+        Where the head runs in low precision, its bf16 output steps by 0.125 at logits near 25: enough
+        to tie or swap the top tokens (SmolLM2's "The" and "L'" before "Paris" are 0.08 apart). The
+        top `REFINE_TOP_K` candidates are therefore rescored exactly with the float32 weight, per row.
+        """
+        logits = self.lm_head.forward(hidden, decode_rows).float()
+        exact = self.exact_head
+        if exact is None:
+            return logits
+        top = logits.topk(min(REFINE_TOP_K, logits.shape[-1]), dim=-1).indices
+        # An elementwise product and a sum over the hidden dim: each row reduced alone, in one order.
+        rescored = (exact[top] * hidden.to(exact.dtype).unsqueeze(1)).sum(-1)
+        return logits.scatter_(1, top, rescored.float())
 
     def cache_specs(self) -> list[CacheSpec]:
         spec = CacheSpec(FULL_ATTENTION, self.config.num_key_value_heads, self.config.head_dim)
@@ -315,4 +332,9 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.pack(weight_quant, dense_dtype)
         # The head stays off 4 bits: it picks the token, and GGUF files keep it at 8 bits or more.
         head_quant = "int8" if weight_quant == "int4" else weight_quant
-        self.lm_head = PackedLinear([self.lm_head], head_quant, dense_dtype)  # type: ignore[list-item]
+        head = self.lm_head
+        assert head.bias is None, "the Llama head has no bias"
+        lossy = head_quant != "none" or (dense_dtype is not None and dense_dtype != head.weight.dtype)
+        # A float32 head is the embedding table when tied (no extra memory); else the loaded head itself.
+        self.exact_head = head.weight.detach() if lossy and head.weight.dtype == torch.float32 else None
+        self.lm_head = PackedLinear([head], head_quant, dense_dtype)  # type: ignore[list-item]

@@ -1,0 +1,69 @@
+"""The head's top candidates are rescored in float32 when it runs in low precision (llama.compute_logits).
+
+bf16 logits step by 0.125 near 25, enough to tie or swap SmolLM2's top tokens; these tests check that the
+top candidates carry exact float32 logits, that greedy picks the float32 argmax on a near-tie the bf16
+head gets wrong, and that an exact head is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashserve.models.llama import REFINE_TOP_K, LlamaConfig, LlamaForCausalLM
+
+CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                     tie_word_embeddings=True)
+
+
+def packed(weight_quant: str, dense_dtype: torch.dtype | None) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(0.5)
+    model.pack(weight_quant, dense_dtype)
+    return model.eval()
+
+
+def test_top_candidates_carry_exact_float32_logits() -> None:
+    model = packed("int8", torch.bfloat16)
+    assert model.exact_head is not None and model.exact_head.dtype == torch.float32
+    hidden = torch.randn(5, CONFIG.hidden_size) * 4
+    exact = hidden @ model.model.embed_tokens.weight.T
+    with torch.no_grad():
+        for decode_rows in (0, 3, 5):
+            logits = model.compute_logits(hidden, decode_rows)
+            top = logits.topk(REFINE_TOP_K, dim=-1).indices
+            torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
+            assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+
+
+def test_greedy_follows_float32_on_a_near_tie() -> None:
+    """Two tokens 0.05 apart near 25: bf16 rounds them to the same or swapped values, float32 does not."""
+    model = packed("none", torch.bfloat16)
+    weight = model.model.embed_tokens.weight
+    hidden = torch.zeros(1, CONFIG.hidden_size)
+    hidden[0, 0] = 1.0
+    with torch.no_grad():
+        weight[:, 0] = 0.0
+        weight[7, 0], weight[3, 0] = 25.31, 25.26  # token 7 wins in float32; both round to 25.25 in bf16
+    # The packed head copied the table: rebuild it from the edited one.
+    model.lm_head = type(model.lm_head)([_linear(weight)], "none", torch.bfloat16)
+    with torch.no_grad():
+        coarse = model.lm_head(hidden).float()
+        assert coarse[0, 7] <= coarse[0, 3]  # the bf16 head alone cannot tell them apart
+        assert int(model.compute_logits(hidden).argmax()) == 7
+
+
+def test_exact_head_is_not_rescored() -> None:
+    model = packed("none", None)
+    assert model.exact_head is None
+    hidden = torch.randn(3, CONFIG.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.model.embed_tokens.weight.T)
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    return lin
