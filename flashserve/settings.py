@@ -35,8 +35,9 @@ class Settings:
     dtype: str = "float32"
     # Dense matmul weights (prompt rows): bfloat16 uses the CPU's bf16 units and halves the bytes.
     weight_dtype: str = "bfloat16"
-    # Generated-token rows use a quantized copy: "int4" (per 32-input group: a GGUF's 4-bit grid; the head
-    # stays int8), "int8" (per channel) or "none" (the dense weights).
+    # Generated-token rows use a quantized copy: "int4" (per 32-input group: a GGUF's 4-bit grid), "int8"
+    # (per channel) or "none" (the dense weights). A quantized head has its top candidates rescored in
+    # float32 (models/llama.py: compute_logits).
     weight_quant: str = "int4"
     # float32: a bf16 cache would round K/V rows that differ in the last float bits (a prompt chunked
     # differently) to different bf16 values, and greedy outputs would then depend on the batch.

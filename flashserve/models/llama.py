@@ -330,11 +330,13 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.pack(weight_quant, dense_dtype)
             layer.mlp.pack(weight_quant, dense_dtype)
-        # The head stays off 4 bits: it picks the token, and GGUF files keep it at 8 bits or more.
-        head_quant = "int8" if weight_quant == "int4" else weight_quant
         head = self.lm_head
         assert head.bias is None, "the Llama head has no bias"
+        exact = head.weight.dtype == torch.float32
+        # The head picks the token: at 4 bits only with its top candidates rescored in float32 (below);
+        # without a float32 head to rescore from, it stays at 8 bits.
+        head_quant = "int8" if weight_quant == "int4" and not exact else weight_quant
         lossy = head_quant != "none" or (dense_dtype is not None and dense_dtype != head.weight.dtype)
         # A float32 head is the embedding table when tied (no extra memory); else the loaded head itself.
-        self.exact_head = head.weight.detach() if lossy and head.weight.dtype == torch.float32 else None
+        self.exact_head = head.weight.detach() if lossy and exact else None
         self.lm_head = PackedLinear([head], head_quant, dense_dtype)  # type: ignore[list-item]
