@@ -67,3 +67,13 @@ def _linear(weight: torch.Tensor) -> torch.nn.Linear:
     lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     lin.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     return lin
+
+
+def test_int4_head_only_with_a_float32_head_to_rescore_from() -> None:
+    model = packed("int4", torch.bfloat16)
+    assert model.lm_head.quant is not None and model.lm_head.quant.bits == 4 and model.exact_head is not None
+    torch.manual_seed(1)
+    bf16_model = LlamaForCausalLM(CONFIG).to(torch.bfloat16)
+    bf16_model.pack("int4", torch.bfloat16)
+    assert bf16_model.exact_head is None
+    assert bf16_model.lm_head.quant is not None and bf16_model.lm_head.quant.bits == 8
