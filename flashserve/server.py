@@ -30,6 +30,7 @@ from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
+from flashserve.kernels import cpu_ops
 from flashserve.models.loading import Checkpoint, embedded_model_path, load_checkpoint
 from flashserve.models.registry import build_model
 from flashserve.settings import Settings
@@ -52,6 +53,7 @@ class Server:
 def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
     dtype = _DTYPES[settings.dtype]
     model = build_model(checkpoint, dtype, settings.weight_quant, _DTYPES[settings.weight_dtype], consume=True)
+    cpu_ops()  # compile (or load) the native operators now, not inside the first request's step
     max_len = int(checkpoint.config["max_position_embeddings"])
     if settings.max_context_tokens:
         max_len = min(max_len, settings.max_context_tokens)

@@ -28,9 +28,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
-        # Generated-token decodes first (the rows quantized weights serve), then other one-token chunks,
-        # then longer ones; the sort is stable, so each group keeps the scheduler's order.
-        chunks = sorted(batch.chunks, key=lambda c: 0 if _generated(c) else 1 if c.num_new_tokens == 1 else 2)
+        # Generated-token decodes first: the leading rows that quantized weights and the decode kernel
+        # serve. The sort is stable, so each group keeps the scheduler's order.
+        chunks = sorted(batch.chunks, key=lambda c: not _generated(c))
+        generated = sum(map(_generated, chunks))  # each samples: its token completes the known ones
         token_ids: list[int] = []
         positions: list[int] = []
         tables: list[list[int]] = []
@@ -38,7 +39,6 @@ class ModelRunner:
         ctx_lens: list[int] = []
         logit_rows: list[int] = []  # decode rows first, like the batch
         sampled: list[str] = []
-        decode_logits = 0
         for chunk in chunks:
             request = chunk.request
             start = request.num_computed_tokens
@@ -51,14 +51,13 @@ class ModelRunner:
             if chunk.samples:
                 logit_rows.append(len(token_ids) - 1)
                 sampled.append(request.request_id)
-                decode_logits += _generated(chunk)
         meta = AttentionMetadata.build(tables, q_lens, ctx_lens, self.block_size, self.device,
-                                       generated_rows=sum(map(_generated, chunks)))
+                                       generated_rows=generated)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta, self.storage.layers)
         if logit_rows != list(range(len(token_ids))):  # a pure decode batch samples every row, in order
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
-        logits = self.model.compute_logits(hidden, decode_logits).float().cpu()
+        logits = self.model.compute_logits(hidden, generated).float().cpu()
         order = {request_id: i for i, request_id in enumerate(sampled)}
         wanted = [order[r.request_id] for r in batch.sampling_requests]
         return logits if wanted == list(range(len(wanted))) else logits[torch.tensor(wanted)]

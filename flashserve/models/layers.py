@@ -73,7 +73,6 @@ class AttentionMetadata:
     block_size: int
     seqs: list[SeqAttention]
     decode_seqs: list[int]  # indexes into `seqs` of the one-token requests
-    decodes_lead: bool  # those are seqs 0..n-1 at rows 0..n-1, so slices replace gathers
     # Leading rows that decode a generated token: quantized decode weights serve these (linear.PackedLinear).
     num_generated_rows: int = 0
 
@@ -108,9 +107,13 @@ class AttentionMetadata:
             block_size=block_size,
             seqs=seqs,
             decode_seqs=decode_seqs,
-            decodes_lead=decode_seqs == list(range(len(decode_seqs))),
             num_generated_rows=generated_rows or 0,
         )
+
+    @property
+    def decodes_lead(self) -> bool:
+        """The decodes are seqs 0..n-1 at rows 0..n-1 (the runner's layout), so slices replace gathers."""
+        return self.decode_seqs == list(range(len(self.decode_seqs)))
 
     def context_slots(self, seq: SeqAttention) -> torch.Tensor:
         """[ctx_len] int64 cache slots of the request's whole context, in position order."""
@@ -245,28 +248,18 @@ def _native_decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
     if ops is None or not meta.decode_seqs or not CpuOps.supports(cache.key) or q.stride(-1) != 1:
         return set()
     n = len(meta.decode_seqs)
-    if q.dtype != cache.key.dtype:  # float32 activations over a bf16 cache: convert the few decode rows
-        dense = torch.empty((n, *q.shape[1:]), dtype=cache.key.dtype)
-        rows = q[:n] if meta.decodes_lead else q[[meta.seqs[i].q_start for i in meta.decode_seqs]]
-        index = list(range(n)) if meta.decodes_lead else meta.decode_seqs
-        handled = ops.paged_decode(rows.to(cache.key.dtype), cache.key, cache.value,
-                                   meta.block_tables[index].contiguous(), meta.context_lens[index].contiguous(),
-                                   meta.block_size, scale, dense)
-        if handled:
-            targets = slice(0, n) if meta.decodes_lead else [meta.seqs[i].q_start for i in meta.decode_seqs]
-            out[targets] = dense.to(out.dtype)
-        return set(meta.decode_seqs) if handled else set()
-    if meta.decodes_lead:  # the runner's layout: decode rows first, read and written in place
+    if meta.decodes_lead and q.dtype == cache.key.dtype:  # the runner's layout: read and written in place
         handled = ops.paged_decode(q[:n], cache.key, cache.value, meta.block_tables[:n], meta.context_lens[:n],
                                    meta.block_size, scale, out[:n])
-    else:
+    else:  # gather the decode rows (in the cache's dtype, where activations are wider) and scatter back
         rows = torch.tensor([meta.seqs[i].q_start for i in meta.decode_seqs], dtype=torch.int64)
         index = torch.tensor(meta.decode_seqs, dtype=torch.int64)
-        part = torch.empty((n, *q.shape[1:]), dtype=q.dtype)
-        handled = ops.paged_decode(q[rows], cache.key, cache.value, meta.block_tables[index].contiguous(),
-                                   meta.context_lens[index].contiguous(), meta.block_size, scale, part)
+        part = torch.empty((n, *q.shape[1:]), dtype=cache.key.dtype)
+        handled = ops.paged_decode(q[rows].to(cache.key.dtype), cache.key, cache.value,
+                                   meta.block_tables[index].contiguous(), meta.context_lens[index].contiguous(),
+                                   meta.block_size, scale, part)
         if handled:
-            out[rows] = part
+            out[rows] = part.to(out.dtype)
     return set(meta.decode_seqs) if handled else set()
 
 
