@@ -1,4 +1,5 @@
-"""Shared test fixtures: the embedded SmolLM2 checkpoint, loaded once per test session.
+"""Shared test fixtures: the embedded SmolLM2 checkpoint, loaded once per test session, and the native
+CPU operators (`ops`).
 
 Tests never touch the network: transformers and huggingface_hub are told to stay offline before
 anything imports them, so a reference tokenizer or model can only come from local files.
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from flashserve.kernels import CpuOps
     from flashserve.models.loading import Checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,3 +60,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'flashserve.db'}"
     return postgres_url()
+
+
+@pytest.fixture(scope="session")
+def ops() -> CpuOps:
+    """The compiled operators. Only an explicit opt-out skips: with a compiler (CI has one) a failed build
+    is a failure."""
+    from flashserve.kernels import cpu_ops
+
+    native = cpu_ops()
+    if native is None:
+        if os.environ.get("FLASHSERVE_NATIVE_KERNELS") == "0":
+            pytest.skip("FLASHSERVE_NATIVE_KERNELS=0: the native CPU operators are switched off")
+        pytest.fail("the native CPU operators did not build (see the flashserve.kernels warning)")
+    return native

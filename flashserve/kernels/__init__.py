@@ -1,7 +1,9 @@
 """Fused CPU operators that PyTorch lacks, built on first use with the host C compiler.
 
 `cpu_ops.c` holds them (decode attention straight from the paged cache, residual-add + RMSNorm,
-rotary + cache store, silu-and-mul); see its header for why each exists. The library is compiled once
+rotary + cache store, silu-and-mul), `q4_linear.c` the 4-bit x 8-bit matmul of decode rows, and
+`llama_decode.c` a driver that chains them through every Llama layer in one call; see their headers for
+why each exists. The library is compiled once
 per machine into a cache folder keyed by the source, the flags and the CPU, and loaded with ctypes,
 which releases the GIL while a kernel runs. Where no compiler is available, or
 `FLASHSERVE_NATIVE_KERNELS=0`, `cpu_ops()` returns None and the models use their PyTorch path, which
@@ -26,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_ops.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.c", "q4_linear.c", "llama_decode.c")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 if platform.machine() in ("x86_64", "AMD64"):
     # GCC vectorizes plain loops at 256 bits on AVX-512 CPUs unless told otherwise, doubling their
@@ -58,7 +60,8 @@ def _cpu_id() -> str:
 
 
 def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()
+    sources = b"".join(path.read_bytes() for path in _SOURCES)
+    digest = hashlib.sha256(sources + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()
     target = _cache_dir() / f"cpu_ops-{digest[:16]}.so"
     if target.exists():
         return target
@@ -66,10 +69,27 @@ def _build(compiler: str) -> Path:
     # Build beside the target and rename: servers starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], check=True,
+        subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", str(out), "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(out, target)
     return target
+
+
+class DecodeLayer(ctypes.Structure):
+    """llama_decode.c's per-layer table entry: packed 4-bit weights, norm weights, the layer's cache."""
+
+    _fields_ = [(name, _P) for name in ("qkv", "o", "gate_up", "down", "input_norm", "post_norm",
+                                        "key_cache", "value_cache")]
+
+
+class DecodeDims(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("inter", _I), ("num_heads", _I), ("num_kv_heads", _I), ("head_dim", _I),
+                ("eps", _F), ("scale", _F)]
+
+
+class _DecodeBatch(ctypes.Structure):
+    _fields_ = [("positions", _P), ("slots", _P), ("block_tables", _P), ("context_lens", _P),
+                ("max_blocks", _I), ("block_size", _I), ("cos_half", _P), ("sin_half", _P)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -87,6 +107,11 @@ class CpuOps:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, ctypes.c_int
                 self._fns[name, dtype] = fn
+        self._q4_linear = lib.q4_linear
+        self._llama_decode = lib.llama_decode_layers
+        self._llama_decode.argtypes = [_P, _I, ctypes.POINTER(DecodeDims), ctypes.POINTER(_DecodeBatch), _P, _P, _I]
+        self._llama_decode.restype = ctypes.c_int
+        self._q4_linear.argtypes, self._q4_linear.restype = [_P, _L, _I, _I, _P, _P, _L, _I], ctypes.c_int
 
     @staticmethod
     def supports(t: torch.Tensor) -> bool:
@@ -143,6 +168,38 @@ class CpuOps:
         assert gate_up.is_contiguous() and out.is_contiguous() and gate_up.shape[1] == 2 * out.shape[1]
         return self._call("silu_mul", gate_up.dtype, gate_up.data_ptr(), out.data_ptr(), out.shape[0],
                           out.shape[1])
+
+    def q4_linear(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> bool:
+        """out [M, N] = x [M, K] @ W.T for float32 x and out, W packed by `linear.pack_q4`."""
+        assert x.dtype == out.dtype == torch.float32 and x.stride(1) == 1 and out.is_contiguous()
+        assert weights.dtype == torch.uint8 and weights.is_contiguous()
+        rc = self._q4_linear(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weights.data_ptr(),
+                             out.data_ptr(), out.stride(0), out.shape[1])
+        if rc == -1:
+            raise MemoryError("q4_linear: the kernel could not allocate its scratch space")
+        return rc == 0
+
+    def llama_decode_layers(self, layers: ctypes.Array[DecodeLayer], dims: DecodeDims, x: torch.Tensor,
+                            residual: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                            cos_half: torch.Tensor, sin_half: torch.Tensor) -> None:
+        """Run every layer in `layers` over decode rows x [B, hidden] (sequence b at row b): x becomes the
+        last MLP output and residual the stream beside it. The caller vouches for the table (see
+        models.llama); this checks the per-step tensors."""
+        rows = x.shape[0]
+        assert x.dtype == residual.dtype == torch.float32 and x.is_contiguous() and residual.is_contiguous()
+        assert positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
+        assert block_tables.dtype == context_lens.dtype == torch.int32 and block_tables.is_contiguous()
+        assert len(positions) == len(slots) == len(context_lens) == block_tables.shape[0] == rows
+        batch = _DecodeBatch(positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                             context_lens.data_ptr(), block_tables.shape[1], block_size, cos_half.data_ptr(),
+                             sin_half.data_ptr())
+        rc = self._llama_decode(ctypes.addressof(layers), len(layers), ctypes.byref(dims), ctypes.byref(batch),
+                                x.data_ptr(), residual.data_ptr(), rows)
+        if rc == -1:
+            raise MemoryError("llama_decode_layers: could not allocate its scratch space")
+        if rc != 0:
+            raise RuntimeError(f"llama_decode_layers: a kernel refused the shapes (rc {rc})")
 
 
 _lock = threading.Lock()

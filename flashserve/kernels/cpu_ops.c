@@ -25,6 +25,7 @@
 
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
 
 #define MAX_CHUNKS 32 /* head_dim / 16 */
@@ -53,11 +54,47 @@ static inline float hsum(v16f x) {
     return s;
 }
 
-static inline v16f vsilu(v16f g) {
-    v16f e;
-    /* -ffast-math assumes no infinities: keep exp finite (silu is ~0 there anyway) or g/(1+e) turns NaN. */
-    for (int i = 0; i < 16; ++i) e[i] = expf(fminf(-g[i], 80.f));
-    return g / (1.f + e);
+/* e^x, clamped to [e^-87, e^88]: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial (~1 ulp).
+ * libm's expf is scalar, and GCC does not vectorize calls to it. */
+static inline v16f vexp(v16f x) {
+    for (int i = 0; i < 16; ++i) x[i] = fminf(fmaxf(x[i], -87.f), 88.f);
+    /* round(x / ln 2) without a rounding builtin: truncation of a positive number */
+    v16i ki = __builtin_convertvector(x * 1.44269504f + 1024.5f, v16i) - 1024;
+    v16f k = __builtin_convertvector(ki, v16f);
+    v16f r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    v16i bits = (ki + 127) << 23;
+    v16f two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+static inline v16f vsilu(v16f g) { return g / (1.f + vexp(-g)); }
+
+/* x[0..n) = e^(x - m) in place; returns their sum. */
+static inline float exp_shifted(float *x, int n, float m) {
+    v16f sum = {0};
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        v16f e = vexp(load_f32(x + t) - m);
+        store_f32(x + t, e);
+        sum += e;
+    }
+    float total = hsum(sum);
+    if (t < n) {
+        v16f tail = {0};
+        memcpy(&tail, x + t, sizeof(float) * (size_t)(n - t));
+        v16f e = vexp(tail - m);
+        memcpy(x + t, &e, sizeof(float) * (size_t)(n - t));
+        for (int i = 0; i < n - t; ++i) total += e[i];
+    }
+    return total;
 }
 
 #define DEFINE_OPS(SUF, T, LOAD, STORE)                                                                    \
@@ -101,10 +138,9 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
             }                                                                                              \
             for (int j = 0; j < group; ++j) {                                                              \
                 float *sj = scores + (long)j * len;                                                        \
-                float m = -INFINITY, sum = 0.f;                                                            \
+                float m = -INFINITY;                                                                       \
                 for (int t = 0; t < len; ++t) m = sj[t] > m ? sj[t] : m;                                   \
-                for (int t = 0; t < len; ++t) { sj[t] = expf(sj[t] - m); sum += sj[t]; }                   \
-                const float inv = 1.f / sum;                                                               \
+                const float inv = 1.f / exp_shifted(sj, len, m);                                           \
                 for (int t = 0; t < len; ++t) sj[t] *= inv;                                                \
                 for (int c = 0; c < chunks; ++c) acc[j][c] = (v16f){0};                                    \
             }                                                                                              \
@@ -176,6 +212,7 @@ int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int h
                                                                                                            \
 int silu_mul_##SUF(const T *gate_up, T *out, long rows, int inter) {                                       \
     if (inter % 16) return -2;                                                                             \
+    _Pragma("omp parallel for if (rows * inter >= 16384)")                                                 \
     for (long r = 0; r < rows; ++r) {                                                                      \
         const T *g = gate_up + r * 2L * inter, *u = g + inter;                                             \
         for (int i = 0; i < inter; i += 16) STORE(out + r * inter + i, vsilu(LOAD(g + i)) * LOAD(u + i));  \

@@ -12,6 +12,10 @@ A decode step of a small model multiplies a few rows by every weight, so it is b
 it reads: a 4-bit copy (per group of 32 inputs, the grid of GGUF's Q4 blocks) or an 8-bit one (per output
 channel) reads a quarter or half of bf16. Which kernel a row uses follows from the row itself (a generated
 token or a prompt token), never from the batch, so results stay batch-invariant.
+
+The 4-bit copy runs on the native `q4_linear` kernel where it is built (see `kernels/q4_linear.c`): it
+quantizes each decode row to 8 bits per group of 32 and multiplies bytes with the CPU's VNNI dot-product
+instructions, like llama.cpp's Q4_1 path. Without it, torch's int4 kernel (bf16 activations) serves.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.kernels import cpu_ops
+
 WEIGHT_QUANTS = ("none", "int8", "int4")
 # Without prepacking, oneDNN's bf16 matmul gives every row the same bits as that row alone for batches of
 # up to 32 rows, not beyond; unpacked bf16 batches therefore run in 32-row tiles. tests/unit/test_linear.py
 # checks both properties on the machine at hand.
 ROW_TILE = 32
 INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks, so 4-bit checkpoints requantize onto their own grid
+Q4_BLOCK = 16  # outputs per block of the native kernel's layout
 
 
 def _can_prepack(weight: torch.Tensor) -> bool:
@@ -57,18 +64,59 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.
     return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
 
 
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """GGUF Q4_1's scheme per group of 32 inputs: weight ≈ scale * q + min, q in 0..15, scale and min in
+    fp16 (as Q4_1 stores them, so a Q4_1 checkpoint's own values come back exactly). Returns (q uint8
+    [N, K], scale, min [N, K / 32] fp16), or None where a value does not fit fp16."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scale, low16 = ((high - low) / 15).to(torch.float16), low.to(torch.float16)
+    if not (torch.isfinite(scale).all() and torch.isfinite(low16).all()):
+        return None
+    step = torch.where(scale > 0, scale.float(), 1.0).unsqueeze(2)  # a constant group: every q is 0
+    q = torch.round((w - low16.float().unsqueeze(2)) / step).clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scale, low16
+
+
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Lay `quantize_q4`'s output out for `q4_linear` (layout: kernels/q4_linear.c): per block of 16
+    outputs and group, 256 bytes of codes (q[4c + i] low nibble, q[16 + 4c + i] high), 16 scales, 16 mins."""
+    n, k = q.shape
+    blocks, groups = n // Q4_BLOCK, k // INT4_GROUP
+    halves = q.view(blocks, Q4_BLOCK, groups, 2, 4, 4)  # (block, output, group, half, c, i)
+    codes = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # (block, group, c, output, i)
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return values.view(blocks, Q4_BLOCK, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([codes.reshape(blocks, groups, 256), per_group(scale), per_group(low)], dim=2).contiguous()
+
+
 class QuantizedWeight:
     """A decode-row copy of a weight, int8 per channel or int4 per group, for torch's CPU kernels. Both
     kernels compute each row on its own, so a row gets the same bits in any batch."""
 
     def __init__(self, weight: torch.Tensor, bits: int) -> None:
         self.bits = bits
-        # Quantize from the weight as loaded (float32 keeps a GGUF's 4-bit grid exact); the kernels take
-        # bf16 activations and scales.
+        self.out_features = weight.shape[0]
+        # Quantize from the weight as loaded (float32 keeps a GGUF's 4-bit grid exact).
+        self.native = cpu_ops() if bits == 4 else None
+        q4 = quantize_q4(weight) if self.native is not None else None
+        if q4 is not None:
+            self.data, self.scales = pack_q4(*q4), None
+            return
+        self.native = None
+        # torch's kernels take bf16 activations and scales.
         data, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight)
         self.data, self.scales = data, scales.to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            if not self.native.q4_linear(x.float(), self.data, out):
+                raise RuntimeError(f"q4_linear refused a [{x.shape[0]}, {x.shape[1]}] input")
+            return out.to(x.dtype)
         x16 = x.to(torch.bfloat16)
         if self.bits == 8:
             out = torch._weight_int8pack_mm(x16, self.data, self.scales)
@@ -100,7 +148,9 @@ class PackedLinear(nn.Module):
         self.quant: QuantizedWeight | None = None
         # torch's weight-only kernels run on CPU, with bf16 activations (others are cast for the call).
         usable = weight.dtype in (torch.bfloat16, torch.float32) and weight.device.type == "cpu"
-        if usable and (weight_quant == "int8" or (weight_quant == "int4" and weight.shape[1] % INT4_GROUP == 0)):
+        # Both 4-bit kernels take whole blocks of 16 outputs and groups of 32 inputs.
+        fits_int4 = weight.shape[0] % Q4_BLOCK == 0 and weight.shape[1] % INT4_GROUP == 0
+        if usable and (weight_quant == "int8" or (weight_quant == "int4" and fits_int4)):
             self.quant = QuantizedWeight(weight, 8 if weight_quant == "int8" else 4)
         dense = weight.to(dense_dtype or weight.dtype)
         bias = torch.cat([b.detach() for b in biases]).to(dense.dtype) if biases[0] is not None else None

@@ -13,7 +13,6 @@ as with the PyTorch path alone.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -39,17 +38,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 8e-3, "atol": 2e-2}}
 # bf16 result against the float32 reference on the unrounded inputs: input rounding adds to the error.
 BF16_VS_F32 = {"rtol": 3e-2, "atol": 3e-2}
-
-
-@pytest.fixture(scope="module")
-def ops() -> CpuOps:
-    native = cpu_ops()
-    if native is None:
-        # Only an explicit opt-out skips: with a compiler (CI has one) a failed build is a failure here.
-        if os.environ.get("FLASHSERVE_NATIVE_KERNELS") == "0":
-            pytest.skip("FLASHSERVE_NATIVE_KERNELS=0: the native CPU operators are switched off")
-        pytest.fail("the native CPU operators did not build (see the flashserve.kernels warning)")
-    return native
 
 
 @pytest.fixture(autouse=True)

@@ -229,6 +229,8 @@ def test_float32_activations_use_quantized_decode_rows_and_bf16_dense_rows(quant
 def test_int4_is_skipped_where_inputs_do_not_fill_groups() -> None:
     lin = make_linear(48, 16, False)  # 48 inputs: not a multiple of the 32-input group
     assert PackedLinear([lin], weight_quant="int4").quant is None
+    lin = make_linear(64, 24, False)  # 24 outputs: not a whole block of 16
+    assert PackedLinear([lin], weight_quant="int4").quant is None
 
 
 def test_weight_quant_is_validated() -> None:

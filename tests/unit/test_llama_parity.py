@@ -181,8 +181,9 @@ def test_two_sequences_batched_match_solo(
     runner = PagedRunner(ours)
     base_a, base_b = 0, 128
     got_a, got_b = runner.step([(a, 0, base_a), (b, 0, base_b)])
-    assert (got_a - solo_a).abs().max().item() <= 1e-4
-    assert (got_b - solo_b).abs().max().item() <= 1e-4
+    # Logits reach ~30: 2e-4 is float32 rounding of differently shaped prefill matmuls (see below).
+    assert (got_a - solo_a).abs().max().item() <= 2e-4
+    assert (got_b - solo_b).abs().max().item() <= 2e-4
 
     # Then a mixed step: a decode for A and a decode for B in one batch, against each solo continuation.
     next_a, next_b = int(got_a[-1].argmax()), int(got_b[-1].argmax())

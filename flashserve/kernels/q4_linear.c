@@ -1,0 +1,174 @@
+/* 4-bit weight × 8-bit activation matmul for decode rows: out[M, N] = x[M, K] @ W.T.
+ *
+ * Why it exists: a decode step multiplies a handful of rows by every weight, so its cost is the weight
+ * bytes read plus the instructions spent per weight. PyTorch's int4 CPU kernel widens every weight to
+ * float32 and issues one FMA per 16 multiply-adds; here the weights stay bytes and AVX512-VNNI's
+ * VPDPBUSD does 64 multiply-adds per instruction, as llama.cpp's Q4_1 x Q8_1 path does.
+ *
+ * Weights: asymmetric 4-bit per group of 32 inputs, w = scale * q + min with q in 0..15 and scale, min
+ * in fp16 (GGUF Q4_1's own grid, so a Q4_1 checkpoint requantizes exactly). Layout, per block of 16
+ * outputs and per group: 256 bytes of codes, then 16 fp16 scales and 16 fp16 mins. Byte
+ * [c * 64 + o * 4 + i] holds q[o][4c + i] in its low nibble and q[o][16 + 4c + i] in its high nibble,
+ * so one 64-byte load unpacks into two registers of "16 outputs x 4 inputs" bytes.
+ *
+ * Activations: each row is quantized per group of 32 to int8 (round to nearest even of x * 127 / amax).
+ * A group's dot product is then exact in int32, and the float32 part is a fixed sequence per (row,
+ * output): acc = fma(isum * xscale, scale, acc); acc = fma(min, xscale * sum(xq), acc). Nothing
+ * depends on the other rows, so a row gets the same bits in any batch, and the portable C path (no
+ * VNNI) computes the very same values.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define Q4_VNNI 1
+#endif
+
+#define Q4_GROUP 32
+#define Q4_BLOCK 16                      /* outputs per block */
+#define Q4_CODE_BYTES (Q4_BLOCK * 16)    /* 16 outputs x 32 codes x 4 bits */
+#define Q4_GROUP_BYTES (Q4_CODE_BYTES + 2 * Q4_BLOCK * 2)
+#define Q4_ROW_TILE 8
+#define Q4_PREFETCH 4 /* groups ahead */
+
+/* One row's int8 activations for all groups, with per-group scale and scale * sum(codes). */
+typedef struct {
+    int8_t *q;
+    float *scale;
+    float *offset;
+} QuantRow;
+
+static inline float fp16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: value = man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void quantize_rows(const float *x, long x_stride, int rows, int k, int8_t *q, float *scale,
+                          float *offset) {
+    int groups = k / Q4_GROUP;
+    for (int r = 0; r < rows; ++r) {
+        for (int g = 0; g < groups; ++g) {
+            const float *src = x + r * x_stride + g * Q4_GROUP;
+            int8_t *dst = q + (long)r * k + g * Q4_GROUP;
+            float amax = 0.f;
+            for (int i = 0; i < Q4_GROUP; ++i) amax = fmaxf(amax, fabsf(src[i]));
+            float inv = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            for (int i = 0; i < Q4_GROUP; ++i) {
+                int v = (int)nearbyintf(src[i] * inv);
+                dst[i] = (int8_t)v;
+                sum += v;
+            }
+            float s = amax / 127.f;
+            scale[(long)r * groups + g] = s;
+            offset[(long)r * groups + g] = s * (float)sum;
+        }
+    }
+}
+
+#ifdef Q4_VNNI
+/* Rows [r0, r0 + n) against one block of 16 outputs; at most Q4_ROW_TILE rows. */
+static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n,
+                              float *out, long out_stride) {
+    __m512 acc[Q4_ROW_TILE];
+    for (int r = 0; r < n; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int g = 0; g < groups; ++g) {
+        const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
+        /* One row's worth of work per weight byte cannot hide DRAM latency by itself: ask ahead. */
+        for (int line = 0; line < Q4_GROUP_BYTES; line += 64)
+            _mm_prefetch((const char *)p + Q4_PREFETCH * Q4_GROUP_BYTES + line, _MM_HINT_T0);
+        __m512i w[8];
+        for (int c = 0; c < 4; ++c) {
+            __m512i v = _mm512_loadu_si512((const void *)(p + c * 64));
+            w[c] = _mm512_and_si512(v, nibble);
+            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        }
+        const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sm));
+        __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sm + Q4_BLOCK)));
+        for (int r = 0; r < n; ++r) {
+            const int32_t *xq = (const int32_t *)(xr.q + (long)(r0 + r) * k + g * Q4_GROUP);
+            /* Two chains of four: half the latency of one chain of eight (integer sums are exact). */
+            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+            for (int j = 0; j < 4; ++j) {
+                lo = _mm512_dpbusd_epi32(lo, w[j], _mm512_set1_epi32(xq[j]));
+                hi = _mm512_dpbusd_epi32(hi, w[j + 4], _mm512_set1_epi32(xq[j + 4]));
+            }
+            __m512i isum = _mm512_add_epi32(lo, hi);
+            long gi = (long)(r0 + r) * groups + g;
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(xr.scale[gi]));
+            acc[r] = _mm512_fmadd_ps(t, scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(xr.offset[gi]), acc[r]);
+        }
+    }
+    for (int r = 0; r < n; ++r) _mm512_storeu_ps(out + (long)(r0 + r) * out_stride, acc[r]);
+}
+#else
+static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n,
+                              float *out, long out_stride) {
+    for (int r = 0; r < n; ++r) {
+        float acc[Q4_BLOCK] = {0};
+        const int8_t *xq_row = xr.q + (long)(r0 + r) * k;
+        for (int g = 0; g < groups; ++g) {
+            const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
+            const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
+            const int8_t *xq = xq_row + g * Q4_GROUP;
+            long gi = (long)(r0 + r) * groups + g;
+            for (int o = 0; o < Q4_BLOCK; ++o) {
+                int32_t isum = 0;
+                for (int c = 0; c < 4; ++c) {
+                    for (int i = 0; i < 4; ++i) {
+                        uint8_t b = p[c * 64 + o * 4 + i];
+                        isum += (b & 0x0F) * xq[4 * c + i] + (b >> 4) * xq[16 + 4 * c + i];
+                    }
+                }
+                float t = (float)isum * xr.scale[gi];
+                acc[o] = fmaf(t, fp16_to_f32(sm[o]), acc[o]);
+                acc[o] = fmaf(fp16_to_f32(sm[Q4_BLOCK + o]), xr.offset[gi], acc[o]);
+            }
+        }
+        for (int o = 0; o < Q4_BLOCK; ++o) out[(long)(r0 + r) * out_stride + o] = acc[o];
+    }
+}
+#endif
+
+/* x [rows, k] (row stride x_stride), weights packed as described above for n outputs; out [rows, n]
+ * (row stride out_stride). Returns -2 when the shape is not one this kernel takes, -1 when out of
+ * memory, 0 on success. */
+int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *weights, float *out,
+              long out_stride, int n) {
+    if (k % Q4_GROUP || n % Q4_BLOCK || rows <= 0) return -2;
+    int groups = k / Q4_GROUP;
+    int8_t *q = malloc((size_t)rows * k + 2 * sizeof(float) * (size_t)rows * groups);
+    if (!q) return -1;
+    /* The floats follow rows * k int8 codes, a multiple of 32 bytes: they stay aligned. */
+    float *scales = (float *)(q + (size_t)rows * k);
+    QuantRow xr = {q, scales, scales + (size_t)rows * groups};
+    quantize_rows(x, x_stride, rows, k, xr.q, xr.scale, xr.offset);
+    int blocks = n / Q4_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; ++b) {
+        const uint8_t *wblock = weights + (long)b * groups * Q4_GROUP_BYTES;
+        for (int r0 = 0; r0 < rows; r0 += Q4_ROW_TILE) {
+            int tile = rows - r0 < Q4_ROW_TILE ? rows - r0 : Q4_ROW_TILE;
+            block_rows(wblock, groups, xr, k, r0, tile, out + b * Q4_BLOCK, out_stride);
+        }
+    }
+    free(q);
+    return 0;
+}
