@@ -37,6 +37,7 @@ if platform.machine() in ("x86_64", "AMD64"):
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "paged_decode": [_P, _L, _P, _P, _P, _L, _P, _P, _I, _I, _I, _I, _I, _I, _F],
+    "paged_prefill": [_P, _L, _P, _P, _P, _L, _P, _I, _I, _I, _I, _I, _I, _F],
     "rms_norm": [_P, _P, _P, _P, _L, _I, _F],
     "rotary_store": [_P, _L, _I, _I, _I, _P, _P, _P, _P, _P, _P],
     "silu_mul": [_P, _P, _L, _I],
@@ -136,6 +137,20 @@ class CpuOps:
                           value_cache.data_ptr(), out.data_ptr(), out.stride(0), block_tables.data_ptr(),
                           context_lens.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_heads,
                           key_cache.shape[1], head_dim, scale)
+
+    def paged_prefill(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table: torch.Tensor, ctx_len: int, block_size: int, scale: float,
+                      out: torch.Tensor) -> bool:
+        """Causal attention of one request's q_len new tokens (the last positions of a ctx_len context):
+        q, out: [q_len, H, D] with contiguous heads (rows may be strided); block_table: [blocks] int32."""
+        q_len, num_heads, head_dim = q.shape
+        assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
+        assert key_cache.is_contiguous() and value_cache.is_contiguous() and key_cache.dtype == q.dtype == out.dtype
+        assert block_table.dtype == torch.int32 and block_table.is_contiguous() and q_len <= ctx_len
+        assert block_table.numel() * block_size >= ctx_len
+        return self._call("paged_prefill", q.dtype, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
+                          value_cache.data_ptr(), out.data_ptr(), out.stride(0), block_table.data_ptr(), q_len,
+                          ctx_len, block_size, num_heads, key_cache.shape[1], head_dim, scale)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
                  residual: torch.Tensor | None = None) -> bool:

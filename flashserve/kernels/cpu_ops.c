@@ -2,6 +2,9 @@
  *
  * - paged_decode: attention of one query token per sequence over its paged context, read in
  *   place through the block table (PyTorch can only attend over contiguous tensors).
+ * - paged_prefill: causal attention of a prompt chunk over its paged context, computed for each query
+ *   row on its own over fixed 16-key blocks at absolute positions, so a row gets the same bits however
+ *   the prompt was chunked or cached (SDPA's result depends on the chunk's shape).
  * - rms_norm: optionally adds a residual first (in place), so "x + sublayer; norm" is one call.
  * - rotary_store: rotates Q and K inside the fused QKV output and writes K and V to their cache slots.
  * - silu_mul: silu(gate) * up over the fused gate/up output.
@@ -30,6 +33,9 @@ typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
 
 #define MAX_CHUNKS 32 /* head_dim / 16 */
 #define MAX_GROUP 16  /* query heads per KV head */
+#define KEY_BLOCK 16  /* keys per step of paged_prefill's online softmax */
+#define QUERY_TILE 16 /* query rows sharing one transposed key block */
+#define NEG_BIG -1e30f /* "minus infinity" that -ffast-math's finite-math assumption keeps intact */
 
 static inline v16f load_f32(const float *p) { return *(const v16f *)p; }
 static inline void store_f32(float *p, v16f x) { *(v16f *)p = x; }
@@ -46,6 +52,21 @@ static inline void store_bf16(uint16_t *p, v16f x) {
     memcpy(&u, &x, sizeof u);
     u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16; /* round to nearest even */
     *(v16h *)p = __builtin_convertvector(u, v16h);
+}
+
+static inline float hmax(v16f x) { /* a fixed tree: 16 -> 8 -> 4 -> 2 -> 1 */
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) x[i] = x[i] > x[i + w] ? x[i] : x[i + w];
+    return x[0];
+}
+
+static inline float load_one_f32(const float *p) { return *p; }
+
+static inline float load_one_bf16(const uint16_t *p) {
+    uint32_t wide = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
 }
 
 static inline float hsum(v16f x) {
@@ -97,7 +118,7 @@ static inline float exp_shifted(float *x, int n, float m) {
     return total;
 }
 
-#define DEFINE_OPS(SUF, T, LOAD, STORE)                                                                    \
+#define DEFINE_OPS(SUF, T, LOAD, STORE, LOAD_ONE)                                                                    \
 int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *value_cache, T *out,       \
                        long out_stride, const int32_t *block_tables, const int32_t *context_lens,          \
                        int num_seqs, int max_blocks_per_seq, int block_size, int num_heads,                \
@@ -166,6 +187,109 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
     return 0;                                                                                              \
 }                                                                                                          \
                                                                                                            \
+int paged_prefill_##SUF(const T *q, long q_stride, const T *key_cache, const T *value_cache, T *out,     \
+                        long out_stride, const int32_t *block_table, int q_len, int ctx_len, int block_size,  \
+                        int num_heads, int num_kv_heads, int head_dim, float scale) {                        \
+    const int group = num_heads / num_kv_heads, chunks = head_dim / 16;                                    \
+    if (head_dim % 16 || chunks > MAX_CHUNKS || group > MAX_GROUP) return -2;                              \
+    const long row = (long)num_kv_heads * head_dim;                                                        \
+    const int first_pos = ctx_len - q_len, tiles = (q_len + QUERY_TILE - 1) / QUERY_TILE;                  \
+    int failed = 0;                                                                                        \
+    _Pragma("omp parallel")                                                                                \
+    {                                                                                                      \
+    /* Per thread: a key block transposed ([dim][16]) and its values ([16][dim]), shared by a tile of   \
+     * query rows, and each (row, head)'s running max, sum and output. */                                 \
+    const size_t states = (size_t)QUERY_TILE * group;                                                      \
+    float *kt = aligned_alloc(64, sizeof(float) * ((size_t)head_dim * KEY_BLOCK * 2 + states * (17 + head_dim))); \
+    float *vb = NULL, *m = NULL, *l = NULL, *acc = NULL;                                                   \
+    if (kt) {                                                                                              \
+        vb = kt + (size_t)head_dim * KEY_BLOCK, m = vb + (size_t)head_dim * KEY_BLOCK;                     \
+        l = m + states, acc = l + states * 16; /* l: 16 lane sums per state */                             \
+    } else {                                                                                               \
+        _Pragma("omp atomic write") failed = 1;                                                            \
+    }                                                                                                      \
+    _Pragma("omp for schedule(dynamic)")                                                                   \
+    for (long work = 0; work < (long)tiles * num_kv_heads; ++work) {                                       \
+        if (!kt) continue;                                                                                 \
+        const int r0 = (int)(work / num_kv_heads) * QUERY_TILE, g = (int)(work % num_kv_heads);            \
+        const int rows = q_len - r0 < QUERY_TILE ? q_len - r0 : QUERY_TILE;                                \
+        for (size_t s_ = 0; s_ < states; ++s_) m[s_] = NEG_BIG;                                            \
+        memset(l, 0, sizeof(float) * states * 16);                                                         \
+        memset(acc, 0, sizeof(float) * states * head_dim);                                                 \
+        const int last = first_pos + r0 + rows - 1;                                                        \
+        for (int k0 = 0; k0 <= last; k0 += KEY_BLOCK) {                                                    \
+            for (int i = 0; i < KEY_BLOCK; ++i) {                                                          \
+                const int t = k0 + i;                                                                      \
+                if (t > last) { /* never weighted (see valid below); zeros keep the sums finite */          \
+                    for (int d = 0; d < head_dim; ++d) kt[d * KEY_BLOCK + i] = 0.f, vb[i * head_dim + d] = 0.f; \
+                    continue;                                                                              \
+                }                                                                                          \
+                const long slot = (long)block_table[t / block_size] * block_size + t % block_size;         \
+                const T *kr = key_cache + slot * row + (long)g * head_dim;                                 \
+                const T *vr = value_cache + slot * row + (long)g * head_dim;                               \
+                for (int c = 0; c < chunks; ++c) {                                                         \
+                    v16f kv = LOAD(kr + c * 16);                                                           \
+                    for (int e = 0; e < 16; ++e) kt[(c * 16 + e) * KEY_BLOCK + i] = kv[e];                 \
+                    store_f32(vb + i * head_dim + c * 16, LOAD(vr + c * 16));                              \
+                }                                                                                          \
+            }                                                                                              \
+            for (int r = 0; r < rows; ++r) {                                                               \
+                const int pos = first_pos + r0 + r;                                                        \
+                /* A row only ever visits the blocks up to its own position: its work is its own. */     \
+                if (k0 > pos) continue;                                                                    \
+                /* Only a row's last block has keys past it; multiplying by 1 elsewhere changes nothing. */ \
+                const int partial = k0 + KEY_BLOCK - 1 > pos;                                              \
+                v16f valid;                                                                                \
+                for (int i = 0; i < KEY_BLOCK; ++i) valid[i] = k0 + i <= pos ? 1.f : 0.f;                  \
+                for (int j = 0; j < group; ++j) {                                                          \
+                    const size_t st = (size_t)r * group + j;                                               \
+                    const T *qr = q + (long)(r0 + r) * q_stride + (long)(g * group + j) * head_dim;         \
+                    /* Four independent sums: one chain of head_dim dependent FMAs would stall on latency. */ \
+                    v16f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                           \
+                    for (int d = 0; d < head_dim; d += 4) {                                                \
+                        s0 += LOAD_ONE(qr + d) * load_f32(kt + d * KEY_BLOCK);                             \
+                        s1 += LOAD_ONE(qr + d + 1) * load_f32(kt + (d + 1) * KEY_BLOCK);                   \
+                        s2 += LOAD_ONE(qr + d + 2) * load_f32(kt + (d + 2) * KEY_BLOCK);                   \
+                        s3 += LOAD_ONE(qr + d + 3) * load_f32(kt + (d + 3) * KEY_BLOCK);                   \
+                    }                                                                                      \
+                    v16f s = ((s0 + s1) + (s2 + s3)) * scale;                                              \
+                    if (partial)                                                                           \
+                        for (int i = 0; i < KEY_BLOCK; ++i) s[i] = valid[i] > 0.f ? s[i] : NEG_BIG;        \
+                    const float block_max = hmax(s);                                                       \
+                    const float m_new = block_max > m[st] ? block_max : m[st];                             \
+                    v16f p = vexp(s - m_new);                                                              \
+                    if (partial) p *= valid;                                                               \
+                    /* e^0 is exactly 1: while the max holds, skipping the rescale changes no bit. */      \
+                    const int rescale = m_new != m[st];                                                    \
+                    const float corr = rescale ? vexp((v16f){0} + (m[st] - m_new))[0] : 1.f;               \
+                    /* The sum stays a vector of 16 lane sums until the end: no reduction per block. */   \
+                    v16f *lv = (v16f *)(l + st * 16);                                                      \
+                    *lv = (rescale ? *lv * corr : *lv) + p;                                                \
+                    m[st] = m_new;                                                                         \
+                    float *a = acc + st * head_dim;                                                        \
+                    v16f sums[MAX_CHUNKS];                                                                 \
+                    for (int c = 0; c < chunks; ++c)                                                       \
+                        sums[c] = rescale ? load_f32(a + c * 16) * corr : load_f32(a + c * 16);            \
+                    for (int i = 0; i < KEY_BLOCK; ++i) /* the chunks are independent chains */            \
+                        for (int c = 0; c < chunks; ++c) sums[c] += p[i] * load_f32(vb + i * head_dim + c * 16); \
+                    for (int c = 0; c < chunks; ++c) store_f32(a + c * 16, sums[c]);                       \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int r = 0; r < rows; ++r)                                                                     \
+            for (int j = 0; j < group; ++j) {                                                              \
+                const size_t st = (size_t)r * group + j;                                                   \
+                const float inv = 1.f / hsum(*(v16f *)(l + st * 16));                                     \
+                for (int c = 0; c < chunks; ++c)                                                           \
+                    STORE(out + (long)(r0 + r) * out_stride + (long)(g * group + j) * head_dim + c * 16,     \
+                          load_f32(acc + st * head_dim + c * 16) * inv);                                   \
+            }                                                                                              \
+    }                                                                                                      \
+    free(kt);                                                                                              \
+    }                                                                                                      \
+    return failed ? -1 : 0;                                                                                \
+}                                                                                                          \
+                                                                                                           \
 int rms_norm_##SUF(const T *x, T *residual, const T *weight, T *out, long rows, int dim, float eps) {      \
     if (dim % 16) return -2;                                                                               \
     const int chunks = dim / 16;                                                                           \
@@ -220,5 +344,5 @@ int silu_mul_##SUF(const T *gate_up, T *out, long rows, int inter) {            
     return 0;                                                                                              \
 }
 
-DEFINE_OPS(f32, float, load_f32, store_f32)
-DEFINE_OPS(bf16, uint16_t, load_bf16, store_bf16)
+DEFINE_OPS(f32, float, load_f32, store_f32, load_one_f32)
+DEFINE_OPS(bf16, uint16_t, load_bf16, store_bf16, load_one_bf16)

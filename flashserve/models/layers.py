@@ -4,9 +4,10 @@ attention over the engine's paged KV cache.
 The engine hands every model forward pass one flat batch of new tokens (from
 many requests, prefill chunks and decodes mixed) plus an `AttentionMetadata`
 saying where each request's tokens sit in that batch and which cache blocks
-hold its context. One-token requests are attended in place by the native
-kernel in `flashserve.kernels`; longer chunks gather their context rows and
-use SDPA.
+hold its context. The native kernels in `flashserve.kernels` attend in place:
+generated tokens with the decode kernel, prompt chunks with the prefill kernel,
+whose rows do not depend on how the prompt was chunked or cached. Without
+them, chunks gather their context rows and use SDPA.
 """
 
 from __future__ import annotations
@@ -224,8 +225,14 @@ def paged_attention(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadat
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     done = _native_decode(q, cache, meta, scale, out)
+    ops = _native(q)
+    prefill = ops is not None and q.dtype == cache.key.dtype and q.stride(-1) == 1
     for seq in meta.seqs:
         if seq.index in done:
+            continue
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        if prefill and ops.paged_prefill(q[rows], cache.key, cache.value, meta.block_tables[seq.index],  # type: ignore[union-attr]
+                                         seq.ctx_len, meta.block_size, scale, out[rows]):
             continue
         slots = meta.context_slots(seq)
         q_i = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1)  # [H, q, D]

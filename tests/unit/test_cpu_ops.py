@@ -3,7 +3,9 @@ from first principles, and the layer functions of `flashserve.models.layers` tha
 
 Kernel by kernel, in float32 (tight tolerance) and bfloat16 (bf16 tolerance, and close to the float32
 reference): paged decode attention (shuffled block tables, block sizes 16 and 1, context lengths from 1,
-GQA and MHA, strided query rows, output written into a slice of a wider tensor), RMSNorm with and without
+GQA and MHA, strided query rows, output written into a slice of a wider tensor), paged prefill attention
+(whole prompts, chunks and single rows against causal SDPA; every row bit-for-bit the same however the
+prompt is chunked), RMSNorm with and without
 the in-place residual add, rotary + cache store, and silu-and-mul. Widths the kernels do not handle are
 refused without touching anything, and the layer functions then fall back to PyTorch. Finally
 `paged_attention` over mixed prefill/decode batches gives the same results with the native decode kernel
@@ -12,6 +14,7 @@ as with the PyTorch path alone.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -166,6 +169,61 @@ def test_paged_decode_peaked_softmax(ops: CpuOps) -> None:
                             torch.tensor([37], dtype=torch.int32), 16, 32**-0.5, out)
     assert torch.isfinite(out).all()
     assert_close(out, reference_decode(q, cache, 32**-0.5), torch.float32)
+
+
+# -- paged prefill ---------------------------------------------------------------------------------------
+
+
+def prefill_query(n: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """n query rows as the model passes them: the Q heads of fused QKV rows (a strided view)."""
+    qkv = (torch.randn(n, (heads + 2 * kv_heads) * head_dim) * 2).to(dtype)
+    return qkv[:, : heads * head_dim].view(n, heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "ctx_lens"), DECODE_CASES)
+def test_paged_prefill_matches_sdpa(ops: CpuOps, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                                    block_size: int, ctx_lens: list[int]) -> None:
+    """Whole prompts, chunks ending a context, and single rows, each against causal SDPA in float64."""
+    scale = head_dim**-0.5
+    cache = PagedCache(ctx_lens, block_size, kv_heads, head_dim, dtype)
+    tables = cache.block_table_tensor()
+    for b, n in enumerate(ctx_lens):
+        k = cache.key[cache.slots(cache.tables[b], n)]
+        v = cache.value[cache.slots(cache.tables[b], n)]
+        for q_len in sorted({n, max(1, n // 2), 1}):
+            q = prefill_query(q_len, heads, kv_heads, head_dim, dtype)
+            out = torch.full((q_len, heads, head_dim), 7.0, dtype=dtype)
+            assert ops.paged_prefill(q, cache.key, cache.value, tables[b], n, block_size, scale, out)
+            expected = reference_attention(q, k, v, scale, torch.arange(n - q_len, n))
+            assert_close(out, expected, dtype)
+
+
+def test_paged_prefill_rows_do_not_depend_on_the_chunking(ops: CpuOps) -> None:
+    """A prompt attended whole, in chunks (each over the context so far, as after chunked prefill or a
+    prefix-cache hit), or row by row: every row gets the same bits."""
+    n, heads, kv_heads, head_dim, block_size = 70, 9, 3, 64, 16
+    cache = PagedCache([n], block_size, kv_heads, head_dim, torch.float32)
+    table, scale = cache.block_table_tensor()[0], head_dim**-0.5
+    q = prefill_query(n, heads, kv_heads, head_dim, torch.float32)
+    whole = torch.empty(n, heads, head_dim)
+    assert ops.paged_prefill(q, cache.key, cache.value, table, n, block_size, scale, whole)
+    for cuts in ([0, 23, 50, 70], [0, 16, 32, 48, 64, 70], [0, 69, 70], list(range(n + 1))):
+        chunked = torch.empty(n, heads, head_dim)
+        for start, end in itertools.pairwise(cuts):
+            assert ops.paged_prefill(q[start:end], cache.key, cache.value, table, end, block_size, scale,
+                                     chunked[start:end])
+        assert torch.equal(chunked, whole), cuts
+
+
+def test_paged_prefill_peaked_softmax(ops: CpuOps) -> None:
+    cache = PagedCache([37], 16, 2, 32, torch.float32)
+    q = torch.randn(37, 4, 32) * 30
+    out = torch.empty_like(q)
+    assert ops.paged_prefill(q, cache.key, cache.value, cache.block_table_tensor()[0], 37, 16, 32**-0.5, out)
+    assert torch.isfinite(out).all()
+    k, v = cache.key[cache.slots(cache.tables[0], 37)], cache.value[cache.slots(cache.tables[0], 37)]
+    assert_close(out, reference_attention(q, k, v, 32**-0.5, torch.arange(37)), torch.float32)
 
 
 # -- rms norm --------------------------------------------------------------------------------------------
@@ -421,11 +479,9 @@ def test_paged_attention_native_matches_pytorch(ops: CpuOps, monkeypatch: pytest
     fallback = paged_attention(q, cache.layer_cache(), meta, scale)
 
     assert native.shape == q.shape and native.is_contiguous() and torch.isfinite(native).all()
-    decode_rows = [meta.seqs[i].q_start for i in meta.decode_seqs]
-    other_rows = [r for r in range(tokens) if r not in decode_rows]
-    assert torch.equal(native[other_rows], fallback[other_rows])  # prefill rows: SDPA either way
+    # Decode rows (decode kernel) and prompt rows (prefill kernel) against PyTorch's SDPA path.
     tol = TOL[dtype] if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    torch.testing.assert_close(native[decode_rows].double(), fallback[decode_rows].double(), **tol)
+    torch.testing.assert_close(native.double(), fallback.double(), **tol)
     reference = reference_paged(q, cache, meta, scale)
     assert_close(native, reference, dtype)
     fallback_tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
