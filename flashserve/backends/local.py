@@ -237,6 +237,13 @@ class LocalGeneration:
 
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Interleave the choices' streams in arrival order."""
+        if len(self._streams) == 1:  # the usual n=1: no pump task and second queue per token
+            try:
+                async for out in self._streams[0]:
+                    yield 0, out
+            except EngineDeadError as exc:
+                raise _engine_failed() from exc
+            return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int, stream: RequestStream) -> None:
@@ -255,8 +262,7 @@ class LocalGeneration:
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, EngineDeadError):
-                    raise OpenAIError(500, "The inference engine failed while generating.", "server_error",
-                                      None, "engine_error") from item
+                    raise _engine_failed() from item
                 elif isinstance(item, BaseException):
                     raise item
                 else:
@@ -270,6 +276,10 @@ class LocalGeneration:
             if not done:
                 await stream.abort()
         self._done = [True] * len(self._streams)
+
+
+def _engine_failed() -> OpenAIError:
+    return OpenAIError(500, "The inference engine failed while generating.", "server_error", None, "engine_error")
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:

@@ -60,6 +60,22 @@ static inline float hmax(v16f x) { /* a fixed tree: 16 -> 8 -> 4 -> 2 -> 1 */
     return x[0];
 }
 
+/* The 16 horizontal sums of v[0..15] as one vector (lane i = sum of v[i]), by a fixed tree of shuffles. */
+static inline v16f hsum16(const v16f v[16]) {
+    v16f t[8], u[4], w[2];
+    for (int j = 0; j < 8; ++j)
+        t[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int j = 0; j < 4; ++j)
+        u[j] = __builtin_shufflevector(t[2 * j], t[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(t[2 * j], t[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int j = 0; j < 2; ++j)
+        w[j] = __builtin_shufflevector(u[2 * j], u[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(u[2 * j], u[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 static inline float load_one_f32(const float *p) { return *p; }
 
 static inline float load_one_bf16(const uint16_t *p) {
@@ -131,34 +147,41 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
     int failed = 0;                                                                                        \
     _Pragma("omp parallel")                                                                                \
     {                                                                                                      \
-    float *scores = malloc(sizeof(float) * (size_t)group * (size_t)max_len);                               \
+    float *scores = malloc(sizeof(float) * (size_t)group * ((size_t)max_len + 16));                        \
     v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];                            \
     if (!scores) { _Pragma("omp atomic write") failed = 1; }                                               \
     _Pragma("omp for schedule(dynamic)")                                                                   \
     for (long work = 0; work < (long)num_seqs * num_kv_heads; ++work) {                                    \
         if (!scores) continue;                                                                             \
         const int b = (int)(work / num_kv_heads), g = (int)(work % num_kv_heads);                          \
-        const int len = context_lens[b];                                                                   \
+        const int len = context_lens[b], padded = (len + 15) & ~15;                                        \
         const int32_t *table = block_tables + (long)b * max_blocks_per_seq;                                \
         {                                                                                                  \
             const long head_off = (long)g * head_dim;                                                      \
             for (int j = 0; j < group; ++j)                                                                \
                 for (int c = 0; c < chunks; ++c)                                                           \
                     qv[j][c] = LOAD(q + b * q_stride + (long)(g * group + j) * head_dim + c * 16) * scale; \
-            for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                 \
-                const T *base = key_cache + (long)table[blk] * block_size * row + head_off;                \
-                const int n = len - t0 < block_size ? len - t0 : block_size;                               \
-                for (int i = 0; i < n; ++i) {                                                              \
-                    for (int c = 0; c < chunks; ++c) kv[c] = LOAD(base + i * row + c * 16);                \
-                    for (int j = 0; j < group; ++j) {                                                      \
-                        v16f s = qv[j][0] * kv[0];                                                         \
-                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * kv[c];                            \
-                        scores[(long)j * len + t0 + i] = hsum(s);                                          \
+            /* Scores 16 keys at a time: 16 partial-product vectors reduce together (hsum16), instead   \
+             * of one serial horizontal sum per key. Past the end, the last key repeats; unused. */     \
+            for (int t0 = 0; t0 < len; t0 += 16) {                                                         \
+                const T *keys[16];                                                                         \
+                for (int i = 0; i < 16; ++i) {                                                             \
+                    const int t = t0 + i < len ? t0 + i : len - 1;                                         \
+                    keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size) * row \
+                              + head_off;                                                                  \
+                }                                                                                          \
+                for (int j = 0; j < group; ++j) {                                                          \
+                    v16f prod[16];                                                                         \
+                    for (int i = 0; i < 16; ++i) {                                                         \
+                        v16f s = qv[j][0] * LOAD(keys[i]);                                                 \
+                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * LOAD(keys[i] + c * 16);           \
+                        prod[i] = s;                                                                       \
                     }                                                                                      \
+                    store_f32(scores + (long)j * padded + t0, hsum16(prod));                               \
                 }                                                                                          \
             }                                                                                              \
             for (int j = 0; j < group; ++j) {                                                              \
-                float *sj = scores + (long)j * len;                                                        \
+                float *sj = scores + (long)j * padded;                                                        \
                 float m = -INFINITY;                                                                       \
                 for (int t = 0; t < len; ++t) m = sj[t] > m ? sj[t] : m;                                   \
                 const float inv = 1.f / exp_shifted(sj, len, m);                                           \
@@ -171,7 +194,7 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
                 for (int i = 0; i < n; ++i) {                                                              \
                     for (int c = 0; c < chunks; ++c) kv[c] = LOAD(base + i * row + c * 16);                \
                     for (int j = 0; j < group; ++j) {                                                      \
-                        const float p = scores[(long)j * len + t0 + i];                                    \
+                        const float p = scores[(long)j * padded + t0 + i];                                 \
                         for (int c = 0; c < chunks; ++c) acc[j][c] += p * kv[c];                           \
                     }                                                                                      \
                 }                                                                                          \

@@ -16,6 +16,10 @@
  * output): acc = fma(isum * xscale, scale, acc); acc = fma(min, xscale * sum(xq), acc). Nothing
  * depends on the other rows, so a row gets the same bits in any batch, and the portable C path (no
  * VNNI) computes the very same values.
+ *
+ * Where the CPU has AMX, whole tiles of 16 rows take their group sums from one tile multiply (TDPBSUD:
+ * 16 rows x 16 outputs x 32 inputs) instead of 128 VPDPBUSDs. The sums are the same integers, and the
+ * float32 part the same code, so those rows get the very bits the VNNI path gives them.
  */
 #include <math.h>
 #include <stdint.h>
@@ -24,6 +28,11 @@
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define Q4_VNNI 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define Q4_AMX 1
+#endif
 #endif
 
 #define Q4_GROUP 32
@@ -81,23 +90,100 @@ static void quantize_rows(const float *x, long x_stride, int rows, int k, int8_t
 }
 
 #ifdef Q4_VNNI
+/* The float32 part for one row and group, shared by the VNNI and AMX paths so that both give the same bits. */
+static inline __m512 accumulate_group(__m512 acc, __m512i isum, float xscale, float xoffset, __m512 scale,
+                                      __m512 min) {
+    __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(xscale));
+    acc = _mm512_fmadd_ps(t, scale, acc);
+    return _mm512_fmadd_ps(min, _mm512_set1_ps(xoffset), acc);
+}
+
+/* The two registers of "16 outputs x 4 inputs" codes each 64 packed bytes hold. */
+static inline void unpack_group(const uint8_t *p, __m512i w[8]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+        __m512i v = _mm512_loadu_si512((const void *)(p + c * 64));
+        w[c] = _mm512_and_si512(v, nibble);
+        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+}
+#endif
+
+#ifdef Q4_AMX
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ROWS 16
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Linux hands out AMX state only to processes that ask; 1 once granted, -1 if refused. */
+static int amx_granted(void) {
+    static int state = 0;
+    if (!state) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+static void amx_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = AMX_ROWS, cfg.colsb[0] = 64;       /* group sums: 16 rows x 16 int32 */
+    cfg.rows[1] = AMX_ROWS, cfg.colsb[1] = Q4_GROUP; /* activations: 16 rows x 32 int8 */
+    cfg.rows[2] = 8, cfg.colsb[2] = 64;              /* codes: 8 quads x 16 outputs x 4 bytes */
+    _tile_loadconfig(&cfg);
+}
+
+/* Every whole tile of 16 rows in [0, rows) against one block of 16 outputs; returns the rows done. Three
+ * passes over the groups (unpack all codes, multiply all tiles, then the float32 part) so that no load
+ * waits on a store just made: a tile store forwards to nothing, and the multiplies overlap each other. */
+static inline int block_rows_amx(const uint8_t *wblock, int groups, QuantRow xr, int k, int rows, float *out,
+                                 long out_stride, __m512i *codes, int32_t *sums) {
+    for (int g = 0; g < groups; ++g) unpack_group(wblock + (long)g * Q4_GROUP_BYTES, codes + g * 8);
+    int r0 = 0;
+    for (; rows - r0 >= AMX_ROWS; r0 += AMX_ROWS) {
+        for (int g = 0; g < groups; ++g) {
+            _tile_loadd(2, codes + g * 8, 64); /* quad j's register is row j: the layout TDPBSUD reads */
+            _tile_loadd(1, xr.q + (long)r0 * k + g * Q4_GROUP, k);
+            _tile_zero(0);
+            _tile_dpbsud(0, 1, 2);
+            _tile_stored(0, sums + g * AMX_ROWS * Q4_BLOCK, 64);
+        }
+        __m512 acc[AMX_ROWS];
+        for (int r = 0; r < AMX_ROWS; ++r) acc[r] = _mm512_setzero_ps();
+        for (int g = 0; g < groups; ++g) {
+            const uint16_t *sm = (const uint16_t *)(wblock + (long)g * Q4_GROUP_BYTES + Q4_CODE_BYTES);
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sm));
+            __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sm + Q4_BLOCK)));
+            const int32_t *gs = sums + g * AMX_ROWS * Q4_BLOCK;
+            for (int r = 0; r < AMX_ROWS; ++r) {
+                long gi = (long)(r0 + r) * groups + g;
+                acc[r] = accumulate_group(acc[r], _mm512_load_si512((const void *)(gs + r * Q4_BLOCK)),
+                                          xr.scale[gi], xr.offset[gi], scale, min);
+            }
+        }
+        for (int r = 0; r < AMX_ROWS; ++r) _mm512_storeu_ps(out + (long)(r0 + r) * out_stride, acc[r]);
+    }
+    return r0;
+}
+#endif
+
+#ifdef Q4_VNNI
 /* Rows [r0, r0 + n) against one block of 16 outputs; at most Q4_ROW_TILE rows. */
 static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n,
                               float *out, long out_stride) {
     __m512 acc[Q4_ROW_TILE];
     for (int r = 0; r < n; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int g = 0; g < groups; ++g) {
         const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
         /* One row's worth of work per weight byte cannot hide DRAM latency by itself: ask ahead. */
         for (int line = 0; line < Q4_GROUP_BYTES; line += 64)
             _mm_prefetch((const char *)p + Q4_PREFETCH * Q4_GROUP_BYTES + line, _MM_HINT_T0);
         __m512i w[8];
-        for (int c = 0; c < 4; ++c) {
-            __m512i v = _mm512_loadu_si512((const void *)(p + c * 64));
-            w[c] = _mm512_and_si512(v, nibble);
-            w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        }
+        unpack_group(p, w);
         const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
         __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sm));
         __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sm + Q4_BLOCK)));
@@ -109,11 +195,8 @@ static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, in
                 lo = _mm512_dpbusd_epi32(lo, w[j], _mm512_set1_epi32(xq[j]));
                 hi = _mm512_dpbusd_epi32(hi, w[j + 4], _mm512_set1_epi32(xq[j + 4]));
             }
-            __m512i isum = _mm512_add_epi32(lo, hi);
             long gi = (long)(r0 + r) * groups + g;
-            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(xr.scale[gi]));
-            acc[r] = _mm512_fmadd_ps(t, scale, acc[r]);
-            acc[r] = _mm512_fmadd_ps(min, _mm512_set1_ps(xr.offset[gi]), acc[r]);
+            acc[r] = accumulate_group(acc[r], _mm512_add_epi32(lo, hi), xr.scale[gi], xr.offset[gi], scale, min);
         }
     }
     for (int r = 0; r < n; ++r) _mm512_storeu_ps(out + (long)(r0 + r) * out_stride, acc[r]);
@@ -161,13 +244,41 @@ int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *wei
     QuantRow xr = {q, scales, scales + (size_t)rows * groups};
     quantize_rows(x, x_stride, rows, k, xr.q, xr.scale, xr.offset);
     int blocks = n / Q4_BLOCK;
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; ++b) {
-        const uint8_t *wblock = weights + (long)b * groups * Q4_GROUP_BYTES;
-        for (int r0 = 0; r0 < rows; r0 += Q4_ROW_TILE) {
-            int tile = rows - r0 < Q4_ROW_TILE ? rows - r0 : Q4_ROW_TILE;
-            block_rows(wblock, groups, xr, k, r0, tile, out + b * Q4_BLOCK, out_stride);
+#ifdef Q4_AMX
+    const int amx = rows >= AMX_ROWS && amx_granted();
+#else
+    const int amx = 0;
+#endif
+#pragma omp parallel
+    {
+#ifdef Q4_AMX
+        /* Per thread: the tile configuration, and the unpacked codes and group sums of one block. */
+        __m512i *codes = NULL;
+        int32_t *sums = NULL;
+        if (amx) { /* without its scratch a thread leaves every row to the VNNI path: the same bits */
+            amx_configure();
+            codes = aligned_alloc(64, sizeof(__m512i) * 8 * (size_t)groups);
+            sums = aligned_alloc(64, sizeof(int32_t) * AMX_ROWS * Q4_BLOCK * (size_t)groups);
         }
+#endif
+#pragma omp for schedule(dynamic, 4) /* a thread the OS preempts (the HTTP loop shares the cores) leaves its blocks to the others */
+        for (int b = 0; b < blocks; ++b) {
+            const uint8_t *wblock = weights + (long)b * groups * Q4_GROUP_BYTES;
+            int r0 = 0;
+#ifdef Q4_AMX
+            if (amx && codes && sums) r0 = block_rows_amx(wblock, groups, xr, k, rows, out + b * Q4_BLOCK, out_stride,
+                                                          codes, sums);
+#endif
+            for (; r0 < rows; r0 += Q4_ROW_TILE) {
+                int tile = rows - r0 < Q4_ROW_TILE ? rows - r0 : Q4_ROW_TILE;
+                block_rows(wblock, groups, xr, k, r0, tile, out + b * Q4_BLOCK, out_stride);
+            }
+        }
+#ifdef Q4_AMX
+        if (amx) _tile_release();
+        free(codes);
+        free(sums);
+#endif
     }
     free(q);
     return 0;

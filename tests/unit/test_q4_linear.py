@@ -5,7 +5,8 @@ all-layers driver `kernels/llama_decode.c` (`models.llama_native`).
 - `pack_q4`'s bytes decode, by the layout the kernel's header documents, to the codes, scales and mins.
 - The kernel equals a reference written here: activations rounded to int8 per 32 inputs, exact integer
   group sums, then the documented float32 sequence.
-- Every row is bit-for-bit the row computed alone, for 1..20 rows; an all-zero row gives zeros.
+- Every row is bit-for-bit the row computed alone, for 1..40 rows (where the CPU has AMX, whole tiles of
+  16 rows take the tile path and the rest the VNNI path); an all-zero row gives zeros.
 - Shapes the kernel does not take fall back to torch's int4 kernel.
 - A random tiny Llama with int4 decode weights: a pure decode batch through the native driver gives the
   very hidden states of the Python layer loop, and the driver is what ran.
@@ -113,13 +114,13 @@ def test_q4_rows_do_not_depend_on_batch(ops: CpuOps) -> None:
     weight = torch.randn(96, 576) / 24
     layer = QuantizedWeight(weight, 4)
     assert layer.native is not None
-    x = torch.randn(20, 576)
+    x = torch.randn(40, 576)
     x[7] = 0  # an all-zero row quantizes to zeros instead of dividing by zero
-    full = layer.matmul(x)
+    full = layer.matmul(x)  # with AMX: tiles of 16 rows, the last 8 on the VNNI path
     assert torch.equal(full[7], torch.zeros(96))
-    for rows in (1, 3, 8, 9, 17, 20):
+    for rows in (1, 3, 8, 9, 15, 16, 17, 20, 32, 33):
         assert torch.equal(layer.matmul(x[:rows]), full[:rows]), rows
-    for r in range(20):
+    for r in range(40):
         assert torch.equal(layer.matmul(x[r : r + 1])[0], full[r]), r
 
 
