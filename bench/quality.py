@@ -54,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def generate(checkpoint: Checkpoint, dtype: torch.dtype, weight_dtype: torch.dtype, weight_quant: str,
              max_tokens: int) -> list[list[int]]:
     model = build_model(checkpoint, dtype, weight_quant, weight_dtype)
-    # The reference keeps its cache in float32; every other configuration uses the server's bf16 cache.
+    # The reference keeps its cache in float32; every other configuration uses the server's default bf16 cache.
     exact = dtype == weight_dtype == torch.float32 and weight_quant == "none"
     engine = LLMEngine(model, EngineConfig(max_model_len=2048, num_kv_blocks=512, dtype=dtype,
                                            kv_cache_dtype=torch.float32 if exact else torch.bfloat16),

@@ -43,6 +43,10 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _L, _I],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_CACHE_OPS = ("paged_decode", "paged_prefill", "rotary_store")
+# (activation dtype, KV cache dtype) -> suffix of the attention and cache-store kernels built for the pair.
+_CACHE_SUFFIX = {(torch.float32, torch.float32): "f32", (torch.bfloat16, torch.bfloat16): "bf16",
+                 (torch.float32, torch.bfloat16): "f32_bf16"}
 
 
 def _cache_dir() -> Path:
@@ -85,7 +89,7 @@ class DecodeLayer(ctypes.Structure):
 
 class DecodeDims(ctypes.Structure):
     _fields_ = [("hidden", _I), ("inter", _I), ("num_heads", _I), ("num_kv_heads", _I), ("head_dim", _I),
-                ("eps", _F), ("scale", _F)]
+                ("cache_bf16", _I), ("eps", _F), ("scale", _F)]
 
 
 class _DecodeBatch(ctypes.Structure):
@@ -102,12 +106,12 @@ class CpuOps:
     outside what the kernel handles, so callers can fall back to PyTorch."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        self._fns: dict[tuple[str, str], ctypes._CFuncPtr] = {}
         for name, argtypes in _SIGNATURES.items():
-            for dtype, suffix in _SUFFIX.items():
+            for suffix in (_CACHE_SUFFIX if name in _CACHE_OPS else _SUFFIX).values():
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, ctypes.c_int
-                self._fns[name, dtype] = fn
+                self._fns[name, suffix] = fn
         self._q4_linear = lib.q4_linear
         self._llama_decode = lib.llama_decode_layers
         self._llama_decode.argtypes = [_P, _I, ctypes.POINTER(DecodeDims), ctypes.POINTER(_DecodeBatch), _P, _P, _I]
@@ -118,8 +122,13 @@ class CpuOps:
     def supports(t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.dtype in _SUFFIX
 
-    def _call(self, name: str, dtype: torch.dtype, *args: object) -> bool:
-        rc = self._fns[name, dtype](*args)
+    @staticmethod
+    def supports_cache(activations: torch.dtype, cache: torch.dtype) -> bool:
+        """Whether the attention and cache-store kernels exist for activations over a cache of `cache`."""
+        return (activations, cache) in _CACHE_SUFFIX
+
+    def _call(self, name: str, suffix: str, *args: object) -> bool:
+        rc = self._fns[name, suffix](*args)
         if rc == -1:
             raise MemoryError(f"{name}: the kernel could not allocate its scratch space")
         return rc == 0
@@ -131,9 +140,10 @@ class CpuOps:
         block_tables: [B, max_blocks] int32; context_lens: [B] int32."""
         num_seqs, num_heads, head_dim = q.shape
         assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
-        assert key_cache.is_contiguous() and value_cache.is_contiguous() and key_cache.dtype == q.dtype
+        assert key_cache.is_contiguous() and value_cache.is_contiguous() and out.dtype == q.dtype
         assert block_tables.dtype == torch.int32 and block_tables.is_contiguous() and context_lens.is_contiguous()
-        return self._call("paged_decode", q.dtype, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
+        suffix = _CACHE_SUFFIX[q.dtype, key_cache.dtype]
+        return self._call("paged_decode", suffix, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
                           value_cache.data_ptr(), out.data_ptr(), out.stride(0), block_tables.data_ptr(),
                           context_lens.data_ptr(), num_seqs, block_tables.shape[1], block_size, num_heads,
                           key_cache.shape[1], head_dim, scale)
@@ -145,10 +155,11 @@ class CpuOps:
         q, out: [q_len, H, D] with contiguous heads (rows may be strided); block_table: [blocks] int32."""
         q_len, num_heads, head_dim = q.shape
         assert q.stride(2) == 1 and q.stride(1) == head_dim and out.stride(2) == 1 and out.stride(1) == head_dim
-        assert key_cache.is_contiguous() and value_cache.is_contiguous() and key_cache.dtype == q.dtype == out.dtype
+        assert key_cache.is_contiguous() and value_cache.is_contiguous() and out.dtype == q.dtype
         assert block_table.dtype == torch.int32 and block_table.is_contiguous() and q_len <= ctx_len
         assert block_table.numel() * block_size >= ctx_len
-        return self._call("paged_prefill", q.dtype, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
+        suffix = _CACHE_SUFFIX[q.dtype, key_cache.dtype]
+        return self._call("paged_prefill", suffix, q.data_ptr(), q.stride(0), key_cache.data_ptr(),
                           value_cache.data_ptr(), out.data_ptr(), out.stride(0), block_table.data_ptr(), q_len,
                           ctx_len, block_size, num_heads, key_cache.shape[1], head_dim, scale)
 
@@ -158,30 +169,31 @@ class CpuOps:
         assert x.is_contiguous() and out.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype
         assert residual is None or (residual.is_contiguous() and residual.shape == x.shape)
         rows, dim = x.numel() // x.shape[-1], x.shape[-1]
-        return self._call("rms_norm", x.dtype, x.data_ptr(), _ptr(residual), weight.data_ptr(), out.data_ptr(),
+        return self._call("rms_norm", _SUFFIX[x.dtype], x.data_ptr(), _ptr(residual), weight.data_ptr(), out.data_ptr(),
                           rows, dim, eps)
 
     def rotary_store(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                      positions: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor,
                      slots: torch.Tensor | None, key_cache: torch.Tensor | None,
                      value_cache: torch.Tensor | None) -> bool:
-        """Rotate the Q and K heads of qkv [T, (H + 2KV) * D] in place; store K, V rows at `slots`
-        (skipped when `slots` is None, for a cache of another dtype that the caller fills)."""
+        """Rotate the Q and K heads of qkv [T, (H + 2KV) * D] in place; store K, V rows at `slots` (in the
+        cache's dtype, which `supports_cache` must allow; skipped when `slots` is None)."""
         assert qkv.is_contiguous() and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
         assert positions.dtype == torch.int64 and positions.is_contiguous()
         assert cos_half.dtype == sin_half.dtype == torch.float32 and cos_half.is_contiguous()
         if slots is not None:
             assert slots.dtype == torch.int64 and slots.is_contiguous()
-            assert key_cache is not None and value_cache is not None and key_cache.dtype == qkv.dtype
+            assert key_cache is not None and value_cache is not None and key_cache.dtype == value_cache.dtype
             assert key_cache.is_contiguous() and value_cache.is_contiguous()
-        return self._call("rotary_store", qkv.dtype, qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads,
-                          head_dim, positions.data_ptr(), cos_half.data_ptr(), sin_half.data_ptr(),
+        suffix = _CACHE_SUFFIX[qkv.dtype, qkv.dtype if key_cache is None else key_cache.dtype]
+        return self._call("rotary_store", suffix, qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim,
+                          positions.data_ptr(), cos_half.data_ptr(), sin_half.data_ptr(),
                           _ptr(slots), _ptr(key_cache), _ptr(value_cache))
 
     def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> bool:
         """out [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]."""
         assert gate_up.is_contiguous() and out.is_contiguous() and gate_up.shape[1] == 2 * out.shape[1]
-        return self._call("silu_mul", gate_up.dtype, gate_up.data_ptr(), out.data_ptr(), out.shape[0],
+        return self._call("silu_mul", _SUFFIX[gate_up.dtype], gate_up.data_ptr(), out.data_ptr(), out.shape[0],
                           out.shape[1])
 
     def q4_linear(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> bool:

@@ -134,8 +134,10 @@ static inline float exp_shifted(float *x, int n, float m) {
     return total;
 }
 
-#define DEFINE_OPS(SUF, T, LOAD, STORE, LOAD_ONE)                                                                    \
-int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *value_cache, T *out,       \
+/* Attention and the cache store: activations of type T, the KV cache of type C (a bf16 cache under float32 \
+ * activations halves the bytes decode attention reads). */                                                 \
+#define DEFINE_CACHE_OPS(SUF, T, LOAD, STORE, LOAD_ONE, C, LOADC, STOREC)                                   \
+int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *value_cache, T *out,       \
                        long out_stride, const int32_t *block_tables, const int32_t *context_lens,          \
                        int num_seqs, int max_blocks_per_seq, int block_size, int num_heads,                \
                        int num_kv_heads, int head_dim, float scale) {                                      \
@@ -164,7 +166,7 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
             /* Scores 16 keys at a time: 16 partial-product vectors reduce together (hsum16), instead   \
              * of one serial horizontal sum per key. Past the end, the last key repeats; unused. */     \
             for (int t0 = 0; t0 < len; t0 += 16) {                                                         \
-                const T *keys[16];                                                                         \
+                const C *keys[16];                                                                         \
                 for (int i = 0; i < 16; ++i) {                                                             \
                     const int t = t0 + i < len ? t0 + i : len - 1;                                         \
                     keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size) * row \
@@ -173,8 +175,8 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
                 for (int j = 0; j < group; ++j) {                                                          \
                     v16f prod[16];                                                                         \
                     for (int i = 0; i < 16; ++i) {                                                         \
-                        v16f s = qv[j][0] * LOAD(keys[i]);                                                 \
-                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * LOAD(keys[i] + c * 16);           \
+                        v16f s = qv[j][0] * LOADC(keys[i]);                                                 \
+                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * LOADC(keys[i] + c * 16);           \
                         prod[i] = s;                                                                       \
                     }                                                                                      \
                     store_f32(scores + (long)j * padded + t0, hsum16(prod));                               \
@@ -189,10 +191,10 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
                 for (int c = 0; c < chunks; ++c) acc[j][c] = (v16f){0};                                    \
             }                                                                                              \
             for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                 \
-                const T *base = value_cache + (long)table[blk] * block_size * row + head_off;              \
+                const C *base = value_cache + (long)table[blk] * block_size * row + head_off;              \
                 const int n = len - t0 < block_size ? len - t0 : block_size;                               \
                 for (int i = 0; i < n; ++i) {                                                              \
-                    for (int c = 0; c < chunks; ++c) kv[c] = LOAD(base + i * row + c * 16);                \
+                    for (int c = 0; c < chunks; ++c) kv[c] = LOADC(base + i * row + c * 16);                \
                     for (int j = 0; j < group; ++j) {                                                      \
                         const float p = scores[(long)j * padded + t0 + i];                                 \
                         for (int c = 0; c < chunks; ++c) acc[j][c] += p * kv[c];                           \
@@ -210,7 +212,7 @@ int paged_decode_##SUF(const T *q, long q_stride, const T *key_cache, const T *v
     return 0;                                                                                              \
 }                                                                                                          \
                                                                                                            \
-int paged_prefill_##SUF(const T *q, long q_stride, const T *key_cache, const T *value_cache, T *out,     \
+int paged_prefill_##SUF(const T *q, long q_stride, const C *key_cache, const C *value_cache, T *out,     \
                         long out_stride, const int32_t *block_table, int q_len, int ctx_len, int block_size,  \
                         int num_heads, int num_kv_heads, int head_dim, float scale) {                        \
     const int group = num_heads / num_kv_heads, chunks = head_dim / 16;                                    \
@@ -248,12 +250,12 @@ int paged_prefill_##SUF(const T *q, long q_stride, const T *key_cache, const T *
                     continue;                                                                              \
                 }                                                                                          \
                 const long slot = (long)block_table[t / block_size] * block_size + t % block_size;         \
-                const T *kr = key_cache + slot * row + (long)g * head_dim;                                 \
-                const T *vr = value_cache + slot * row + (long)g * head_dim;                               \
+                const C *kr = key_cache + slot * row + (long)g * head_dim;                                 \
+                const C *vr = value_cache + slot * row + (long)g * head_dim;                               \
                 for (int c = 0; c < chunks; ++c) {                                                         \
-                    v16f kv = LOAD(kr + c * 16);                                                           \
+                    v16f kv = LOADC(kr + c * 16);                                                           \
                     for (int e = 0; e < 16; ++e) kt[(c * 16 + e) * KEY_BLOCK + i] = kv[e];                 \
-                    store_f32(vb + i * head_dim + c * 16, LOAD(vr + c * 16));                              \
+                    store_f32(vb + i * head_dim + c * 16, LOADC(vr + c * 16));                              \
                 }                                                                                          \
             }                                                                                              \
             for (int r = 0; r < rows; ++r) {                                                               \
@@ -313,6 +315,34 @@ int paged_prefill_##SUF(const T *q, long q_stride, const T *key_cache, const T *
     return failed ? -1 : 0;                                                                                \
 }                                                                                                          \
                                                                                                            \
+int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int head_dim,                    \
+                       const int64_t *positions, const float *cos_half, const float *sin_half,             \
+                       const int64_t *slots, C *key_cache, C *value_cache) {                               \
+    const int half = head_dim / 2;                                                                         \
+    if (half % 16) return -2;                                                                              \
+    const long width = (long)(num_heads + 2 * num_kv_heads) * head_dim, kv_width = (long)num_kv_heads * head_dim; \
+    for (long r = 0; r < rows; ++r) {                                                                      \
+        T *row = qkv + r * width;                                                                          \
+        const float *cs = cos_half + positions[r] * half, *sn = sin_half + positions[r] * half;            \
+        for (int h = 0; h < num_heads + num_kv_heads; ++h) {                                               \
+            T *x = row + (long)h * head_dim;                                                               \
+            for (int i = 0; i < half; i += 16) {                                                           \
+                v16f x1 = LOAD(x + i), x2 = LOAD(x + half + i), c = load_f32(cs + i), s = load_f32(sn + i); \
+                STORE(x + i, x1 * c - x2 * s);                                                             \
+                STORE(x + half + i, x2 * c + x1 * s);                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        if (!slots) continue; /* the caller stores K/V itself */                                          \
+        const T *k = row + (long)num_heads * head_dim, *v = k + kv_width;                                  \
+        for (long i = 0; i < kv_width; i += 16) {                                                          \
+            STOREC(key_cache + slots[r] * kv_width + i, LOAD(k + i));                                      \
+            STOREC(value_cache + slots[r] * kv_width + i, LOAD(v + i));                                    \
+        }                                                                                                  \
+    }                                                                                                      \
+    return 0;                                                                                              \
+}                                                                                                          \
+
+#define DEFINE_OPS(SUF, T, LOAD, STORE)                                                                     \
 int rms_norm_##SUF(const T *x, T *residual, const T *weight, T *out, long rows, int dim, float eps) {      \
     if (dim % 16) return -2;                                                                               \
     const int chunks = dim / 16;                                                                           \
@@ -332,31 +362,6 @@ int rms_norm_##SUF(const T *x, T *residual, const T *weight, T *out, long rows, 
     return 0;                                                                                              \
 }                                                                                                          \
                                                                                                            \
-int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int head_dim,                    \
-                       const int64_t *positions, const float *cos_half, const float *sin_half,             \
-                       const int64_t *slots, T *key_cache, T *value_cache) {                               \
-    const int half = head_dim / 2;                                                                         \
-    if (half % 16) return -2;                                                                              \
-    const long width = (long)(num_heads + 2 * num_kv_heads) * head_dim, kv_width = (long)num_kv_heads * head_dim; \
-    for (long r = 0; r < rows; ++r) {                                                                      \
-        T *row = qkv + r * width;                                                                          \
-        const float *cs = cos_half + positions[r] * half, *sn = sin_half + positions[r] * half;            \
-        for (int h = 0; h < num_heads + num_kv_heads; ++h) {                                               \
-            T *x = row + (long)h * head_dim;                                                               \
-            for (int i = 0; i < half; i += 16) {                                                           \
-                v16f x1 = LOAD(x + i), x2 = LOAD(x + half + i), c = load_f32(cs + i), s = load_f32(sn + i); \
-                STORE(x + i, x1 * c - x2 * s);                                                             \
-                STORE(x + half + i, x2 * c + x1 * s);                                                      \
-            }                                                                                              \
-        }                                                                                                  \
-        if (!slots) continue; /* the caller stores K/V itself (a cache of another dtype) */              \
-        memcpy(key_cache + slots[r] * kv_width, row + (long)num_heads * head_dim, sizeof(T) * kv_width);   \
-        memcpy(value_cache + slots[r] * kv_width, row + (long)(num_heads + num_kv_heads) * head_dim,       \
-               sizeof(T) * kv_width);                                                                      \
-    }                                                                                                      \
-    return 0;                                                                                              \
-}                                                                                                          \
-                                                                                                           \
 int silu_mul_##SUF(const T *gate_up, T *out, long rows, int inter) {                                       \
     if (inter % 16) return -2;                                                                             \
     _Pragma("omp parallel for if (rows * inter >= 16384)")                                                 \
@@ -367,5 +372,8 @@ int silu_mul_##SUF(const T *gate_up, T *out, long rows, int inter) {            
     return 0;                                                                                              \
 }
 
-DEFINE_OPS(f32, float, load_f32, store_f32, load_one_f32)
-DEFINE_OPS(bf16, uint16_t, load_bf16, store_bf16, load_one_bf16)
+DEFINE_CACHE_OPS(f32, float, load_f32, store_f32, load_one_f32, float, load_f32, store_f32)
+DEFINE_CACHE_OPS(bf16, uint16_t, load_bf16, store_bf16, load_one_bf16, uint16_t, load_bf16, store_bf16)
+DEFINE_CACHE_OPS(f32_bf16, float, load_f32, store_f32, load_one_f32, uint16_t, load_bf16, store_bf16)
+DEFINE_OPS(f32, float, load_f32, store_f32)
+DEFINE_OPS(bf16, uint16_t, load_bf16, store_bf16)

@@ -185,11 +185,11 @@ def rotary_and_store(qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryE
     t, h, kv, d = qkv.shape[0], num_heads, num_kv_heads, head_dim
     ops = _native(qkv)
     if ops is not None and qkv.is_contiguous():
-        same = cache.key.dtype == qkv.dtype  # else the cache is narrower (bf16 under float32 activations)
+        stores = CpuOps.supports_cache(qkv.dtype, cache.key.dtype)  # else the caller stores K/V below
         if ops.rotary_store(qkv, h, kv, d, positions, rotary.cos_half, rotary.sin_half,
-                            slot_mapping if same else None, cache.key if same else None,
-                            cache.value if same else None):
-            if not same:
+                            slot_mapping if stores else None, cache.key if stores else None,
+                            cache.value if stores else None):
+            if not stores:
                 new_kv = qkv[:, h * d :].view(t, 2, kv, d).to(cache.key.dtype)
                 cache.key.index_copy_(0, slot_mapping, new_kv[:, 0])
                 cache.value.index_copy_(0, slot_mapping, new_kv[:, 1])
@@ -226,7 +226,7 @@ def paged_attention(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadat
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     done = _native_decode(q, cache, meta, scale, out)
     ops = _native(q)
-    prefill = ops is not None and q.dtype == cache.key.dtype and q.stride(-1) == 1
+    prefill = ops is not None and CpuOps.supports_cache(q.dtype, cache.key.dtype) and q.stride(-1) == 1
     for seq in meta.seqs:
         if seq.index in done:
             continue
@@ -255,14 +255,15 @@ def _native_decode(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
     if ops is None or not meta.decode_seqs or not CpuOps.supports(cache.key) or q.stride(-1) != 1:
         return set()
     n = len(meta.decode_seqs)
-    if meta.decodes_lead and q.dtype == cache.key.dtype:  # the runner's layout: read and written in place
+    if meta.decodes_lead and CpuOps.supports_cache(q.dtype, cache.key.dtype):  # the runner's layout: in place
         handled = ops.paged_decode(q[:n], cache.key, cache.value, meta.block_tables[:n], meta.context_lens[:n],
                                    meta.block_size, scale, out[:n])
-    else:  # gather the decode rows (in the cache's dtype, where activations are wider) and scatter back
+    else:  # gather the decode rows (in the cache's dtype where no kernel takes the pair) and scatter back
         rows = torch.tensor([meta.seqs[i].q_start for i in meta.decode_seqs], dtype=torch.int64)
         index = torch.tensor(meta.decode_seqs, dtype=torch.int64)
-        part = torch.empty((n, *q.shape[1:]), dtype=cache.key.dtype)
-        handled = ops.paged_decode(q[rows].to(cache.key.dtype), cache.key, cache.value,
+        work = q.dtype if CpuOps.supports_cache(q.dtype, cache.key.dtype) else cache.key.dtype
+        part = torch.empty((n, *q.shape[1:]), dtype=work)
+        handled = ops.paged_decode(q[rows].to(work), cache.key, cache.value,
                                    meta.block_tables[index].contiguous(), meta.context_lens[index].contiguous(),
                                    meta.block_size, scale, part)
         if handled:

@@ -3,8 +3,8 @@
 `LlamaModel.forward` hands a batch to `NativeLlamaDecoder` when every row decodes a generated token;
 `kernels/llama_decode.c` then chains the same kernels the Python layers call, so a row's bits do not
 depend on which path ran it. What the driver covers is checked once, when the decoder is built for a
-KV cache: float32 activations, norms and cache, and 4-bit native weights without biases in every
-linear. Anything else (`build` returns None) stays on the Python path.
+KV cache: float32 activations and norms, a float32 or bf16 cache, and 4-bit native weights without
+biases in every linear. Anything else (`build` returns None) stays on the Python path.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class NativeLlamaDecoder:
             entry.key_cache, entry.value_cache = cache.key.data_ptr(), cache.value.data_ptr()
         first = model.layers[0]
         dims = DecodeDims(model.norm.weight.shape[0], first.mlp.intermediate_size, first.self_attn.num_heads,
-                          first.self_attn.num_kv_heads, first.self_attn.head_dim, first.input_layernorm.eps,
-                          first.self_attn.scale)
+                          first.self_attn.num_kv_heads, first.self_attn.head_dim,
+                          int(caches[0].key.dtype == torch.bfloat16), first.input_layernorm.eps, first.self_attn.scale)
         return cls(ops, table, dims)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -90,6 +90,6 @@ def _covers(model: LlamaModel, caches: list[LayerKVCache]) -> bool:
             return False
         if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
             return False
-        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (cache.key, cache.value)):
+        if any(t.dtype != caches[0].key.dtype or not t.is_contiguous() for t in (cache.key, cache.value)):
             return False
-    return True
+    return caches[0].key.dtype in (torch.float32, torch.bfloat16)

@@ -226,6 +226,45 @@ def test_paged_prefill_peaked_softmax(ops: CpuOps) -> None:
     assert_close(out, reference_attention(q, k, v, 32**-0.5, torch.arange(37)), torch.float32)
 
 
+# -- float32 activations over a bf16 cache -----------------------------------------------------------------
+
+
+def test_float32_activations_over_a_bf16_cache(ops: CpuOps) -> None:
+    """The mixed build: K/V stored rounded to bf16 (nearest even); decode and prefill attention of float32
+    queries over them match float64 SDPA on the stored values, with float32 outputs."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    assert CpuOps.supports_cache(torch.float32, torch.bfloat16)
+    assert not CpuOps.supports_cache(torch.bfloat16, torch.float32)
+    tokens, num_slots = 5, 64
+    cos_half, sin_half = rotary_tables(head_dim, 64)
+    positions = torch.tensor([0, 3, 9, 9, 40], dtype=torch.int64)
+    slots = torch.randperm(num_slots)[:tokens].to(torch.int64)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    key_cache = torch.zeros(num_slots, kv_heads, head_dim, dtype=torch.bfloat16)
+    value_cache = torch.zeros_like(key_cache)
+    assert ops.rotary_store(qkv, heads, kv_heads, head_dim, positions, cos_half, sin_half, slots, key_cache,
+                            value_cache)
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
+    assert torch.equal(key_cache[slots], qk[:, heads:].to(torch.bfloat16))
+    assert torch.equal(value_cache[slots], qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+                       .to(torch.bfloat16))
+
+    ctx_lens, scale = [1, 17, 40], head_dim**-0.5
+    cache = PagedCache(ctx_lens, block_size, kv_heads, head_dim, torch.bfloat16)
+    tables = cache.block_table_tensor()
+    q = prefill_query(len(ctx_lens), heads, kv_heads, head_dim, torch.float32)
+    out = torch.empty(len(ctx_lens), heads, head_dim)
+    assert ops.paged_decode(q, cache.key, cache.value, tables, torch.tensor(ctx_lens, dtype=torch.int32),
+                            block_size, scale, out)
+    assert_close(out, reference_decode(q, cache, scale), torch.float32)
+    n = ctx_lens[-1]
+    q = prefill_query(n, heads, kv_heads, head_dim, torch.float32)
+    out = torch.empty(n, heads, head_dim)
+    assert ops.paged_prefill(q, cache.key, cache.value, tables[-1], n, block_size, scale, out)
+    k, v = cache.key[cache.slots(cache.tables[-1], n)], cache.value[cache.slots(cache.tables[-1], n)]
+    assert_close(out, reference_attention(q, k, v, scale, torch.arange(n)), torch.float32)
+
+
 # -- rms norm --------------------------------------------------------------------------------------------
 
 

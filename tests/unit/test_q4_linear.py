@@ -9,7 +9,8 @@ all-layers driver `kernels/llama_decode.c` (`models.llama_native`).
   16 rows take the tile path and the rest the VNNI path); an all-zero row gives zeros.
 - Shapes the kernel does not take fall back to torch's int4 kernel.
 - A random tiny Llama with int4 decode weights: a pure decode batch through the native driver gives the
-  very hidden states of the Python layer loop, and the driver is what ran.
+  very hidden states of the Python layer loop, over a float32 and over a bf16 KV cache, and the driver
+  is what ran.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def tiny_int4_llama() -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-def decode_hidden(model: LlamaForCausalLM, native: bool) -> list[torch.Tensor]:
+def decode_hidden(model: LlamaForCausalLM, native: bool, cache_dtype: torch.dtype) -> list[torch.Tensor]:
     """Prefill three prompts, then decode six steps of all three together; the hidden states per step."""
-    caches = [LayerKVCache(torch.zeros(512, 2, 32), torch.zeros(512, 2, 32)) for _ in range(TINY.num_hidden_layers)]
+    caches = [LayerKVCache(torch.zeros(512, 2, 32, dtype=cache_dtype), torch.zeros(512, 2, 32, dtype=cache_dtype))
+              for _ in range(TINY.num_hidden_layers)]
     if not native:
         model.model._native_decoder = lambda kv_caches: None  # type: ignore[method-assign]
     prompts = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9], [100]]
@@ -184,9 +186,10 @@ def decode_hidden(model: LlamaForCausalLM, native: bool) -> list[torch.Tensor]:
     return states
 
 
-def test_native_decode_driver_equals_the_python_layers(ops: CpuOps) -> None:
-    native = decode_hidden(tiny_int4_llama(), native=True)
-    python = decode_hidden(tiny_int4_llama(), native=False)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_driver_equals_the_python_layers(ops: CpuOps, cache_dtype: torch.dtype) -> None:
+    native = decode_hidden(tiny_int4_llama(), native=True, cache_dtype=cache_dtype)
+    python = decode_hidden(tiny_int4_llama(), native=False, cache_dtype=cache_dtype)
     for step, (a, b) in enumerate(zip(native, python, strict=True)):
         assert torch.equal(a, b), step
 
@@ -197,5 +200,6 @@ def test_native_decode_driver_declines_models_it_does_not_cover(ops: CpuOps) -> 
     caches = [LayerKVCache(torch.zeros(64, 2, 32), torch.zeros(64, 2, 32)) for _ in range(TINY.num_hidden_layers)]
     assert model.model._native_decoder(caches) is None
     int4 = tiny_int4_llama()
-    bf16_caches = [LayerKVCache(c.key.bfloat16(), c.value.bfloat16()) for c in caches]
-    assert int4.model._native_decoder(bf16_caches) is None
+    assert int4.model._native_decoder(caches) is not None
+    fp16_caches = [LayerKVCache(c.key.half(), c.value.half()) for c in caches]  # no kernel reads fp16
+    assert int4.model._native_decoder(fp16_caches) is None
