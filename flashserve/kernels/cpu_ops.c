@@ -167,10 +167,16 @@ int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *v
              * of one serial horizontal sum per key. Past the end, the last key repeats; unused. */     \
             for (int t0 = 0; t0 < len; t0 += 16) {                                                         \
                 const C *keys[16];                                                                         \
-                for (int i = 0; i < 16; ++i) {                                                             \
-                    const int t = t0 + i < len ? t0 + i : len - 1;                                         \
-                    keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size) * row \
-                              + head_off;                                                                  \
+                if (block_size % 16 == 0) { /* the 16 keys share a block: one division, not 16 */         \
+                    const C *first = key_cache + ((long)table[t0 / block_size] * block_size + t0 % block_size) \
+                                     * row + head_off;                                                     \
+                    for (int i = 0; i < 16; ++i) keys[i] = first + (t0 + i < len ? i : len - 1 - t0) * row; \
+                } else {                                                                                   \
+                    for (int i = 0; i < 16; ++i) {                                                         \
+                        const int t = t0 + i < len ? t0 + i : len - 1;                                     \
+                        keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size)  \
+                                  * row + head_off;                                                        \
+                    }                                                                                      \
                 }                                                                                          \
                 for (int j = 0; j < group; ++j) {                                                          \
                     v16f prod[16];                                                                         \
@@ -249,7 +255,9 @@ int paged_prefill_##SUF(const T *q, long q_stride, const C *key_cache, const C *
                     for (int d = 0; d < head_dim; ++d) kt[d * KEY_BLOCK + i] = 0.f, vb[i * head_dim + d] = 0.f; \
                     continue;                                                                              \
                 }                                                                                          \
-                const long slot = (long)block_table[t / block_size] * block_size + t % block_size;         \
+                const long slot = block_size % KEY_BLOCK == 0 /* one block holds the 16 keys */          \
+                    ? (long)block_table[k0 / block_size] * block_size + k0 % block_size + i                \
+                    : (long)block_table[t / block_size] * block_size + t % block_size;                     \
                 const C *kr = key_cache + slot * row + (long)g * head_dim;                                 \
                 const C *vr = value_cache + slot * row + (long)g * head_dim;                               \
                 for (int c = 0; c < chunks; ++c) {                                                         \
