@@ -150,7 +150,7 @@ int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *v
     _Pragma("omp parallel")                                                                                \
     {                                                                                                      \
     float *scores = malloc(sizeof(float) * (size_t)group * ((size_t)max_len + 16));                        \
-    v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS];                            \
+    v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS], prod[MAX_GROUP][16];       \
     if (!scores) { _Pragma("omp atomic write") failed = 1; }                                               \
     _Pragma("omp for schedule(dynamic)")                                                                   \
     for (long work = 0; work < (long)num_seqs * num_kv_heads; ++work) {                                    \
@@ -178,15 +178,15 @@ int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *v
                                   * row + head_off;                                                        \
                     }                                                                                      \
                 }                                                                                          \
-                for (int j = 0; j < group; ++j) {                                                          \
-                    v16f prod[16];                                                                         \
-                    for (int i = 0; i < 16; ++i) {                                                         \
-                        v16f s = qv[j][0] * LOADC(keys[i]);                                                 \
-                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * LOADC(keys[i] + c * 16);           \
-                        prod[i] = s;                                                                       \
+                for (int i = 0; i < 16; ++i) { /* each key read (and widened) once for all its heads */    \
+                    for (int c = 0; c < chunks; ++c) kv[c] = LOADC(keys[i] + c * 16);                      \
+                    for (int j = 0; j < group; ++j) {                                                      \
+                        v16f s = qv[j][0] * kv[0];                                                         \
+                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * kv[c];                            \
+                        prod[j][i] = s;                                                                    \
                     }                                                                                      \
-                    store_f32(scores + (long)j * padded + t0, hsum16(prod));                               \
                 }                                                                                          \
+                for (int j = 0; j < group; ++j) store_f32(scores + (long)j * padded + t0, hsum16(prod[j]));\
             }                                                                                              \
             for (int j = 0; j < group; ++j) {                                                              \
                 float *sj = scores + (long)j * padded;                                                        \
