@@ -23,10 +23,13 @@ class Sampler:
         assert logits.shape[0] == len(requests)
         if not requests:
             return []
-        logits = logits.float().clone()  # the processing below edits rows in place
-        logits = self._apply_logit_bias(logits, requests)
-        logits = self._apply_penalties(logits, requests)
-        self._apply_grammar(logits, requests)
+        if any(r.params.logit_bias or r.params.uses_penalties or r.constraint is not None for r in requests):
+            logits = logits.float().clone()  # the processing below edits rows in place
+            logits = self._apply_logit_bias(logits, requests)
+            logits = self._apply_penalties(logits, requests)
+            self._apply_grammar(logits, requests)
+        else:
+            logits = logits.float()
         # max() returns the first maximal index, as argmax does, in a third of the time on CPU.
         greedy = logits.max(dim=-1).indices.tolist()
         tokens: list[int] = []

@@ -113,6 +113,8 @@ class CpuOps:
                 fn.argtypes, fn.restype = argtypes, ctypes.c_int
                 self._fns[name, suffix] = fn
         self._q4_linear = lib.q4_linear
+        self._top_k_rows = lib.top_k_rows
+        self._top_k_rows.argtypes, self._top_k_rows.restype = [_P, _L, _I, _I, _P], ctypes.c_int
         self._llama_decode = lib.llama_decode_layers
         self._llama_decode.argtypes = [_P, _I, ctypes.POINTER(DecodeDims), ctypes.POINTER(_DecodeBatch), _P, _P, _I]
         self._llama_decode.restype = ctypes.c_int
@@ -205,6 +207,13 @@ class CpuOps:
         if rc == -1:
             raise MemoryError("q4_linear: the kernel could not allocate its scratch space")
         return rc == 0
+
+    def top_k_rows(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
+        """Indices [rows, k] int64 of each row's k largest entries, largest first, lower index first on ties
+        (float32 [rows, cols] contiguous x); None where k is outside 1..16."""
+        assert x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+        out = torch.empty(x.shape[0], k, dtype=torch.int64)
+        return out if self._top_k_rows(x.data_ptr(), x.shape[0], x.shape[1], k, out.data_ptr()) == 0 else None
 
     def llama_decode_layers(self, layers: ctypes.Array[DecodeLayer], dims: DecodeDims, x: torch.Tensor,
                             residual: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

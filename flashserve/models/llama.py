@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flashserve.kernels import CpuOps, cpu_ops
 from flashserve.models.layers import (
     FULL_ATTENTION,
     AttentionMetadata,
@@ -303,7 +304,11 @@ class LlamaForCausalLM(nn.Module):
         exact = self.exact_head
         if exact is None:
             return logits
-        top = logits.topk(min(REFINE_TOP_K, logits.shape[-1]), dim=-1).indices
+        k = min(REFINE_TOP_K, logits.shape[-1])
+        ops = cpu_ops() if CpuOps.supports(logits) and logits.is_contiguous() else None
+        top = ops.top_k_rows(logits, k) if ops is not None and len(logits) else None
+        if top is None:
+            top = logits.topk(k, dim=-1).indices
         # An elementwise product and a sum over the hidden dim: each row reduced alone, in one order.
         rescored = (exact[top] * hidden.to(exact.dtype).unsqueeze(1)).sum(-1)
         return logits.scatter_(1, top, rescored.float())

@@ -265,6 +265,25 @@ def test_float32_activations_over_a_bf16_cache(ops: CpuOps) -> None:
     assert_close(out, reference_attention(q, k, v, scale, torch.arange(n)), torch.float32)
 
 
+# -- top k of logits rows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 8, 16])
+def test_top_k_rows_matches_torch(ops: CpuOps, k: int) -> None:
+    x = torch.randn(5, 49152) * 4
+    x[2, 7] = x[2, 40000] = x[2, 123] = 99.0  # a three-way tie: lower indexes first
+    x[4] = 0.0  # all equal: the first k indexes
+    got = ops.top_k_rows(x, k)
+    assert got is not None and got.shape == (5, k) and got.dtype == torch.int64
+    expected = x.topk(k, dim=-1)
+    assert torch.equal(x.gather(1, got), expected.values)  # the same values, largest first
+    assert got[2, : min(k, 3)].tolist() == [7, 123, 40000][: min(k, 3)]
+    assert got[4].tolist() == list(range(k))
+    odd = torch.randn(3, 37)  # a width that is not a multiple of 16
+    assert torch.equal(odd.gather(1, ops.top_k_rows(odd, k)), odd.topk(k, dim=-1).values)
+    assert ops.top_k_rows(x, 17) is None
+
+
 # -- rms norm --------------------------------------------------------------------------------------------
 
 
