@@ -124,7 +124,11 @@ def test_temperature_zero_is_deterministic_and_ignores_seed(client: openai.OpenA
 
 
 def test_reference_request_from_the_spec(base_url: str, api_key: str) -> None:
-    """The spec's curl example, byte for byte: max_tokens 384000 is clamped, the model stops at EOS."""
+    """The spec's curl example, byte for byte: max_tokens 384000 is clamped to the context.
+
+    It samples at temperature 0.7 without a seed, so the small stand-in model usually stops at EOS but
+    now and then writes until the context is full: either end is right, and "length" must mean exactly
+    that the context filled, not that max_tokens cut it."""
     r = httpx.post(f"{base_url}/v1/chat/completions", json=REFERENCE_BODY, timeout=300.0,
                    headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
     assert r.status_code == 200, r.text
@@ -133,9 +137,11 @@ def test_reference_request_from_the_spec(base_url: str, api_key: str) -> None:
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant"
     assert len(choice["message"]["content"].strip()) >= 2
-    assert choice["finish_reason"] == "stop"
+    assert choice["finish_reason"] in ("stop", "length")
     check_usage_dict(body["usage"])
     assert body["usage"]["total_tokens"] <= CONTEXT
+    if choice["finish_reason"] == "length":
+        assert body["usage"]["total_tokens"] == CONTEXT
 
 
 # -- output length -----------------------------------------------------------------------------------------
