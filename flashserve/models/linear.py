@@ -94,22 +94,22 @@ def pack_q4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Te
 
 
 class QuantizedWeight:
-    """A decode-row copy of a weight, int8 per channel or int4 per group, for torch's CPU kernels. Both
-    kernels compute each row on its own, so a row gets the same bits in any batch."""
+    """A decode-row copy of a weight: int4 per group for the native `q4_linear` kernel where it is built,
+    else int8 per channel or int4 per group for torch's CPU kernels. Every one of them computes each row
+    on its own, so a row gets the same bits in any batch."""
 
     def __init__(self, weight: torch.Tensor, bits: int) -> None:
         self.bits = bits
         self.out_features = weight.shape[0]
         # Quantize from the weight as loaded (float32 keeps a GGUF's 4-bit grid exact).
-        self.native = cpu_ops() if bits == 4 else None
-        q4 = quantize_q4(weight) if self.native is not None else None
+        ops = cpu_ops() if bits == 4 else None
+        q4 = quantize_q4(weight) if ops is not None else None
+        self.native = ops if q4 is not None else None
         if q4 is not None:
             self.data, self.scales = pack_q4(*q4), None
-            return
-        self.native = None
-        # torch's kernels take bf16 activations and scales.
-        data, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight)
-        self.data, self.scales = data, scales.to(torch.bfloat16)
+        else:  # torch's kernels take bf16 activations and scales
+            data, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight)
+            self.data, self.scales = data, scales.to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:

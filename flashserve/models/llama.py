@@ -32,7 +32,7 @@ from flashserve.models.layers import (
     silu_and_mul,
 )
 from flashserve.models.linear import PackedLinear
-from flashserve.models.llama_native import NativeLlamaDecoder, cache_key
+from flashserve.models.llama_native import NativeLlamaDecoder
 
 SUPPORTED_ROPE_SCALING = ("linear", "llama3")
 
@@ -237,7 +237,7 @@ class LlamaModel(nn.Module):
         # and no checkpoint can fill them: build them for real even when the rest is on meta.
         with torch.device("cpu") if on_meta else contextlib.nullcontext():
             self.rotary_emb = build_rotary(config)
-        self._decoder_key: tuple[int, ...] = ()
+        self._decoder_caches: list[LayerKVCache] | None = None  # what `_decoder`'s table points into
         self._decoder: NativeLlamaDecoder | None = None
 
     def forward(
@@ -252,7 +252,7 @@ class LlamaModel(nn.Module):
         if meta.num_generated_rows == x.shape[0] and meta.decodes_lead:
             decoder = self._native_decoder(kv_caches)
             if decoder is not None:  # a pure decode batch: every layer in one native call
-                x, residual = decoder.run(x, positions, meta, self.rotary_emb.cos_half, self.rotary_emb.sin_half)
+                x, residual = decoder.run(x, positions, meta)
                 return self.norm(x, residual)
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             # .forward skips nn.Module's call machinery (hooks we never use): ~1 ms per decode step.
@@ -260,10 +260,10 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual)
 
     def _native_decoder(self, kv_caches: list[LayerKVCache]) -> NativeLlamaDecoder | None:
-        """The native decode driver for these caches, built on first use; None where it does not apply."""
-        key = cache_key(kv_caches)
-        if key != self._decoder_key:
-            self._decoder_key, self._decoder = key, NativeLlamaDecoder.build(self, kv_caches)
+        """The native decode driver for these caches, built on first use; None where it does not apply.
+        The engine passes the same list of caches every step, so its identity is the check."""
+        if kv_caches is not self._decoder_caches:
+            self._decoder_caches, self._decoder = kv_caches, NativeLlamaDecoder.build(self, kv_caches)
         return self._decoder
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flashserve.kernels import CpuOps, DecodeDims, DecodeLayer, cpu_ops
-from flashserve.models.layers import AttentionMetadata, LayerKVCache
+from flashserve.models.layers import AttentionMetadata, LayerKVCache, RotaryEmbedding
 from flashserve.models.linear import INT4_GROUP, Q4_BLOCK, PackedLinear
 
 if TYPE_CHECKING:
@@ -26,8 +26,9 @@ MAX_HEAD_DIM = 512
 
 
 class NativeLlamaDecoder:
-    def __init__(self, ops: CpuOps, layers: ctypes.Array[DecodeLayer], dims: DecodeDims) -> None:
-        self.ops, self.layers, self.dims = ops, layers, dims
+    def __init__(self, ops: CpuOps, layers: ctypes.Array[DecodeLayer], dims: DecodeDims,
+                 rotary: RotaryEmbedding) -> None:
+        self.ops, self.layers, self.dims, self.rotary = ops, layers, dims, rotary
 
     @classmethod
     def build(cls, model: LlamaModel, caches: list[LayerKVCache]) -> NativeLlamaDecoder | None:
@@ -46,21 +47,16 @@ class NativeLlamaDecoder:
         dims = DecodeDims(model.norm.weight.shape[0], first.mlp.intermediate_size, first.self_attn.num_heads,
                           first.self_attn.num_kv_heads, first.self_attn.head_dim,
                           int(caches[0].key.dtype == torch.bfloat16), first.input_layernorm.eps, first.self_attn.scale)
-        return cls(ops, table, dims)
+        return cls(ops, table, dims, model.rotary_emb)
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            rotary_cos_half: torch.Tensor, rotary_sin_half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings x [B, hidden] of B decode rows -> (last MLP output, residual stream)."""
         residual = torch.empty_like(x)
         self.ops.llama_decode_layers(self.layers, self.dims, x, residual, positions, meta.slot_mapping,
-                                     meta.block_tables, meta.context_lens, meta.block_size, rotary_cos_half,
-                                     rotary_sin_half)
+                                     meta.block_tables, meta.context_lens, meta.block_size, self.rotary.cos_half,
+                                     self.rotary.sin_half)
         return x, residual
-
-
-def cache_key(caches: list[LayerKVCache]) -> tuple[int, ...]:
-    """What a decoder's table points into: a new KV cache needs a new decoder."""
-    return tuple(p for c in caches for p in (c.key.data_ptr(), c.value.data_ptr()))
 
 
 def _q4(linear: PackedLinear | None) -> torch.Tensor:
