@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from peer_worker import no_nan  # the sibling module: bench/ is the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -293,15 +294,9 @@ def print_table(res: dict, runs: int) -> None:
         print(f"{name:<{w}}  {value:>9}  {note}")
 
 
-def _no_nan(x):
-    """JSON has no NaN: a measurement that could not be taken is null."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_no_nan(v) for v in x]
-    return x
+# JSON has no NaN: a measurement that could not be taken is null. One definition, in the stdlib-only peer
+# worker (which runs in the peers' own environments and so cannot import this module).
+_no_nan = no_nan
 
 
 def output_path(now: dt.datetime) -> Path:
