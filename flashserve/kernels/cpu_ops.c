@@ -27,6 +27,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
@@ -43,10 +46,17 @@ static inline v16f load_f32(const float *p) { return *(const v16f *)p; }
 static inline void store_f32(float *p, v16f x) { *(v16f *)p = x; }
 
 static inline v16f load_bf16(const uint16_t *p) {
+#ifdef __AVX512F__
+    /* GCC splits the generic widening below into halves with extracts and inserts: three times the
+     * instructions of one zero-extending load, on the hottest load of decode attention. */
+    __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+    return (v16f)_mm512_castsi512_ps(wide);
+#else
     v16u wide = __builtin_convertvector(*(const v16h *)p, v16u) << 16;
     v16f f;
     memcpy(&f, &wide, sizeof f);
     return f;
+#endif
 }
 
 static inline void store_bf16(uint16_t *p, v16f x) {
@@ -139,6 +149,79 @@ static inline float exp_shifted(float *x, int n, float m) {
 /* Attention and the cache store: activations of type T, the KV cache of type C (a bf16 cache under float32 \
  * activations halves the bytes decode attention reads). */                                                 \
 #define DEFINE_CACHE_OPS(SUF, T, LOAD, STORE, LOAD_ONE, C, LOADC, STOREC)                                   \
+/* One sequence's query heads that share KV head g. Always inlined with literal chunks and group where    \
+ * paged_decode knows them, so that the queries, one key and the outputs live in registers; with other   \
+ * values, the same loops run on arrays. scores: group * (padded length) floats. */                       \
+static inline __attribute__((always_inline)) void decode_kv_head_##SUF(                                  \
+        const T *qb, const C *key_cache, const C *value_cache, T *ob, const int32_t *table, int len,     \
+        int block_size, long row, int g, int head_dim, float scale, float *scores, const int chunks,     \
+        const int group) {                                                                                 \
+    const int padded = (len + 15) & ~15;                                                                   \
+    const long head_off = (long)g * head_dim;                                                              \
+    v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS], prod[MAX_GROUP][16];       \
+    for (int j = 0; j < group; ++j)                                                                        \
+        for (int c = 0; c < chunks; ++c)                                                                   \
+            qv[j][c] = LOAD(qb + (long)(g * group + j) * head_dim + c * 16) * scale;                       \
+    /* Scores 16 keys at a time: 16 partial-product vectors reduce together (hsum16), instead of one     \
+     * serial horizontal sum per key. Past the end, the last key repeats; unused. */                     \
+    for (int t0 = 0; t0 < len; t0 += 16) {                                                                 \
+        const C *keys[16];                                                                                 \
+        if (block_size % 16 == 0) { /* the 16 keys share a block: one division, not 16 */                 \
+            const C *first = key_cache + ((long)table[t0 / block_size] * block_size + t0 % block_size)    \
+                             * row + head_off;                                                             \
+            for (int i = 0; i < 16; ++i) keys[i] = first + (t0 + i < len ? i : len - 1 - t0) * row;       \
+        } else {                                                                                           \
+            for (int i = 0; i < 16; ++i) {                                                                 \
+                const int t = t0 + i < len ? t0 + i : len - 1;                                             \
+                keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size) * row   \
+                          + head_off;                                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        if (t0 + 16 < len && block_size % 16 == 0) { /* the cache is DRAM-bound: ask for the next 16 keys */ \
+            const int t1 = t0 + 16;                                                                        \
+            const char *next = (const char *)(key_cache + ((long)table[t1 / block_size] * block_size +      \
+                                                          t1 % block_size) * row + head_off);              \
+            const char *next_v = (const char *)value_cache + (next - (const char *)key_cache);             \
+            for (int i = 0; i < 16 && t1 + i < len; ++i)                                                   \
+                for (int byte = 0; byte < head_dim * (int)sizeof(C); byte += 64) {                         \
+                    __builtin_prefetch(next + (long)i * row * (long)sizeof(C) + byte);                     \
+                    __builtin_prefetch(next_v + (long)i * row * (long)sizeof(C) + byte);                   \
+                }                                                                                          \
+        }                                                                                                  \
+        for (int i = 0; i < 16; ++i) { /* each key read (and widened) once for all its heads */            \
+            for (int c = 0; c < chunks; ++c) kv[c] = LOADC(keys[i] + c * 16);                              \
+            for (int j = 0; j < group; ++j) {                                                              \
+                v16f s = qv[j][0] * kv[0];                                                                 \
+                for (int c = 1; c < chunks; ++c) s += qv[j][c] * kv[c];                                    \
+                prod[j][i] = s;                                                                            \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int j = 0; j < group; ++j) store_f32(scores + (long)j * padded + t0, hsum16(prod[j]));        \
+    }                                                                                                      \
+    for (int j = 0; j < group; ++j) {                                                                      \
+        float *sj = scores + (long)j * padded;                                                             \
+        float m = -INFINITY;                                                                               \
+        for (int t = 0; t < len; ++t) m = sj[t] > m ? sj[t] : m;                                           \
+        const float inv = 1.f / exp_shifted(sj, len, m);                                                   \
+        for (int t = 0; t < len; ++t) sj[t] *= inv;                                                        \
+        for (int c = 0; c < chunks; ++c) acc[j][c] = (v16f){0};                                            \
+    }                                                                                                      \
+    for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                         \
+        const C *base = value_cache + (long)table[blk] * block_size * row + head_off;                      \
+        const int n = len - t0 < block_size ? len - t0 : block_size;                                       \
+        for (int i = 0; i < n; ++i) {                                                                      \
+            for (int c = 0; c < chunks; ++c) kv[c] = LOADC(base + i * row + c * 16);                       \
+            for (int j = 0; j < group; ++j) {                                                              \
+                const float p = scores[(long)j * padded + t0 + i];                                         \
+                for (int c = 0; c < chunks; ++c) acc[j][c] += p * kv[c];                                   \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int j = 0; j < group; ++j)                                                                        \
+        for (int c = 0; c < chunks; ++c)                                                                   \
+            STORE(ob + (long)(g * group + j) * head_dim + c * 16, acc[j][c]);                              \
+}                                                                                                          \
+                                                                                                           \
 int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *value_cache, T *out,       \
                        long out_stride, const int32_t *block_tables, const int32_t *context_lens,          \
                        int num_seqs, int max_blocks_per_seq, int block_size, int num_heads,                \
@@ -152,72 +235,32 @@ int paged_decode_##SUF(const T *q, long q_stride, const C *key_cache, const C *v
     _Pragma("omp parallel")                                                                                \
     {                                                                                                      \
     float *scores = malloc(sizeof(float) * (size_t)group * ((size_t)max_len + 16));                        \
-    v16f qv[MAX_GROUP][MAX_CHUNKS], acc[MAX_GROUP][MAX_CHUNKS], kv[MAX_CHUNKS], prod[MAX_GROUP][16];       \
     if (!scores) { _Pragma("omp atomic write") failed = 1; }                                               \
     _Pragma("omp for schedule(dynamic)")                                                                   \
     for (long work = 0; work < (long)num_seqs * num_kv_heads; ++work) {                                    \
         if (!scores) continue;                                                                             \
         const int b = (int)(work / num_kv_heads), g = (int)(work % num_kv_heads);                          \
-        const int len = context_lens[b], padded = (len + 15) & ~15;                                        \
+        const T *qb = q + b * q_stride;                                                                    \
+        T *ob = out + b * out_stride;                                                                      \
         const int32_t *table = block_tables + (long)b * max_blocks_per_seq;                                \
-        {                                                                                                  \
-            const long head_off = (long)g * head_dim;                                                      \
-            for (int j = 0; j < group; ++j)                                                                \
-                for (int c = 0; c < chunks; ++c)                                                           \
-                    qv[j][c] = LOAD(q + b * q_stride + (long)(g * group + j) * head_dim + c * 16) * scale; \
-            /* Scores 16 keys at a time: 16 partial-product vectors reduce together (hsum16), instead   \
-             * of one serial horizontal sum per key. Past the end, the last key repeats; unused. */     \
-            for (int t0 = 0; t0 < len; t0 += 16) {                                                         \
-                const C *keys[16];                                                                         \
-                if (block_size % 16 == 0) { /* the 16 keys share a block: one division, not 16 */         \
-                    const C *first = key_cache + ((long)table[t0 / block_size] * block_size + t0 % block_size) \
-                                     * row + head_off;                                                     \
-                    for (int i = 0; i < 16; ++i) keys[i] = first + (t0 + i < len ? i : len - 1 - t0) * row; \
-                } else {                                                                                   \
-                    for (int i = 0; i < 16; ++i) {                                                         \
-                        const int t = t0 + i < len ? t0 + i : len - 1;                                     \
-                        keys[i] = key_cache + ((long)table[t / block_size] * block_size + t % block_size)  \
-                                  * row + head_off;                                                        \
-                    }                                                                                      \
-                }                                                                                          \
-                for (int i = 0; i < 16; ++i) { /* each key read (and widened) once for all its heads */    \
-                    for (int c = 0; c < chunks; ++c) kv[c] = LOADC(keys[i] + c * 16);                      \
-                    for (int j = 0; j < group; ++j) {                                                      \
-                        v16f s = qv[j][0] * kv[0];                                                         \
-                        for (int c = 1; c < chunks; ++c) s += qv[j][c] * kv[c];                            \
-                        prod[j][i] = s;                                                                    \
-                    }                                                                                      \
-                }                                                                                          \
-                for (int j = 0; j < group; ++j) store_f32(scores + (long)j * padded + t0, hsum16(prod[j]));\
-            }                                                                                              \
-            for (int j = 0; j < group; ++j) {                                                              \
-                float *sj = scores + (long)j * padded;                                                        \
-                float m = -INFINITY;                                                                       \
-                for (int t = 0; t < len; ++t) m = sj[t] > m ? sj[t] : m;                                   \
-                const float inv = 1.f / exp_shifted(sj, len, m);                                           \
-                for (int t = 0; t < len; ++t) sj[t] *= inv;                                                \
-                for (int c = 0; c < chunks; ++c) acc[j][c] = (v16f){0};                                    \
-            }                                                                                              \
-            for (int t0 = 0, blk = 0; t0 < len; t0 += block_size, ++blk) {                                 \
-                const C *base = value_cache + (long)table[blk] * block_size * row + head_off;              \
-                const int n = len - t0 < block_size ? len - t0 : block_size;                               \
-                for (int i = 0; i < n; ++i) {                                                              \
-                    for (int c = 0; c < chunks; ++c) kv[c] = LOADC(base + i * row + c * 16);                \
-                    for (int j = 0; j < group; ++j) {                                                      \
-                        const float p = scores[(long)j * padded + t0 + i];                                 \
-                        for (int c = 0; c < chunks; ++c) acc[j][c] += p * kv[c];                           \
-                    }                                                                                      \
-                }                                                                                          \
-            }                                                                                              \
-            for (int j = 0; j < group; ++j)                                                                \
-                for (int c = 0; c < chunks; ++c)                                                           \
-                    STORE(out + b * out_stride + (long)(g * group + j) * head_dim + c * 16, acc[j][c]);    \
-        }                                                                                                  \
+        const int len = context_lens[b];                                                                   \
+        /* The shapes of common models get their own copy, specialised at compile time. */                \
+        if (chunks == 4 && group == 3)                                                                     \
+            decode_kv_head_##SUF(qb, key_cache, value_cache, ob, table, len, block_size, row, g, head_dim, \
+                                 scale, scores, 4, 3);                                                     \
+        else if (chunks == 4 && group == 4)                                                                \
+            decode_kv_head_##SUF(qb, key_cache, value_cache, ob, table, len, block_size, row, g, head_dim, \
+                                 scale, scores, 4, 4);                                                     \
+        else if (chunks == 8 && group == 4)                                                                \
+            decode_kv_head_##SUF(qb, key_cache, value_cache, ob, table, len, block_size, row, g, head_dim, \
+                                 scale, scores, 8, 4);                                                     \
+        else                                                                                               \
+            decode_kv_head_##SUF(qb, key_cache, value_cache, ob, table, len, block_size, row, g, head_dim, \
+                                 scale, scores, chunks, group);                                            \
     }                                                                                                      \
     free(scores);                                                                                          \
     }                                                                                                      \
-    if (failed) return -1;                                                                                 \
-    return 0;                                                                                              \
+    return failed ? -1 : 0;                                                                                \
 }                                                                                                          \
                                                                                                            \
 int paged_prefill_##SUF(const T *q, long q_stride, const C *key_cache, const C *value_cache, T *out,     \
