@@ -66,26 +66,37 @@ static inline float fp16_to_f32(uint16_t h) {
     return f;
 }
 
-static void quantize_rows(const float *x, long x_stride, int rows, int k, int8_t *q, float *scale,
-                          float *offset) {
+/* Row r of x to int8 per group, with each group's scale and scale * sum(codes). */
+static void quantize_row(const float *x, long x_stride, int r, int k, int8_t *q, float *scale, float *offset) {
     int groups = k / Q4_GROUP;
-    for (int r = 0; r < rows; ++r) {
-        for (int g = 0; g < groups; ++g) {
-            const float *src = x + r * x_stride + g * Q4_GROUP;
-            int8_t *dst = q + (long)r * k + g * Q4_GROUP;
-            float amax = 0.f;
-            for (int i = 0; i < Q4_GROUP; ++i) amax = fmaxf(amax, fabsf(src[i]));
-            float inv = amax > 0.f ? 127.f / amax : 0.f;
-            int sum = 0;
-            for (int i = 0; i < Q4_GROUP; ++i) {
-                int v = (int)nearbyintf(src[i] * inv);
-                dst[i] = (int8_t)v;
-                sum += v;
-            }
-            float s = amax / 127.f;
-            scale[(long)r * groups + g] = s;
-            offset[(long)r * groups + g] = s * (float)sum;
+    for (int g = 0; g < groups; ++g) {
+        const float *src = x + r * x_stride + g * Q4_GROUP;
+        int8_t *dst = q + (long)r * k + g * Q4_GROUP;
+        int sum = 0;
+        float amax;
+#ifdef Q4_VNNI
+        /* The same values as the loop below: max and integer sums are exact, the product is one multiply,
+         * and the conversion rounds to nearest even as nearbyintf does. */
+        __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+        amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+        _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(qhi));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+#else
+        amax = 0.f;
+        for (int i = 0; i < Q4_GROUP; ++i) amax = fmaxf(amax, fabsf(src[i]));
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int i = 0; i < Q4_GROUP; ++i) {
+            int v = (int)nearbyintf(src[i] * inv);
+            dst[i] = (int8_t)v;
+            sum += v;
         }
+#endif
+        float s = amax / 127.f;
+        scale[(long)r * groups + g] = s;
+        offset[(long)r * groups + g] = s * (float)sum;
     }
 }
 
@@ -242,7 +253,6 @@ int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *wei
     /* The floats follow rows * k int8 codes, a multiple of 32 bytes: they stay aligned. */
     float *scales = (float *)(q + (size_t)rows * k);
     QuantRow xr = {q, scales, scales + (size_t)rows * groups};
-    quantize_rows(x, x_stride, rows, k, xr.q, xr.scale, xr.offset);
     int blocks = n / Q4_BLOCK;
 #ifdef Q4_AMX
     const int amx = rows >= AMX_ROWS && amx_granted();
@@ -261,6 +271,8 @@ int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *wei
             sums = aligned_alloc(64, sizeof(int32_t) * AMX_ROWS * Q4_BLOCK * (size_t)groups);
         }
 #endif
+#pragma omp for schedule(static) /* rows to int8 inside the region: one fork, and both cores */
+        for (int r = 0; r < rows; ++r) quantize_row(x, x_stride, r, k, xr.q, xr.scale, xr.offset);
 #pragma omp for schedule(dynamic, 4) /* a thread the OS preempts (the HTTP loop shares the cores) leaves its blocks to the others */
         for (int b = 0; b < blocks; ++b) {
             const uint8_t *wblock = weights + (long)b * groups * Q4_GROUP_BYTES;
