@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from flashserve.engine.request import Request
+from flashserve.kernels import CpuOps, cpu_ops
 
 
 class Sampler:
@@ -23,15 +24,15 @@ class Sampler:
         assert logits.shape[0] == len(requests)
         if not requests:
             return []
-        if any(r.params.logit_bias or r.params.uses_penalties or r.constraint is not None for r in requests):
+        edited = any(r.params.logit_bias or r.params.uses_penalties or r.constraint is not None for r in requests)
+        if edited:
             logits = logits.float().clone()  # the processing below edits rows in place
             logits = self._apply_logit_bias(logits, requests)
             logits = self._apply_penalties(logits, requests)
             self._apply_grammar(logits, requests)
         else:
             logits = logits.float()
-        # max() returns the first maximal index, as argmax does, in a third of the time on CPU.
-        greedy = logits.max(dim=-1).indices.tolist()
+        greedy = self._argmax(logits, finite=not edited)
         tokens: list[int] = []
         for row, request in enumerate(requests):
             if request.forced_token_ids:  # e.g. the end-of-thinking marker once the budget is spent
@@ -42,6 +43,16 @@ class Sampler:
                 probs = self._probabilities(logits[row], request.params.temperature, request.params.top_p)
                 tokens.append(int(torch.multinomial(probs, 1, generator=request.generator).item()))
         return tokens
+
+    @staticmethod
+    def _argmax(logits: torch.Tensor, finite: bool) -> list[int]:
+        """Each row's first maximal index. The native kernel takes a fifth of torch's time over 32 rows of a
+        49k vocabulary; it is built with finite math, so rows with -inf (masks, bans) go to torch."""
+        ops = cpu_ops() if finite and CpuOps.supports(logits) and logits.dim() == 2 else None
+        top = ops.argmax_rows(logits.contiguous()) if ops is not None else None
+        if top is not None:
+            return top.tolist()
+        return logits.max(dim=-1).indices.tolist()  # max() is argmax's first index in a third of the time
 
     def _apply_logit_bias(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows, cols, vals = [], [], []

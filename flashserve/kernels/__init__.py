@@ -115,6 +115,8 @@ class CpuOps:
         self._q4_linear = lib.q4_linear
         self._top_k_rows = lib.top_k_rows
         self._top_k_rows.argtypes, self._top_k_rows.restype = [_P, _L, _I, _I, _P], ctypes.c_int
+        self._argmax_rows = lib.argmax_rows
+        self._argmax_rows.argtypes, self._argmax_rows.restype = [_P, _L, _I, _P], ctypes.c_int
         self._llama_decode = lib.llama_decode_layers
         self._llama_decode.argtypes = [_P, _I, ctypes.POINTER(DecodeDims), ctypes.POINTER(_DecodeBatch), _P, _P, _I]
         self._llama_decode.restype = ctypes.c_int
@@ -214,6 +216,13 @@ class CpuOps:
         assert x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
         out = torch.empty(x.shape[0], k, dtype=torch.int64)
         return out if self._top_k_rows(x.data_ptr(), x.shape[0], x.shape[1], k, out.data_ptr()) == 0 else None
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Indices [rows] int64 of each row's first largest entry (float32 [rows, cols] contiguous x of finite
+        values: the kernel is built with finite math); None where a row is shorter than 16."""
+        assert x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        return out if self._argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()) == 0 else None
 
     def llama_decode_layers(self, layers: ctypes.Array[DecodeLayer], dims: DecodeDims, x: torch.Tensor,
                             residual: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

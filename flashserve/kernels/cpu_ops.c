@@ -10,6 +10,7 @@
  * - silu_mul: silu(gate) * up over the fused gate/up output.
  * - top_k_rows: the largest entries of each row of the logits (torch's CPU topk took ~1.5 ms a step
  *   for 32 rows of a 49k vocabulary; a pass that rejects 16 at a time takes a third of that).
+ * - argmax_rows: each row's first largest entry, for greedy decoding (a fifth of torch's max(dim)).
  *
  * Loops over independent work use OpenMP. PyTorch's CPU build ships libgomp.so.1 and loads it first,
  * so these regions run on the same thread pool as PyTorch's own operators rather than a second one
@@ -374,6 +375,8 @@ int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int h
     const int half = head_dim / 2;                                                                         \
     if (half % 16) return -2;                                                                              \
     const long width = (long)(num_heads + 2 * num_kv_heads) * head_dim, kv_width = (long)num_kv_heads * head_dim; \
+    /* Split across threads for batches: the cache rows it writes are usually cold, and each miss waits. */ \
+    _Pragma("omp parallel for if (rows >= 8)")                                                             \
     for (long r = 0; r < rows; ++r) {                                                                      \
         T *row = qkv + r * width;                                                                          \
         const float *cs = cos_half + positions[r] * half, *sn = sin_half + positions[r] * half;            \
@@ -385,7 +388,7 @@ int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int h
                 STORE(x + half + i, x2 * c + x1 * s);                                                      \
             }                                                                                              \
         }                                                                                                  \
-        if (!slots) continue; /* the caller stores K/V itself */                                          \
+        if (!slots) continue; /* the caller stores K/V itself */                                           \
         const T *k = row + (long)num_heads * head_dim, *v = k + kv_width;                                  \
         for (long i = 0; i < kv_width; i += 16) {                                                          \
             STOREC(key_cache + slots[r] * kv_width + i, LOAD(k + i));                                      \
@@ -456,6 +459,49 @@ int top_k_rows(const float *x, long rows, int cols, int k, int64_t *out) {
             best[at] = v, idx[at] = c;
         }
         memcpy(out + r * k, idx, sizeof(int64_t) * (size_t)k);
+    }
+    return 0;
+}
+
+/* out[r] = the first index of row r's largest entry (rows of finite floats). One pass: each lane keeps its
+ * largest value and the first column it came from; the lanes are then merged, lowest column winning ties. */
+int argmax_rows(const float *x, long rows, int cols, int64_t *out) {
+    if (cols < 16) return -2;
+#pragma omp parallel for schedule(static) if (rows > 1)
+    for (long r = 0; r < rows; ++r) {
+        const float *row = x + r * cols;
+        v16f m = load_f32(row);
+        v16i at;
+        for (int i = 0; i < 16; ++i) at[i] = i;
+        int c = 16;
+#ifdef __AVX512F__
+        __m512 vm = _mm512_loadu_ps(row);
+        __m512i vat = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), vc = vat;
+        for (; c + 16 <= cols; c += 16) {
+            const __m512 v = _mm512_loadu_ps(row + c);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, vm, _CMP_GT_OQ); /* strict: a lane keeps its first maximum */
+            vc = _mm512_add_epi32(vc, _mm512_set1_epi32(16));
+            vat = _mm512_mask_mov_epi32(vat, gt, vc);
+            vm = _mm512_mask_mov_ps(vm, gt, v);
+        }
+        _mm512_storeu_ps((float *)&m, vm);
+        _mm512_storeu_si512((void *)&at, vat);
+#else
+        for (; c + 16 <= cols; c += 16) {
+            const v16f v = load_f32(row + c);
+            for (int i = 0; i < 16; ++i) { /* strict: a lane keeps its first maximum */
+                at[i] = v[i] > m[i] ? c + i : at[i];
+                m[i] = v[i] > m[i] ? v[i] : m[i];
+            }
+        }
+#endif
+        float best = m[0];
+        int64_t best_at = at[0];
+        for (int i = 1; i < 16; ++i)
+            if (m[i] > best || (m[i] == best && at[i] < best_at)) best = m[i], best_at = at[i];
+        for (; c < cols; ++c)
+            if (row[c] > best) best = row[c], best_at = c;
+        out[r] = best_at;
     }
     return 0;
 }

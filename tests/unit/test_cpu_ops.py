@@ -555,3 +555,16 @@ def test_native_applies_to_cpu_float32_and_bf16_only() -> None:
     assert CpuOps.supports(torch.zeros(1)) and CpuOps.supports(torch.zeros(1, dtype=torch.bfloat16))
     assert not CpuOps.supports(torch.zeros(1, dtype=torch.float16))
     assert not CpuOps.supports(torch.zeros(1, dtype=torch.float64))
+
+
+def test_argmax_rows_is_torch_argmax_with_first_index_on_ties(ops: CpuOps) -> None:
+    torch.manual_seed(11)
+    for cols in (16, 17, 100, 49152):
+        x = torch.randn(9, cols)
+        x[3, cols // 2] = x[3, -1] = 50.0  # a tie: the lower index wins, as torch's argmax
+        x[4] = 0.0  # all equal: index 0
+        x[5, 0] = 60.0  # the first lane of the first vector
+        x[6, -1] = 60.0  # the scalar tail
+        got = ops.argmax_rows(x)
+        assert got is not None and torch.equal(got, x.argmax(dim=1)), cols
+    assert ops.argmax_rows(torch.randn(2, 8)) is None  # under one vector: the caller uses torch
