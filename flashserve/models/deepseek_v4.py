@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.models.fp_formats import dequantize_fp4_groups, dequantize_fp8_blocks
+
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
 _HF_LAYER_KINDS = {"sliding_attention": SLIDING, "compressed_sparse_attention": CSA,
                    "heavily_compressed_attention": HCA}
@@ -184,7 +186,7 @@ class RMSNorm(nn.Module):
 def inverse_frequencies(dim: int, theta: float, yarn: Yarn | None) -> torch.Tensor:
     """One frequency per rotated pair. With YaRN, low frequencies (many positions per turn) are divided by
     the factor, high ones kept, and a linear ramp in between over the dims the betas bound."""
-    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
     base = 1.0 / theta**exponents
     if yarn is None:
         return base
@@ -193,7 +195,7 @@ def inverse_frequencies(dim: int, theta: float, yarn: Yarn | None) -> torch.Tens
         return dim * math.log(yarn.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = max(math.floor(dim_for(yarn.beta_fast)), 0), min(math.ceil(dim_for(yarn.beta_slow)), dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high - low) or 0.001)).clamp(0, 1)
     keep = 1 - ramp  # the share of the original frequency
     return base / yarn.factor * (1 - keep) + base * keep
 
@@ -356,7 +358,10 @@ def _visible_entries(positions: torch.Tensor, ratio: int, n: int) -> torch.Tenso
 class Attention(nn.Module):
     def __init__(self, cfg: DeepseekV4Config, layer: int) -> None:
         super().__init__()
-        self.cfg, self.kind, self.ratio = cfg, cfg.layer_kinds[layer], cfg.compress_ratios[layer]
+        backbone = layer < cfg.num_layers  # the MTP block, past the backbone, attends over its window only
+        self.cfg = cfg
+        self.kind = cfg.layer_kinds[layer] if backbone else SLIDING
+        self.ratio = cfg.compress_ratios[layer] if backbone else 0
         h, d = cfg.num_heads, cfg.head_dim
         self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
@@ -527,6 +532,24 @@ class Block(nn.Module):
         return hc_merge(streams, self.ffn(self.ffn_norm(x), ids), post, comb)
 
 
+class MTPBlock(Block):
+    """The multi-token-prediction block: from the backbone's final streams at position t and the embedding
+    of token t + 1, a full block predicts token t + 2. It shares the embedding and head; it is loaded and
+    kept for speculative decoding (`DeepseekV4ForCausalLM.draft`)."""
+
+    def __init__(self, cfg: DeepseekV4Config, layer: int) -> None:
+        super().__init__(cfg, layer)
+        h = cfg.hidden_size
+        self.e_proj = nn.Linear(h, h, bias=False)
+        self.h_proj = nn.Linear(h, h, bias=False)
+        self.enorm = RMSNorm(h, cfg.norm_eps)
+        self.hnorm = RMSNorm(h, cfg.norm_eps)
+        self.norm = RMSNorm(h, cfg.norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, cfg.hc_mult * h))
+        self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+
+
 class DeepseekV4ForCausalLM(nn.Module):
     config_class = DeepseekV4Config
 
@@ -540,6 +563,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.zeros(cfg.hc_mult, cfg.hc_mult * cfg.hidden_size))
         self.hc_head_base = nn.Parameter(torch.zeros(cfg.hc_mult))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_layers + i) for i in range(cfg.num_mtp_layers))
         self.ropes = {"main": Rope(cfg.rope_head_dim, cfg.rope_theta, None),
                       "compress": Rope(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.yarn)}
 
@@ -550,6 +574,11 @@ class DeepseekV4ForCausalLM(nn.Module):
     def forward(self, ids: torch.Tensor, state: SequenceState | None = None) -> torch.Tensor:
         """Logits [T, vocab] for the next T tokens `ids` of the sequence `state` holds (a fresh one when
         None); `state` is extended in place."""
+        return self.head(self.norm(self._collapse(self.streams(ids, state), self)))
+
+    @torch.inference_mode()
+    def streams(self, ids: torch.Tensor, state: SequenceState | None = None) -> torch.Tensor:
+        """The backbone's final residual streams [T, hc_mult, hidden] (what the head and the MTP block read)."""
         state = state or self.new_state()
         positions = torch.arange(ids.shape[0]) + state.length
         x = self.embed(ids)
@@ -557,13 +586,65 @@ class DeepseekV4ForCausalLM(nn.Module):
         for layer, layer_state in zip(self.layers, state.layers, strict=True):
             streams = layer(streams, ids, positions, layer_state, self.ropes)
         state.length += ids.shape[0]
-        return self.head(self.norm(self._collapse(streams)))
+        return streams
 
-    def _collapse(self, streams: torch.Tensor) -> torch.Tensor:
-        """The final mix of the streams (pre weights only)."""
-        mixes = F.linear(rms_norm(streams.flatten(1).float(), self.config.norm_eps), self.hc_head_fn.float())
-        pre = torch.sigmoid(mixes * self.hc_head_scale.float() + self.hc_head_base.float()) + self.config.hc_eps
+    @torch.inference_mode()
+    def draft(self, streams: torch.Tensor, next_ids: torch.Tensor, start: int, state: LayerState) -> torch.Tensor:
+        """The MTP block's logits [T, vocab] for the tokens after `next_ids`, from the backbone streams of the
+        T positions before them (positions start.., the block's own window in `state`)."""
+        mtp = self.mtp[0]
+        positions = torch.arange(next_ids.shape[0]) + start
+        e = mtp.e_proj(mtp.enorm(self.embed(next_ids))).unsqueeze(1)
+        x = mtp(e + mtp.h_proj(mtp.hnorm(streams)), next_ids, positions, state, self.ropes)
+        return self.head(mtp.norm(self._collapse(x, mtp)))
+
+    def _collapse(self, streams: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+        """The final mix of the streams (pre weights only), with `owner`'s hc_head parameters."""
+        fn, base, scale = owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale
+        mixes = F.linear(rms_norm(streams.flatten(1).float(), self.config.norm_eps), fn.float())
+        pre = torch.sigmoid(mixes * scale.float()[0] + base.float()) + self.config.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], weight_quant: str = "none",
+                     dense_dtype: torch.dtype | None = None) -> None:
+        """Adopt a checkpoint's float tensors (official names, or transformers' layout), checking the names
+        match exactly. The engine has no FP8/FP4 kernels yet, so `weight_quant` and `dense_dtype` are not
+        applied: the loader has dequantized the official formats (`dequantize_checkpoint`)."""
+        if any(name.startswith("model.") for name in state_dict):
+            state_dict = hf_to_official(state_dict, self.config)
+        if not any(name.startswith("mtp.") for name in state_dict):
+            self.mtp = nn.ModuleList()  # transformers drops the MTP block: such a checkpoint cannot draft
+        expected = set(self.state_dict())
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the DeepSeek-V4 model: missing {sorted(missing)[:8]}, "
+                             f"unexpected {sorted(unexpected)[:8]}")
+        self.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def dequantize_checkpoint(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The official checkpoint's tensors in `dtype`: FP8 weights (float8_e4m3fn, a `.scale` per 128x128
+    block) and FP4 ones (int8 pairs, a `.scale` per 1x32) decoded with their E8M0 scales; other floats cast;
+    integer tables (`tid2eid`) kept."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in raw.items():
+        if name.endswith(".scale"):
+            if name[: -len("scale")] + "weight" not in raw:
+                raise ValueError(f"{name} scales no weight")
+            continue
+        scale = raw.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
+        if scale is not None:
+            if tensor.dtype == torch.float8_e4m3fn:
+                tensor = dequantize_fp8_blocks(tensor, scale)
+            elif tensor.dtype in (torch.int8, torch.uint8):
+                tensor = dequantize_fp4_groups(tensor, scale)
+            else:
+                raise ValueError(f"{name}: a scaled weight must be FP8 (float8_e4m3fn) or packed FP4 (int8), "
+                                 f"not {tensor.dtype}")
+        elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu):
+            raise ValueError(f"{name} is {tensor.dtype} without a scale")
+        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -506,14 +506,20 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype, progress: ProgressFn | Non
 
     handles = [safe_open(str(f), framework="pt") for f in files]
     keys = [(h, k) for h in handles for k in h.keys()]  # noqa: SIM118 (safe_open is not a Mapping)
+    # DeepSeek-V4's FP8/FP4 weights only mean something with their scales: read them as stored, decode after.
+    scaled_formats = architecture == "deepseek_v4"
     state_dict: dict[str, torch.Tensor] = {}
     for i, (handle, key) in enumerate(keys):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints saved the rotary buffer; the model recomputes it
         tensor = handle.get_tensor(key)
-        state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() and not scaled_formats else tensor
         if progress is not None:
             progress(i + 1, len(keys), key)
+    if scaled_formats:
+        from flashserve.models.deepseek_v4 import dequantize_checkpoint
+
+        state_dict = dequantize_checkpoint(state_dict, dtype)
 
     # Tied embeddings: the model shares the embedding; an lm_head copy in the file would be redundant,
     # and a missing one means tied even if the config forgot to say so.
