@@ -17,6 +17,7 @@ from flashserve.engine.request import Request, RequestOutput, SamplingParams, Th
 from flashserve.engine.runner import ModelRunner
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import Scheduler, SchedulerConfig
+from flashserve.engine.state_runner import SequenceStateRunner
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +46,16 @@ class LLMEngine:
         self.config = config
         self.model = model
         self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
-                                 config.kv_cache_dtype or config.dtype, config.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), self.kv
         )
-        self.runner = ModelRunner(model, storage, config.block_size, config.device)
+        self.runner: ModelRunner | SequenceStateRunner
+        if getattr(model, "sequence_state", False):  # DeepSeek-V4: per-sequence state, no paged K/V
+            self.runner = SequenceStateRunner(model, config.block_size, max_snapshots=config.num_kv_blocks)
+        else:
+            storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
+                                     config.kv_cache_dtype or config.dtype, config.device)
+            self.runner = ModelRunner(model, storage, config.block_size, config.device)
         self.sampler = Sampler(vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -68,6 +73,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.scheduler.abort(request_id)
+        self.runner.release(request_id)
         return None if request is None else Scheduler.final_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -80,7 +86,11 @@ class LLMEngine:
         logits = self.runner.run(batch)
         sampling = batch.sampling_requests
         tokens = self.sampler(logits, sampling)
-        return self.scheduler.update(batch, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+        outputs = self.scheduler.update(batch, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+        for out in outputs:
+            if out.finished:
+                self.runner.release(out.request_id)
+        return outputs
 
     def stats(self) -> dict[str, int]:
         return {**self.kv.stats(), "running": len(self.scheduler.running),

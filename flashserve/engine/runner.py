@@ -25,6 +25,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
 
+    def release(self, request_id: str) -> None:
+        """Nothing to drop: a request's K/V lives in its blocks, which the scheduler frees."""
+
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""

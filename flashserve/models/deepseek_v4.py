@@ -239,12 +239,19 @@ class CompressorState:
     entries: torch.Tensor | None = None
     windows: int = 0  # whole windows compressed so far
 
+    def copy(self) -> CompressorState:
+        return CompressorState(*(_clone(t) for t in (self.pending_kv, self.pending_gate, self.overlap_kv,
+                                                     self.overlap_gate, self.entries)), self.windows)
+
 
 @dataclass
 class LayerState:
     window_kv: torch.Tensor | None = None  # the last `window` K=V rows (after RoPE)
     compressor: CompressorState = field(default_factory=CompressorState)
     indexer: CompressorState = field(default_factory=CompressorState)
+
+    def copy(self) -> LayerState:
+        return LayerState(_clone(self.window_kv), self.compressor.copy(), self.indexer.copy())
 
 
 @dataclass
@@ -257,6 +264,14 @@ class SequenceState:
     @classmethod
     def empty(cls, num_layers: int) -> SequenceState:
         return cls([LayerState() for _ in range(num_layers)])
+
+    def copy(self) -> SequenceState:
+        """An independent copy (a prefix-cache snapshot): later chunks extend one without touching the other."""
+        return SequenceState([layer.copy() for layer in self.layers], self.length)
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -290,7 +305,7 @@ class Compressor(nn.Module):
         kv, gate = _cat(state.pending_kv, self.wkv(x)), _cat(state.pending_gate, self.wgate(x))
         n = kv.shape[0] // self.ratio
         used = n * self.ratio
-        state.pending_kv, state.pending_gate = kv[used:], gate[used:]
+        state.pending_kv, state.pending_gate = kv[used:].clone(), gate[used:].clone()  # not views of the chunk
         if n:
             kv = kv[:used].view(n, self.ratio, -1)
             gate = gate[:used].view(n, self.ratio, -1) + self.ape
@@ -390,7 +405,7 @@ class Attention(nn.Module):
         key_pos = torch.arange(keys.shape[0]) + first
         back = positions.unsqueeze(1) - key_pos.unsqueeze(0)  # how far each key lies behind each query
         allowed = (back >= 0) & (back < cfg.window)
-        state.window_kv = keys[-cfg.window:]
+        state.window_kv = keys[-cfg.window:].clone()
         if self.kind != SLIDING:
             entries = self.compressor(x, state.compressor, rope)
             if self.kind == CSA:
@@ -552,6 +567,11 @@ class MTPBlock(Block):
 
 class DeepseekV4ForCausalLM(nn.Module):
     config_class = DeepseekV4Config
+    # The engine runs this model per sequence over a `SequenceState` (engine/state_runner.py), and caches
+    # prefixes in whole units of 128 tokens: the longest compressor window, so a snapshot at a unit's end
+    # has no compressed entry half made.
+    sequence_state = True
+    prefix_unit = 128
 
     def __init__(self, cfg: DeepseekV4Config) -> None:
         super().__init__()
@@ -571,10 +591,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         return SequenceState.empty(self.config.num_layers)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, state: SequenceState | None = None) -> torch.Tensor:
-        """Logits [T, vocab] for the next T tokens `ids` of the sequence `state` holds (a fresh one when
-        None); `state` is extended in place."""
-        return self.head(self.norm(self._collapse(self.streams(ids, state), self)))
+    def forward(self, ids: torch.Tensor, state: SequenceState | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] for the last token alone) for the next T tokens `ids` of the
+        sequence `state` holds (a fresh one when None); `state` is extended in place."""
+        streams = self.streams(ids, state)
+        if last_only:
+            streams = streams[-1:]
+        return self.head(self.norm(self._collapse(streams, self)))
 
     @torch.inference_mode()
     def streams(self, ids: torch.Tensor, state: SequenceState | None = None) -> torch.Tensor:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from flashserve.models.llama import LlamaForCausalLM
 from flashserve.models.loading import Checkpoint
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "deepseek_v4": DeepseekV4ForCausalLM,
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
 }
 
 
