@@ -64,6 +64,19 @@ def serve(
                 timeout_graceful_shutdown=30)
 
 
+@app.command("make-tiny-v4")
+def make_tiny_v4(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into (created if needed).")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a small random DeepSeek-V4 checkpoint in the official format (serve it with --model FOLDER)."""
+    from flashserve.models.tiny_v4 import make_tiny_v4 as write
+
+    path = write(folder, seed)
+    console.print(f"wrote a tiny DeepSeek-V4 checkpoint to [bold]{path}[/bold]; "
+                  f"serve it with: flashserve serve --model {path}")
+
+
 def _banner(settings: Settings, server: object) -> None:
     base = f"http://{settings.host}:{settings.port}/v1"
     table = Table(title="flashserve is ready", show_header=True, title_justify="left", width=100)

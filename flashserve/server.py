@@ -26,6 +26,8 @@ from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
+from flashserve.chat.deepseek_v4 import THINK_END, DeepseekV4Template
+from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
@@ -57,8 +59,10 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
     max_len = int(checkpoint.config["max_position_embeddings"])
     if settings.max_context_tokens:
         max_len = min(max_len, settings.max_context_tokens)
-    num_blocks = max(-(-settings.kv_cache_tokens // settings.block_size), -(-max_len // settings.block_size))
-    config = EngineConfig(max_model_len=max_len, num_kv_blocks=num_blocks, block_size=settings.block_size,
+    # A model that caches prefixes in units of its own (DeepSeek-V4: 128 tokens) gets blocks of that size.
+    block_size = getattr(model, "prefix_unit", settings.block_size)
+    num_blocks = max(-(-settings.kv_cache_tokens // block_size), -(-max_len // block_size))
+    config = EngineConfig(max_model_len=max_len, num_kv_blocks=num_blocks, block_size=block_size,
                           max_num_seqs=settings.max_num_seqs,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype,
@@ -71,16 +75,21 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
         if token_id < len(by_id):
             by_id[token_id] = text
     special = {i for i, t in checkpoint.tokenizer.get_added_tokens_decoder().items() if t.special}
-    grammars = GrammarBackend(by_id, special, list(checkpoint.stop_token_ids), vocab)
+    v4 = checkpoint.architecture == "deepseek_v4"  # DeepSeek's own encoding, thinking modes and DSML calls
+    grammars = GrammarBackend(by_id, special, list(checkpoint.stop_token_ids), vocab,
+                              tool_format="dsml" if v4 else "json")
     local = LocalModel(
         tokenizer=checkpoint.tokenizer,
-        template=ChatTemplate.from_checkpoint(checkpoint),
+        template=DeepseekV4Template() if v4 else ChatTemplate.from_checkpoint(checkpoint),
         stop_token_ids=tuple(checkpoint.stop_token_ids),
         max_model_len=max_len,
         vocab_size=vocab,
         fingerprint=checkpoint.fingerprint,
         dtype=settings.dtype,
         grammars=grammars,
+        reasoning=ReasoningSpec(can_think=True) if v4 else ReasoningSpec(),
+        think_end_ids=tuple(checkpoint.tokenizer.encode(THINK_END, add_special_tokens=False).ids) if v4 else (),
+        tool_format="dsml" if v4 else "json",
     )
     return engine, local
 

@@ -21,6 +21,8 @@ from flashserve import __version__
 from flashserve.api.errors import OpenAIError, invalid_request, unsupported_parameter
 from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
 from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
+from flashserve.chat.deepseek_v4 import DeepseekV4Template
+from flashserve.chat.dsml import DsmlToolCallParser
 from flashserve.chat.output import ChoiceOutput
 from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
@@ -37,7 +39,7 @@ class LocalModel:
     """What the backend needs to know about the loaded model."""
 
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: ChatTemplate | DeepseekV4Template
     stop_token_ids: tuple[int, ...]
     max_model_len: int
     vocab_size: int
@@ -46,6 +48,7 @@ class LocalModel:
     grammars: GrammarBackend | None = None  # structured output; None: JSON formats are refused
     reasoning: ReasoningSpec = ReasoningSpec()
     think_end_ids: tuple[int, ...] = ()  # tokens of the end-of-thinking marker, for thinking models
+    tool_format: str = "json"  # how the model writes calls: "json" (tools.py) or "dsml" (DeepSeek-V4)
 
 
 class LocalBackend:
@@ -59,7 +62,8 @@ class LocalBackend:
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     # -- request preparation ---------------------------------------------------
-    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan, thinking: bool = False) -> list[int]:
+    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan, thinking: bool = False,
+                      effort_mode: str | None = None) -> list[int]:
         dicts = [_message_dict(m) for m in messages]
         tools = None
         if plan.tools:
@@ -69,7 +73,9 @@ class LocalBackend:
                 dicts = with_tools_in_system_prompt(dicts, plan)
         try:
             # Templates of thinking models read one of these to open (or skip) the thinking block.
-            extra = {"thinking": thinking, "enable_thinking": thinking} if self.model.reasoning.can_think else {}
+            extra: dict[str, Any] = {}
+            if self.model.reasoning.can_think:
+                extra = {"thinking": thinking, "enable_thinking": thinking, "reasoning_effort": effort_mode}
             text = self.model.template.render(dicts, tools=tools, **extra)
         except TemplateError as exc:
             raise invalid_request(f"The messages could not be rendered by the model's chat template: {exc}",
@@ -128,7 +134,7 @@ class LocalBackend:
         thinking = resolve_thinking(request.reasoning_effort, self.model.reasoning)
         if grammar is not None or not self.model.think_end_ids:
             thinking = Thinking(False)
-        prompt = self.render_prompt(request.messages, plan, thinking.enabled)
+        prompt = self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
             raise invalid_request(
@@ -150,7 +156,8 @@ class LocalBackend:
                               "engine_unavailable") from exc
         names = [t.function.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
-                               thinking.enabled, max_calls=None if plan.parallel else 1)
+                               thinking.enabled, max_calls=None if plan.parallel else 1,
+                               tool_format=self.model.tool_format)
 
     def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
         grammars = self.model.grammars
@@ -175,11 +182,12 @@ class LocalBackend:
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
                  prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
-                 max_calls: int | None = None) -> None:
+                 max_calls: int | None = None, tool_format: str = "json") -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
-        self._parsers = [None if tool_names is None else ToolCallParser(tool_names, max_calls) for _ in streams]
+        parser = DsmlToolCallParser if tool_format == "dsml" else ToolCallParser
+        self._parsers = [None if tool_names is None else parser(tool_names, max_calls) for _ in streams]
         self._splitters = [ReasoningSplitter(thinking) for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)

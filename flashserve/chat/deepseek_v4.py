@@ -373,3 +373,23 @@ def _to_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"cannot be written as JSON: {err}") from err
+
+
+class DeepseekV4Template:
+    """`encode_messages` behind the chat-template interface the local backend renders through
+    (`chat.template.ChatTemplate`): it renders tools itself, and reads the thinking switch and the
+    effort mode ("high" or "max") the backend resolved."""
+
+    handles_tools = True
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+               tools: list[dict[str, Any]] | None = None, thinking: bool = False,
+               reasoning_effort: str | None = None, **_: Any) -> str:
+        from flashserve.chat.template import TemplateError  # the error the backend turns into a 400
+
+        try:
+            return encode_messages(messages, tools=tools, thinking=thinking,
+                                   reasoning_effort=reasoning_effort if thinking else None,
+                                   add_generation_prompt=add_generation_prompt)
+        except ValueError as exc:
+            raise TemplateError(str(exc)) from exc

@@ -65,7 +65,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
 class GrammarBackend:
     """Compiles and caches grammars for one tokenizer's vocabulary."""
 
-    def __init__(self, vocab: list[str], special_ids: set[int], stop_token_ids: list[int], vocab_size: int) -> None:
+    def __init__(self, vocab: list[str], special_ids: set[int], stop_token_ids: list[int], vocab_size: int,
+                 tool_format: str = "json") -> None:
         # xgrammar treats tokens that decode to nothing as special and never allows them (stop tokens aside),
         # so control tokens such as <|im_start|> can never appear inside generated JSON.
         self._encoded = ["" if i in special_ids else token for i, token in enumerate(vocab)]
@@ -74,6 +75,7 @@ class GrammarBackend:
         self._compiler: Any = None  # built on first use: importing xgrammar costs seconds at start-up
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.tool_format = tool_format  # the call syntax forced tool calls take: "json" or "dsml"
 
     def _get_compiler(self) -> Any:
         with self._lock:
@@ -115,6 +117,10 @@ class GrammarBackend:
         """The grammar of a request's tool calls: None when the model may answer freely."""
         if plan.choice == "none" or not plan.tools:
             return None
+        if self.tool_format == "dsml" and plan.choice == "auto":
+            # DSML parameters are not one JSON document a structural tag could hold: the model answers
+            # freely and the streaming parser takes whatever well-formed block it writes.
+            return None
         tools = [t for t in plan.tools if plan.choice != "named" or t.function.name == plan.named]
         for i, tool in enumerate(plan.tools):
             problem = unenforceable(plan.parameters(tool))
@@ -129,6 +135,8 @@ class GrammarBackend:
         import xgrammar as xgr
 
         compiler = self._get_compiler()
+        if self.tool_format == "dsml":
+            return compiler.compile_grammar(dsml_calls_grammar(plan, tools))
         if plan.choice == "auto":
             # Free text until the model opens a call; from there the call must be well-formed.
             items = [xgr.StructuralTagItem(begin=call_prefix(t.function.name), schema=json.dumps(plan.parameters(t)),
@@ -225,3 +233,50 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     # xgrammar prefixes messages with a timestamp and a C++ source location; keep the reason.
     return text.split(": ", 1)[-1] if text.startswith("[") else text
+
+
+DSML_STRING_CHARS = 1024  # longest raw-text parameter value a forced DSML call may write
+
+
+def dsml_calls_grammar(plan: ToolPlan, tools: list[Any]) -> Any:
+    """A DeepSeek-V4 DSML block of calls to `tools`, in the layout `chat.deepseek_v4` renders: each call
+    gives the required parameters (all of them when none is required) in the schema's order, a plain string
+    parameter as raw text without '<' (at most DSML_STRING_CHARS characters) and any other (a string with
+    constraints included) as JSON of its schema. One call for a named or
+    non-parallel choice, up to MAX_PARALLEL_CALLS otherwise."""
+    import xgrammar as xgr
+
+    from flashserve.chat import deepseek_v4 as v4
+
+    def literal(text: str) -> Any:
+        return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))
+
+    # Bounded: a forced call must end even when the model never chooses to close the value itself.
+    raw_text = xgr.Grammar.from_ebnf(f"root ::= [^<]{{0,{DSML_STRING_CHARS}}}")
+
+    def parameter(name: str, schema: dict[str, Any]) -> Any:
+        if schema.get("type") == "string" and set(schema) <= {"type", "description", "title"}:
+            return xgr.Grammar.concat(literal(f'{v4.PARAMETER_OPEN_HEAD}{name}" string="true">'), raw_text,
+                                      literal(v4.PARAMETER_CLOSE))
+        return xgr.Grammar.concat(literal(f'{v4.PARAMETER_OPEN_HEAD}{name}" string="false">'),
+                                  xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False),
+                                  literal(v4.PARAMETER_CLOSE))
+
+    def invoke(tool: Any) -> Any:
+        schema = plan.parameters(tool)
+        properties: dict[str, Any] = schema.get("properties") or {}
+        wanted = [k for k in properties if k in (schema.get("required") or properties)]
+        parts: list[Any] = [literal(f'{v4.INVOKE_OPEN_HEAD}{tool.function.name}">\n')]
+        for i, key in enumerate(wanted):
+            parts += [literal("\n")] if i else []
+            parts.append(parameter(key, properties[key]))
+        parts.append(literal("\n" + v4.INVOKE_CLOSE))  # as rendered: a call without parameters has an empty line
+        return xgr.Grammar.concat(*parts)
+
+    one = xgr.Grammar.union(*[invoke(t) for t in tools]) if len(tools) > 1 else invoke(tools[0])
+    calls = [one]
+    if plan.choice != "named" and plan.parallel:
+        for _ in range(MAX_PARALLEL_CALLS - 1):
+            calls.append(xgr.Grammar.concat(calls[-1], literal("\n"), one))
+    body = xgr.Grammar.union(*calls) if len(calls) > 1 else one
+    return xgr.Grammar.concat(literal(v4.TOOL_CALLS_OPEN + "\n"), body, literal("\n" + v4.TOOL_CALLS_CLOSE))

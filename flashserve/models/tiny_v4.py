@@ -26,8 +26,10 @@ from safetensors.torch import save_file
 from flashserve.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM
 from flashserve.models.fp_formats import quantize_fp4_groups, quantize_fp8_blocks
 
-SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
-                  "</think>", "｜DSML｜", "<｜▁pad▁｜>"]
+SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜▁pad▁｜>"]
+# Added but not special: they must come back as text when decoded (the reasoning splitter and the DSML
+# parser read them).
+TEXT_MARKERS = ["<think>", "</think>", "｜DSML｜"]
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
@@ -90,18 +92,21 @@ def official_tensors(model: DeepseekV4ForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE trained on a few sentences, V4's special tokens first (ids 0, 1, ...)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on a few sentences, V4's special tokens first (ids 0, 1, ...) and its text
+    markers last, within `vocab_size` ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TEXT_MARKERS), special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
               '{"location": "Paris", "unit": "celsius", "temperature": 21}', "def add(a, b):\n    return a + b",
               "Let me think step by step about the weather tool call."] * 20
     tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_tokens([AddedToken(marker, special=False, normalized=False) for marker in TEXT_MARKERS])
+    assert tokenizer.get_vocab_size() <= vocab_size
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[-1],

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from flashserve.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, dequantize_checkpoint
 from flashserve.models.loading import load_checkpoint
-from flashserve.models.tiny_v4 import SPECIAL_TOKENS, TINY_CONFIG, make_tiny_v4
+from flashserve.models.tiny_v4 import SPECIAL_TOKENS, TEXT_MARKERS, TINY_CONFIG, make_tiny_v4
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,12 @@ def test_tokenizer_has_the_special_tokens_first(tiny: Path) -> None:
     ckpt = load_checkpoint(tiny)
     assert [ckpt.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS[:2]] == [0, 1]
     assert ckpt.bos_token == SPECIAL_TOKENS[0] and ckpt.eos_token == SPECIAL_TOKENS[1] and 1 in ckpt.stop_token_ids
-    for token in SPECIAL_TOKENS:
+    for token in SPECIAL_TOKENS + TEXT_MARKERS:
         assert ckpt.tokenizer.encode(f"a{token}b").tokens.count(token) == 1, token
+    for marker in TEXT_MARKERS:  # the thinking and DSML markers come back as text
+        ids = ckpt.tokenizer.encode(f"x{marker}y", add_special_tokens=False).ids
+        assert ckpt.tokenizer.decode(ids, skip_special_tokens=True) == f"x{marker}y"
+        assert max(ids) < 512
 
 
 def test_a_weight_in_the_wrong_format_is_refused() -> None:

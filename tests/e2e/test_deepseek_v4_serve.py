@@ -1,0 +1,108 @@
+"""`flashserve make-tiny-v4 DIR` then `flashserve serve --model DIR`: the DeepSeek-V4 architecture served
+end to end through the real `openai` client. The weights are random, so the tests check what the serving
+path guarantees whatever the model says: chat vs thinking mode (reasoning_content, reasoning tokens, the
+max-effort preamble), grammar-forced DSML tool calls parsed into OpenAI tool_calls with typed arguments
+(also streamed), and prefix caching in whole 128-token units. (A random model rarely closes a free-text
+value by itself, so the tool's string parameter carries a maxLength here; raw-text values are covered by
+tests/unit/test_dsml_grammar.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import _python, _stop, _wait_ready, start_server
+
+MODEL = "deepseek/deepseek-v4-flash"
+KEY = "sk-fs-tiny-v4-e2e"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                                                    "metric": {"type": "boolean"}},
+                   "required": ["city", "days", "metric"]}}}
+
+
+@pytest.fixture(scope="module")
+def v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    folder = tmp_path_factory.mktemp("tiny-v4") / "tiny-v4"
+    made = subprocess.run([_python(), "-m", "flashserve", "make-tiny-v4", str(folder), "--seed", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
+    process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_MODEL": str(folder), "FLASHSERVE_API_KEY": KEY},
+                                      unset=("FLASHSERVE_DATABASE_URL",))
+    try:
+        _wait_ready(base, process, log)
+        with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+            yield client
+    finally:
+        _stop(process, log)
+
+
+def chat(client: openai.OpenAI, **kwargs: object) -> object:
+    args: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather?"}],
+                               "max_tokens": 12, "temperature": 0}
+    args.update(kwargs)
+    return client.chat.completions.create(**args)  # type: ignore[call-overload]
+
+
+def test_chat_mode_answers_without_reasoning(v4: openai.OpenAI) -> None:
+    r = chat(v4)
+    message = r.choices[0].message
+    assert isinstance(message.content, str) and not getattr(message, "reasoning_content", None)
+    assert r.usage.completion_tokens > 0 and r.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_thinking_mode_returns_reasoning(v4: openai.OpenAI) -> None:
+    r = chat(v4, reasoning_effort="high", max_tokens=16)
+    message = r.choices[0].message
+    assert getattr(message, "reasoning_content", None), "the thinking block goes to reasoning_content"
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    high = r.usage.prompt_tokens
+    r_max = chat(v4, reasoning_effort="xhigh", max_tokens=4)  # "max": the preamble opens the prompt
+    assert r_max.usage.prompt_tokens > high + 20
+    plain = chat(v4, max_tokens=4)
+    assert plain.usage.prompt_tokens == high  # same turns; only <think> vs </think> differs, one token each
+
+
+def test_required_tool_call_is_dsml_parsed_with_types(v4: openai.OpenAI) -> None:
+    r = chat(v4, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=300)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "days", "metric"}
+    assert isinstance(args["city"], str) and isinstance(args["days"], int) and isinstance(args["metric"], bool)
+
+
+def test_named_tool_call_streams(v4: openai.OpenAI) -> None:
+    stream = chat(v4, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                  max_tokens=300, stream=True)
+    names, arguments, finish = [], "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                if delta.function and delta.function.name:
+                    names.append(delta.function.name)
+                if delta.function and delta.function.arguments:
+                    arguments += delta.function.arguments
+            finish = choice.finish_reason or finish
+    assert names == ["get_weather"] and finish == "tool_calls"
+    assert isinstance(json.loads(arguments)["days"], int)
+
+
+def test_prefix_cache_counts_whole_units(v4: openai.OpenAI) -> None:
+    long = " ".join(f"word{i}" for i in range(400))
+    first = chat(v4, messages=[{"role": "user", "content": long}], max_tokens=2)
+    assert first.usage.prompt_tokens > 300
+    second = chat(v4, messages=[{"role": "user", "content": long}], max_tokens=2)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % 128 == 0 and cached <= second.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
