@@ -198,3 +198,20 @@ def test_routers_select_exactly(pair: tuple[Any, DeepseekV4ForCausalLM]) -> None
         order, hf_order = experts.sort(dim=-1), hf_experts.sort(dim=-1)
         assert torch.equal(order.values, hf_order.values), i
         torch.testing.assert_close(weights.gather(1, order.indices), hf_weights.gather(1, hf_order.indices))
+
+
+def test_resuming_from_a_copy_at_a_unit_boundary_equals_one_call(pair: tuple[Any, DeepseekV4ForCausalLM]) -> None:
+    """What a prefix-cache hit does: copy the state at a 128-token boundary, then run the rest from the copy
+    (twice, to show the copy is untouched by the first continuation)."""
+    ours = pair[1]
+    torch.manual_seed(5)
+    ids = torch.randint(0, 512, (300,))
+    whole = ours(ids)
+    state = ours.new_state()
+    head = ours(ids[:256], state)
+    snapshot = state.copy()
+    ours(torch.randint(0, 512, (20,)), state)  # another continuation moves the original on
+    for _ in range(2):
+        resumed = snapshot.copy()
+        tail = ours(ids[256:], resumed)
+        torch.testing.assert_close(torch.cat([head, tail]), whole, rtol=0, atol=1e-5)
