@@ -227,6 +227,39 @@ class Rope:
 # Per-sequence state
 
 
+PAGE_ENTRIES = 64  # compressed entries per page
+
+
+@dataclass
+class EntryPages:
+    """A compressor's entries, append-only, in pages of PAGE_ENTRIES rows.
+
+    No page is ever written in place: a full page is final, and appending to the partial last one replaces
+    it with a new tensor. So a copy of the state (a prefix-cache snapshot) shares every page with the
+    original, and a sequence's snapshots cost one list of references each, not one copy of its entries.
+    """
+
+    pages: list[torch.Tensor] = field(default_factory=list)
+    count: int = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.count += rows.shape[0]
+        if self.pages and self.pages[-1].shape[0] < PAGE_ENTRIES:
+            room = PAGE_ENTRIES - self.pages[-1].shape[0]
+            self.pages[-1], rows = torch.cat([self.pages[-1], rows[:room]]), rows[room:]
+        if rows.shape[0]:
+            self.pages.extend(page.clone() for page in rows.split(PAGE_ENTRIES))
+
+    def all(self, dim: int) -> torch.Tensor:
+        """Every entry so far [count, dim]."""
+        if not self.pages:
+            return torch.zeros(0, dim)
+        return self.pages[0] if len(self.pages) == 1 else torch.cat(self.pages)
+
+    def copy(self) -> EntryPages:
+        return EntryPages(list(self.pages), self.count)
+
+
 @dataclass
 class CompressorState:
     """What a compressor carries between chunks: projected rows of the unfinished window, the previous
@@ -236,12 +269,12 @@ class CompressorState:
     pending_gate: torch.Tensor | None = None
     overlap_kv: torch.Tensor | None = None
     overlap_gate: torch.Tensor | None = None
-    entries: torch.Tensor | None = None
+    entries: EntryPages = field(default_factory=EntryPages)
     windows: int = 0  # whole windows compressed so far
 
     def copy(self) -> CompressorState:
         return CompressorState(*(_clone(t) for t in (self.pending_kv, self.pending_gate, self.overlap_kv,
-                                                     self.overlap_gate, self.entries)), self.windows)
+                                                     self.overlap_gate)), self.entries.copy(), self.windows)
 
 
 @dataclass
@@ -313,12 +346,9 @@ class Compressor(nn.Module):
                 kv, gate = self._with_previous_windows(kv, gate, state)
             pooled = (kv * gate.softmax(dim=1)).sum(dim=1)
             positions = (torch.arange(n) + state.windows) * self.ratio
-            entries = rotate(self.norm(pooled), *rope(positions))
-            state.entries = _cat(state.entries, entries)
+            state.entries.append(rotate(self.norm(pooled), *rope(positions)))
             state.windows += n
-        if state.entries is None:
-            state.entries = x.new_zeros(0, self.dim)
-        return state.entries
+        return state.entries.all(self.dim)
 
     def _with_previous_windows(self, kv: torch.Tensor, gate: torch.Tensor,
                                state: CompressorState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,7 @@ def indexer_margins(model: DeepseekV4ForCausalLM, ids: torch.Tensor) -> float:
 
     def hook(indexer: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
         x, q_low, positions, state, rope = args
-        keys = state.entries
+        keys = state.entries.all(indexer.dim)
         from flashserve.models.deepseek_v4 import _visible_entries, rotate
 
         q = rotate(indexer.wq_b(q_low).view(-1, indexer.heads, indexer.dim), *rope(positions))
@@ -215,3 +215,19 @@ def test_resuming_from_a_copy_at_a_unit_boundary_equals_one_call(pair: tuple[Any
         resumed = snapshot.copy()
         tail = ours(ids[256:], resumed)
         torch.testing.assert_close(torch.cat([head, tail]), whole, rtol=0, atol=1e-5)
+    # The copy shares the full pages of compressed entries with the state it was taken from, even after
+    # that state went on: 256 tokens made 64 CSA entries, one full page, which no append writes again.
+    csa, moved_on = snapshot.layers[1].compressor.entries, state.layers[1].compressor.entries
+    assert csa.count == 256 // 4 and moved_on.count == 276 // 4 and csa.pages[0] is moved_on.pages[0]
+
+
+def test_entry_pages_append_across_page_edges() -> None:
+    from flashserve.models.deepseek_v4 import PAGE_ENTRIES, EntryPages
+
+    pages = EntryPages()
+    rows = torch.arange(3 * PAGE_ENTRIES + 5, dtype=torch.float32).unsqueeze(1)
+    for piece in rows.split([1, PAGE_ENTRIES - 2, 3, 2 * PAGE_ENTRIES + 3]):
+        before = pages.copy()
+        pages.append(piece)
+        assert torch.equal(before.all(1), rows[: before.count])  # a copy never sees later appends
+    assert torch.equal(pages.all(1), rows) and all(p.shape[0] == PAGE_ENTRIES for p in pages.pages[:-1])
