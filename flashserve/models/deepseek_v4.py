@@ -663,7 +663,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         """Adopt a checkpoint's float tensors (official names, or transformers' layout), checking the names
         match exactly. The engine has no FP8/FP4 kernels yet, so `weight_quant` and `dense_dtype` are not
         applied: the loader has dequantized the official formats (`dequantize_checkpoint`)."""
-        if any(name.startswith("model.") for name in state_dict):
+        if any(name.startswith(("model.", "lm_head.")) for name in state_dict):
             state_dict = hf_to_official(state_dict, self.config)
         if not any(name.startswith("mtp.") for name in state_dict):
             self.mtp = nn.ModuleList()  # transformers drops the MTP block: such a checkpoint cannot draft
@@ -716,13 +716,17 @@ _HF_RENAMES: list[tuple[str, str]] = [
     (r"\.q_b_proj\.", ".wq_b."), (r"\.kv_proj\.", ".wkv."), (r"\.gate_proj\.", ".wgate."),
     (r"\.o_a_proj\.", ".wo_a."), (r"\.o_b_proj\.", ".wo_b."), (r"\.position_bias$", ".ape"),
     (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+    # save_pretrained maps most names back to the official ones, but turns the main attention's kv_norm
+    # into "norm" (its reverse of the compressor rule): only the compressors' norms are called that.
+    (r"^(layers\.\d+)\.attn\.norm\.", r"\1.attn.kv_norm."),
 ]
 _HF_COMPRESSOR_NORM = re.compile(r"\.compressor\.kv_norm\.|\.indexer\.compressor\.kv_norm\.")
 
 
 def hf_to_official(state: dict[str, torch.Tensor], cfg: DeepseekV4Config) -> dict[str, torch.Tensor]:
     """Rename a `transformers` DeepseekV4ForCausalLM state dict to the official names, splitting the
-    stacked expert tensors into per-expert w1/w3 (gate, up) and w2 (down)."""
+    stacked expert tensors into per-expert w1/w3 (gate, up) and w2 (down). Takes both the module's own
+    names and the mostly-official ones its `save_pretrained` writes (with a `model.` prefix)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if ".mlp.experts." in name:

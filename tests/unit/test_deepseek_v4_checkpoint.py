@@ -88,3 +88,24 @@ def test_a_weight_in_the_wrong_format_is_refused() -> None:
         dequantize_checkpoint(raw, torch.float32)
     with pytest.raises(ValueError, match="without a scale"):
         dequantize_checkpoint({"y.weight": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, torch.float32)
+
+
+def test_a_folder_transformers_saved_serves_the_same_logits(tiny: Path, tmp_path: Path) -> None:
+    """config.json as transformers writes it (layer_types, rope_parameters) and the names its save_pretrained
+    uses: the checkpoint loads and computes what transformers computes."""
+    import shutil
+
+    from flashserve.models.registry import build_model
+    from tests.unit.test_deepseek_v4_parity import random_hf_model, tiny_hf_config
+
+    hf = random_hf_model(tiny_hf_config(), seed=4)
+    hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, tmp_path / name)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.architecture == "deepseek_v4" and "layer_types" in ckpt.config
+    model = build_model(ckpt)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids.unsqueeze(0)).logits[0]
+    torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-4)
