@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from flashserve.chat.deepseek_v4 import encode_messages, render_tool_calls
 from flashserve.chat.dsml import DsmlToolCallParser
 from flashserve.chat.tools import ParsedCall
+from tests.unit.test_tools import feed_all
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -223,13 +224,7 @@ NAMES = ["get_weather", "search"]
 
 def run(pieces: list[str] | list[bytes], names: list[str] = NAMES, max_calls: int | None = None,
         ) -> tuple[str, list[ParsedCall]]:
-    parser = DsmlToolCallParser(names, max_calls)
-    content, calls = "", []
-    for piece in pieces:
-        text, new = parser.feed(piece)
-        content += text
-        calls += new
-    return content + parser.finish(), calls
+    return feed_all(DsmlToolCallParser(names, max_calls), pieces)  # type: ignore[arg-type]
 
 
 def arguments_of(calls: list[ParsedCall]) -> list[tuple[str, dict]]:
