@@ -6,6 +6,7 @@ names the base URL, the API key and every served model with its weights.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -60,8 +61,9 @@ def serve(
         server = build_server(settings, on_tensor)
     _banner(settings, server)
     sys.stdout.flush()
-    uvicorn.run(server.app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    config = uvicorn.Config(server.app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=30)
+    _DrainingServer(config, settings.shutdown_drain_s).run()
 
 
 @app.command("make-tiny-v4")
@@ -75,6 +77,48 @@ def make_tiny_v4(
     path = write(folder, seed)
     console.print(f"wrote a tiny DeepSeek-V4 checkpoint to [bold]{path}[/bold]; "
                   f"serve it with: flashserve serve --model {path}")
+
+
+class _DrainingServer:
+    """uvicorn's server with a graceful first SIGTERM/SIGINT: the app drains (api/app.py: `drain`: new
+    requests get 503, those in flight get `drain_s` to finish, then are aborted with their usage recorded)
+    before uvicorn's own shutdown, and the process then exits 0 instead of re-raising the signal. A second
+    signal stops at once."""
+
+    def __init__(self, config: object, drain_s: float) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(inner, sig: int, frame: object) -> None:  # noqa: N805 - `self` is the outer object
+                if self.draining or not inner.started:  # a second signal, or one during start-up: stop now
+                    inner.force_exit = self.draining
+                    inner.should_exit = True
+                    return
+                self.draining = True  # not recorded as a captured signal: uvicorn would re-raise it at exit
+                self.loop.call_soon_threadsafe(self._start_drain, inner)
+
+        self.draining = False
+        self.drain_s = drain_s
+        self.server = Server(config)  # type: ignore[arg-type]
+        self.loop: asyncio.AbstractEventLoop
+
+    def _start_drain(self, server: object) -> None:
+        from flashserve.api.app import drain
+
+        async def run() -> None:
+            try:
+                await drain(server.config.app, self.drain_s)  # type: ignore[attr-defined]
+            finally:
+                server.should_exit = True  # type: ignore[attr-defined]
+
+        self.task = self.loop.create_task(run())
+
+    def run(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio.run(serve())
 
 
 def _banner(settings: Settings, server: object) -> None:

@@ -106,7 +106,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     checkpoint, engine, local = _off_main_thread(load)
     _return_freed_memory()
     engine.start()
-    backend = LocalBackend(engine, local)
+    backend = LocalBackend(engine, local, max_active=settings.max_num_seqs + settings.max_queued_requests)
 
     own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
     ids = list(dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]))
@@ -132,6 +132,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
         api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
     app = create_app(catalog, accounts)
+    app.state.sse_keepalive_s = settings.sse_keepalive_s
     return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint.name)
 
 

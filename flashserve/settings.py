@@ -45,6 +45,11 @@ class Settings:
     kv_cache_tokens: int = 12288  # bf16: 283 MB for the embedded model, allocated as used
     block_size: int = 16
     max_num_seqs: int = 32
+    # Admission: requests the engine holds at once (running + queued) are capped at max_num_seqs plus this;
+    # past it a request gets 503 `overloaded` with retry-after, before any model work.
+    max_queued_requests: int = 128
+    sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event (queued or slow)
+    shutdown_drain_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish before they are aborted
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     max_context_tokens: int | None = None  # cap below the checkpoint's own context
@@ -58,6 +63,7 @@ class Settings:
         assert self.kv_cache_dtype in ("float32", "bfloat16", "float16"), self.kv_cache_dtype
         assert self.weight_dtype in ("float32", "bfloat16", "float16"), self.weight_dtype
         assert self.weight_quant in ("none", "int8", "int4"), self.weight_quant
+        assert self.max_queued_requests >= 0 and self.sse_keepalive_s > 0 and self.shutdown_drain_s >= 0
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -92,6 +98,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         return tuple(value) if kind.startswith("tuple") else value
     if kind.startswith("int"):
         return int(value)
+    if kind.startswith("float"):
+        return float(value)
     if kind.startswith("bool"):
         return value.strip().lower() in ("1", "true", "yes", "on")
     if kind.startswith("Path"):

@@ -144,3 +144,16 @@ async def audit(account_id: str, request: Request) -> dict[str, Any]:
     if await request.app.state.accounts.ledger.get_account(account_id) is None:
         raise _not_found("account", account_id)
     return await request.app.state.accounts.ledger.audit(account_id)
+
+
+@router.get("/engine")
+async def engine(request: Request) -> dict[str, Any]:
+    """Each local model's engine: block pool counts, whether its invariants hold, leaked blocks (used but
+    held by no live request), running and waiting requests. For soak tests and operators."""
+    out: dict[str, Any] = {}
+    for card in request.app.state.catalog.cards():
+        _, backend = request.app.state.catalog.resolve(card.id)
+        inspect = getattr(backend, "inspect", None)
+        if inspect is not None and card.id not in out:
+            out[card.id] = await inspect()
+    return {"object": "engine.report", "models": out}

@@ -1,6 +1,7 @@
-"""The FastAPI application: routes, error handlers, and the lifespan that opens
+"""The FastAPI application: routes, error handlers, the lifespan that opens
 the accounts database (migrating it) on start-up and closes every backend
-(draining the engine thread) and the database on shutdown.
+(draining the engine thread) and the database on shutdown, and the graceful
+drain a SIGTERM starts (`drain`).
 
 `create_app` takes fully built parts (catalog, accounts) so tests can
 assemble an app around fake backends without loading a model.
@@ -8,17 +9,67 @@ assemble an app around fake backends without loading a model.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
 from flashserve.api import admin, chat, models, usage
-from flashserve.api.errors import install_error_handlers
+from flashserve.api.errors import OpenAIError, install_error_handlers
 from flashserve.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+
+class _Admission:
+    """Counts the HTTP requests in flight (a streamed response counts until its last byte) and, once the
+    server drains, answers every new one 503 before it reaches a route (health checks still answer)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        if state.draining and scope["path"] != "/health":
+            error = OpenAIError(503, "The server is shutting down; retry shortly.", "server_error", None,
+                                "shutting_down", headers={"retry-after": "5"})
+            await error.response()(scope, receive, send)
+            return
+        state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight -= 1
+
+
+async def drain(app: FastAPI, timeout_s: float) -> None:
+    """The graceful part of a shutdown: admit nothing new, let requests in flight finish for up to
+    `timeout_s`, then abort what is left in the engines. An aborted request still ends its response and
+    records its usage (its handler does, as for a client disconnect), which this waits for."""
+    app.state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while app.state.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if app.state.inflight:
+        aborted = 0
+        for backend in app.state.catalog.backends():
+            abort_all = getattr(backend, "abort_all", None)
+            if abort_all is not None:
+                aborted += await abort_all()
+        log.warning("drain time (%.0fs) is up: aborted %d request(s) in the engine", timeout_s, aborted)
+        settle = loop.time() + 10.0
+        while app.state.inflight and loop.time() < settle:
+            await asyncio.sleep(0.05)
 
 
 def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
@@ -35,6 +86,10 @@ def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
     app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan)
     app.state.catalog = catalog
     app.state.accounts = accounts
+    app.state.draining = False
+    app.state.inflight = 0
+    app.state.sse_keepalive_s = 10.0
+    app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(models.router)
@@ -43,6 +98,7 @@ def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        return {"status": "ok", "models": [c.id for c in request.app.state.catalog.cards()]}
+        status = "draining" if request.app.state.draining else "ok"
+        return {"status": status, "models": [c.id for c in request.app.state.catalog.cards()]}
 
     return app

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -33,6 +33,7 @@ from flashserve.chat.tools import ParsedCall
 log = logging.getLogger(__name__)
 router = APIRouter()
 COST_HEADER = "x-flashserve-cost-usd"
+T = TypeVar("T")
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -51,7 +52,7 @@ async def create_chat_completion(
     meta = _Meta(ctx.request_id, int(time.time()), body.model, backend.system_fingerprint)
     if body.stream:
         return StreamingResponse(
-            _sse(generation, meter, meta, body.n or 1, body.include_usage),
+            _sse(generation, meter, meta, body.n or 1, body.include_usage, request.app.state.sse_keepalive_s),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-request-id": ctx.request_id},
         )
@@ -174,8 +175,33 @@ def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
+
+
+async def _paced(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """The source's items, with None each time `interval` seconds pass without one (a request waiting in
+    the engine's queue, or a slow step), so the stream can send a keep-alive meanwhile."""
+    it = source.__aiter__()
+    pending: asyncio.Future[T] = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+
+
 async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, keepalive_s: float = 10.0) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                                "model": meta.model, "system_fingerprint": meta.fingerprint, "choices": choices}
@@ -190,7 +216,10 @@ async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
                                  "finish_reason": None}]))
         call_counts = [0] * n
         try:
-            async for delta in generation:
+            async for delta in _paced(generation, keepalive_s):
+                if delta is None:
+                    yield KEEPALIVE
+                    continue
                 if delta.reasoning_content:
                     yield _event(chunk([{"index": delta.index, "delta": {"reasoning_content": delta.reasoning_content},
                                          "logprobs": None, "finish_reason": None}]))

@@ -54,9 +54,11 @@ class LocalModel:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, engine: AsyncEngine, model: LocalModel) -> None:
+    def __init__(self, engine: AsyncEngine, model: LocalModel, max_active: int | None = None) -> None:
         self.engine = engine
         self.model = model
+        self.max_active = max_active  # engine requests (running + queued) at once; None: unbounded
+        self._opening = 0  # choices admitted but not yet in the engine (add_request awaits)
         # Names the engine build and the exact weights: a change of either changes the fingerprint.
         ident = f"flashserve-{__version__}:{model.fingerprint}:{model.dtype}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
@@ -143,7 +145,9 @@ class LocalBackend:
                 "messages", "context_length_exceeded")
         control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
         params = [self.sampling_params(request, i) for i in range(request.n or 1)]
+        self._admit(len(params))
         streams: list[RequestStream] = []
+        self._opening += len(params)
         try:
             for i, p in enumerate(params):
                 constraint = None if grammar is None else GrammarBackend.constraint(grammar)
@@ -154,10 +158,29 @@ class LocalBackend:
                 await s.abort()
             raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
                               "engine_unavailable") from exc
+        finally:
+            self._opening -= len(params)
         names = [t.function.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
                                tool_format=self.model.tool_format)
+
+    def _admit(self, choices: int) -> None:
+        """Bound the engine's queue: past it, 503 before any model work (checked and counted without an
+        await in between, so concurrent requests cannot all slip under the bound)."""
+        if self.max_active is not None and self.engine.num_active + self._opening + choices > self.max_active:
+            raise OpenAIError(503, "The server is overloaded; please retry shortly.", "server_error", None,
+                              "overloaded", headers={"retry-after": "1"})
+
+    @property
+    def num_active(self) -> int:
+        return self.engine.num_active + self._opening
+
+    async def abort_all(self) -> int:
+        return await self.engine.abort_all()
+
+    async def inspect(self) -> dict[str, object]:
+        return await self.engine.inspect()
 
     def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
         grammars = self.model.grammars

@@ -124,6 +124,36 @@ class AsyncEngine:
         self._submit(abort)
         await done
 
+    async def inspect(self) -> dict[str, object]:
+        """The engine's block accounting, read on the engine thread between steps: the pool's counts, whether
+        its invariants hold, and how many used blocks no live request holds (leaked; 0 when all is well)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, object]] = loop.create_future()
+
+        def inspect() -> None:
+            engine = self.engine
+            try:
+                engine.kv.check_invariants()
+                problem = None
+            except AssertionError as exc:
+                problem = str(exc) or "invariant broken"
+            live = [*engine.scheduler.running, *engine.scheduler.waiting]
+            held = len({b for r in live for b in r.block_ids})
+            report: dict[str, object] = {**engine.stats(), "invariants_ok": problem is None, "problem": problem,
+                                         "held_blocks": held, "leaked_blocks": engine.kv.num_used_blocks - held,
+                                         "active_requests": len(self._streams)}
+            loop.call_soon_threadsafe(_resolve, done, report)
+
+        self._submit(inspect)
+        return await done
+
+    async def abort_all(self) -> int:
+        """Abort every request the engine holds (shutdown after the drain time); returns how many."""
+        ids = list(self._streams)
+        for request_id in ids:
+            await self.abort(request_id)
+        return len(ids)
+
     def _submit(self, command: Callable[[], None]) -> None:
         with self._wakeup:
             if not self._closed:
@@ -196,3 +226,8 @@ def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(exc)
+
+
+def _resolve(future: asyncio.Future[dict[str, object]], value: dict[str, object]) -> None:
+    if not future.done():
+        future.set_result(value)
