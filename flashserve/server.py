@@ -133,6 +133,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
         api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
     app = create_app(catalog, accounts)
     app.state.sse_keepalive_s = settings.sse_keepalive_s
+    app.state.max_body_bytes = settings.max_body_bytes
     return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint.name)
 
 

@@ -48,6 +48,7 @@ class Settings:
     # Admission: requests the engine holds at once (running + queued) are capped at max_num_seqs plus this;
     # past it a request gets 503 `overloaded` with retry-after, before any model work.
     max_queued_requests: int = 128
+    max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is parsed
     sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event (queued or slow)
     shutdown_drain_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish before they are aborted
     max_num_batched_tokens: int = 512

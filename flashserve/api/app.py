@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class _Admission:
-    """Counts the HTTP requests in flight (a streamed response counts until its last byte) and, once the
-    server drains, answers every new one 503 before it reaches a route (health checks still answer)."""
+    """In front of every route: once the server drains, every new request gets 503 (health checks still
+    answer); a body over `max_body_bytes` gets 413 before anything parses it; and the requests in flight
+    are counted (a streamed response counts until its last byte) for the drain to wait on."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -46,9 +47,50 @@ class _Admission:
             return
         state.inflight += 1
         try:
-            await self.app(scope, receive, send)
+            body = await _read_body(scope, receive, state.max_body_bytes)
+            if body is None:
+                error = OpenAIError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
+                                    "invalid_request_error", None, "request_too_large")
+                await error.response()(scope, receive, send)
+                return
+            await self.app(scope, _replay(body, receive), send)
         finally:
             state.inflight -= 1
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it is known to exceed `limit` (a declared length is
+    trusted for that, so an oversized upload is refused without reading it)."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # a disconnect: the route sees an empty body and the disconnect after
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then whatever the client sends next (its disconnect)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # type: ignore[return-value]
+
+    return replay  # type: ignore[return-value]
 
 
 async def drain(app: FastAPI, timeout_s: float) -> None:
@@ -89,6 +131,7 @@ def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
     app.state.draining = False
     app.state.inflight = 0
     app.state.sse_keepalive_s = 10.0
+    app.state.max_body_bytes = 8 << 20
     app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)

@@ -313,3 +313,20 @@ def test_server_still_answers_after_the_errors(client: openai.OpenAI, http: http
     assert "Paris" in r.choices[0].message.content
     s = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=4, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+
+def test_413_body_over_the_limit(http: httpx.Client) -> None:
+    """A body over the server's limit (8 MiB by default) is refused before it is parsed, declared length or not."""
+    huge = b'{"model": "deepseek/deepseek-v4-flash", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+    check_error(http.post("/v1/chat/completions", content=huge, headers={"content-type": "application/json"}),
+                413, code="request_too_large")
+
+    def chunks() -> object:  # no content-length: the body arrives in pieces
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+
+    check_error(http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}),
+                413, code="request_too_large")
+    # Just under the limit, the same path parses the body and answers as usual.
+    check_error(http.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"}),
+                400)
