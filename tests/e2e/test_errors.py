@@ -317,7 +317,8 @@ def test_server_still_answers_after_the_errors(client: openai.OpenAI, http: http
 
 def test_413_body_over_the_limit(http: httpx.Client) -> None:
     """A body over the server's limit (8 MiB by default) is refused before it is parsed, declared length or not."""
-    huge = b'{"model": "deepseek/deepseek-v4-flash", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+    head = b'{"model": "deepseek/deepseek-v4-flash", "messages": [{"role": "user", "content": "'
+    huge = head + b"x" * (9 << 20) + b'"}]}'
     check_error(http.post("/v1/chat/completions", content=huge, headers={"content-type": "application/json"}),
                 413, code="request_too_large")
 
