@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
+MAX_MESSAGES = 2048  # OpenAI's own limit on one request's messages
+MAX_MESSAGE_CHARS = 4 << 20  # characters of one message's text (its content parts together)
 
 
 class _Strict(BaseModel):
@@ -80,6 +82,10 @@ class ChatMessage(_Strict):
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> ChatMessage:
+        text = self.content if isinstance(self.content, str) else "".join(
+            getattr(part, "text", None) or "" for part in self.content or ())
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"a message's content may hold at most {MAX_MESSAGE_CHARS} characters")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a message with role '{self.role}' needs 'content'")
         if self.role == "tool" and not self.tool_call_id:
@@ -142,7 +148,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Unit | None = 1.0
     stream: bool | None = False

@@ -331,3 +331,13 @@ def test_413_body_over_the_limit(http: httpx.Client) -> None:
     # Just under the limit, the same path parses the body and answers as usual.
     check_error(http.post("/v1/chat/completions", content=b"[1, 2]", headers={"content-type": "application/json"}),
                 400)
+
+
+def test_400_too_many_messages_or_too_long_a_message(http: httpx.Client) -> None:
+    many = [{"role": "user", "content": "hi"}] * 2049
+    check_error(http.post("/v1/chat/completions", json={"model": "deepseek/deepseek-v4-flash", "messages": many}),
+                400, param="messages")
+    long = [{"role": "user", "content": "z" * ((4 << 20) + 1)}]
+    error = check_error(http.post("/v1/chat/completions",
+                                  json={"model": "deepseek/deepseek-v4-flash", "messages": long}), 400)
+    assert error["param"].startswith("messages[0]") and "characters" in error["message"], error

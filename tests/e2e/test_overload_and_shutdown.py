@@ -154,3 +154,25 @@ def test_admin_engine_report_shows_the_block_pool_sound(tmp_path_factory: pytest
         assert report["cached_blocks"] > 0  # the finished prompts stay in the prefix cache, free but kept
     finally:
         _stop(process, log)
+
+
+def test_a_non_streaming_client_that_leaves_aborts_its_request(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The client gives up (a read timeout closes its connection) while the answer is being generated: the
+    engine drops the request at once and its usage is recorded as cancelled, with the tokens made so far."""
+    process, base, log, data_dir = serve(tmp_path_factory, admin_key="sk-fs-admin-disconnect")
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body(3000, stream=False), headers=HEADERS,
+                       timeout=httpx.Timeout(60, read=1.5))
+        admin = {"Authorization": "Bearer sk-fs-admin-disconnect"}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            report = httpx.get(f"{base}/admin/engine", headers=admin, timeout=10).json()["models"][MODEL]
+            if report["active_requests"] == 0 and usage_rows(data_dir):
+                break
+            time.sleep(0.1)
+        assert report["active_requests"] == 0 and report["leaked_blocks"] == 0
+        [(request_id, status, completion, cost)] = usage_rows(data_dir)
+        assert status == "cancelled" and 0 < completion < 3000 and cost > 0
+    finally:
+        _stop(process, log)
