@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.db import create_engine, migrate
-from flashserve.accounts.keys import KeyStore, public_prefix
+from flashserve.accounts.keys import KeyStore
 from flashserve.accounts.ledger import Ledger
 from flashserve.accounts.limits import RateLimiter
 
@@ -84,5 +84,6 @@ class Accounts:
         if await self.keys.find(key) is not None:
             return
         account = await self.default_account()
-        await self.keys.create(account["id"], "bootstrap", key=key)
-        log.info("registered the bootstrap key %s… on the default account", public_prefix(key))
+        _, view = await self.keys.create(account["id"], "bootstrap", key=key)
+        # By id only: no part of a key goes to the logs (the banner shows it once, to whoever started us).
+        log.info("registered the bootstrap key %s on the default account", view["id"])

@@ -341,3 +341,24 @@ def test_400_too_many_messages_or_too_long_a_message(http: httpx.Client) -> None
     error = check_error(http.post("/v1/chat/completions",
                                   json={"model": "deepseek/deepseek-v4-flash", "messages": long}), 400)
     assert error["param"].startswith("messages[0]") and "characters" in error["message"], error
+
+
+def test_keys_prompts_and_outputs_stay_out_of_the_log(server: object, client: openai.OpenAI) -> None:
+    """The server's log (its stdout and stderr) never shows a key, a prompt or an answer, even for a
+    request that fails."""
+    log_path = getattr(server, "log_path", None)
+    if log_path is None:
+        pytest.skip("an external server: its log is not ours to read")
+    secret = "zebra-canary-7f3a"  # a prompt no log line could contain by chance
+    answer = client.chat.completions.create(model="deepseek/deepseek-v4-flash", temperature=0, max_tokens=8,
+                                            messages=[{"role": "user", "content": f"Repeat: {secret}"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="deepseek/deepseek-v4-flash", temperature=9,
+                                       messages=[{"role": "user", "content": secret}])
+    text = log_path.read_text(errors="replace")
+    banner_end = text.index("Started server process")  # the banner prints the key once, on purpose
+    logged = text[banner_end:]
+    assert secret not in logged
+    said = (answer.choices[0].message.content or "").strip()
+    assert len(said) < 12 or said not in logged  # a few characters could be any log line's
+    assert getattr(server, "api_key") not in logged and getattr(server, "api_key")[6:18] not in logged
