@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.conftest import Server
+
 MODEL = "deepseek/deepseek-v4-flash"
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 INVALID = "invalid_request_error"
@@ -343,10 +345,10 @@ def test_400_too_many_messages_or_too_long_a_message(http: httpx.Client) -> None
     assert error["param"].startswith("messages[0]") and "characters" in error["message"], error
 
 
-def test_keys_prompts_and_outputs_stay_out_of_the_log(server: object, client: openai.OpenAI) -> None:
+def test_keys_prompts_and_outputs_stay_out_of_the_log(server: Server, client: openai.OpenAI) -> None:
     """The server's log (its stdout and stderr) never shows a key, a prompt or an answer, even for a
     request that fails."""
-    log_path = getattr(server, "log_path", None)
+    log_path = server.log_path
     if log_path is None:
         pytest.skip("an external server: its log is not ours to read")
     secret = "zebra-canary-7f3a"  # a prompt no log line could contain by chance
@@ -361,4 +363,4 @@ def test_keys_prompts_and_outputs_stay_out_of_the_log(server: object, client: op
     assert secret not in logged
     said = (answer.choices[0].message.content or "").strip()
     assert len(said) < 12 or said not in logged  # a few characters could be any log line's
-    assert getattr(server, "api_key") not in logged and getattr(server, "api_key")[6:18] not in logged
+    assert server.api_key not in logged and server.api_key[6:18] not in logged
