@@ -4,6 +4,7 @@ it can do, what it costs) and the `Backend` that serves it.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -13,6 +14,7 @@ from typing import Any
 from flashserve.accounts.pricing import TokenPrices, per_token_pusd
 from flashserve.api.errors import NOT_FOUND, OpenAIError
 from flashserve.backends.base import Backend
+from flashserve.backends.remote import Upstream
 from flashserve.chat.reasoning import ReasoningSpec
 
 REFERENCE_MODEL_ID = "deepseek/deepseek-v4-flash"
@@ -134,11 +136,61 @@ def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
             raise CatalogError(f"{path}:{_line_of(text, model_id)}: {where} must be a table")
         entry: dict[str, Any] = {}
         for key, value in table.items():
-            if key != "prices":
-                raise CatalogError(f"{path}:{_line_of(text, key, after=model_id)}: unknown key '{where}.{key}'")
-            entry["prices"] = _prices(path, text, model_id, value)
+            line = _line_of(text, key, after=model_id)
+            if key == "prices":
+                entry["prices"] = _prices(path, text, model_id, value)
+            elif key == "backend":
+                entry["backend"] = _backend(path, text, model_id, value)
+            elif key in ("context_length", "reasoning"):
+                entry[key] = _card_value(path, line, f"{where}.{key}", value)
+            else:
+                raise CatalogError(f"{path}:{line}: unknown key '{where}.{key}'")
         out[model_id] = entry
     return out
+
+
+def _card_value(path: Path, line: int, where: str, value: Any) -> int | bool:
+    if where.endswith("reasoning"):
+        if not isinstance(value, bool):
+            raise CatalogError(f"{path}:{line}: {where} must be true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CatalogError(f"{path}:{line}: {where} must be a positive integer")
+    return value
+
+
+_BACKEND_KEYS = {"type", "url", "model", "kind", "api_key_env", "timeout_s", "retries"}
+
+
+def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream:
+    """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1), the upstream's `model`
+    name, its `kind` (openai, deepseek, vllm, sglang), the environment variable holding its key
+    (`api_key_env`: the key never sits in the file), `timeout_s` and `retries`."""
+    where = f'models."{model_id}".backend'
+    line = _line_of(text, "backend", after=model_id)
+    if not isinstance(table, dict):
+        raise CatalogError(f"{path}:{line}: {where} must be a table")
+    extra = sorted(set(table) - _BACKEND_KEYS)
+    if extra:
+        raise CatalogError(f"{path}:{_line_of(text, extra[0], after=model_id)}: unknown key '{where}.{extra[0]}'")
+    if table.get("type") != "remote":
+        raise CatalogError(f'{path}:{line}: {where}.type must be "remote" (the local engine needs no table)')
+    for key in ("url", "model"):
+        if not isinstance(table.get(key), str) or not table[key]:
+            raise CatalogError(f"{path}:{line}: {where}.{key} must be a non-empty string")
+    key_env = table.get("api_key_env")
+    api_key = None
+    if key_env is not None:
+        api_key = os.environ.get(str(key_env))
+        if not api_key:
+            raise CatalogError(f"{path}:{_line_of(text, 'api_key_env', after=model_id)}: {where}.api_key_env "
+                               f"names {key_env}, which is not set")
+    try:
+        return Upstream(url=table["url"], model=table["model"], kind=str(table.get("kind", "openai")),
+                        api_key=api_key, timeout_s=float(table.get("timeout_s", 600.0)),
+                        retries=int(table.get("retries", 2)))
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"{path}:{line}: {where}: {exc}") from None
 
 
 def _prices(path: Path, text: str, model_id: str, table: Any) -> Prices:

@@ -25,6 +25,7 @@ from flashserve.accounts.pricing import pusd_from_usd
 from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
 from flashserve.backends.local import LocalBackend, LocalModel
+from flashserve.backends.remote import RemoteBackend, Upstream
 from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
 from flashserve.chat.deepseek_v4 import THINK_END, DeepseekV4Template
 from flashserve.chat.reasoning import ReasoningSpec
@@ -113,7 +114,22 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     overrides = load_catalog_file(settings.catalog) if settings.catalog else {}
     catalog = Catalog()
     created = int(time.time())
+    remote = {model_id: entry for model_id, entry in overrides.items() if "backend" in entry}
+    for model_id, entry in remote.items():  # served by an upstream engine, billed here
+        upstream: Upstream = entry["backend"]
+        catalog.add(ModelCard(
+            id=model_id,
+            context_length=entry.get("context_length", 1 << 20),
+            prices=entry.get("prices", REFERENCE_PRICES),
+            owned_by="flashserve",
+            reasoning=ReasoningSpec(can_think=entry.get("reasoning", upstream.kind != "openai")),
+            created=created,
+            weights=f"{upstream.model} at {upstream.url} ({upstream.kind})",
+            description=f"{upstream.model} on a remote {upstream.kind} engine",
+        ), RemoteBackend(upstream))
     for model_id in ids:
+        if model_id in remote:
+            continue
         stand_in = model_id == REFERENCE_MODEL_ID
         catalog.add(ModelCard(
             id=model_id,

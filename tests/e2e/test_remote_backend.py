@@ -1,0 +1,130 @@
+"""A model served by a remote upstream: flashserve keeps the API, keys and billing, the upstream generates.
+
+The upstream is a real process on 127.0.0.1: a faithful stand-in for DeepSeek's API
+(tests/e2e/fake_deepseek.py). flashserve is started with a catalog file that points a model at it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+
+KEY = "sk-fs-remote-e2e-client"
+ADMIN = "sk-fs-remote-e2e-admin"
+UPSTREAM_KEY = "upstream-secret-42"
+MODEL = "ds-remote"
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, str]]:
+    port = _free_port()
+    upstream = subprocess.Popen([_python(), "-m", "tests.e2e.fake_deepseek", str(port), UPSTREAM_KEY], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    upstream_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{upstream_url}/requests", timeout=2)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the stand-in upstream did not start"
+            time.sleep(0.2)
+    catalog = tmp_path_factory.mktemp("catalog") / "catalog.toml"
+    catalog.write_text(f'''
+[models."{MODEL}"]
+context_length = 131072
+reasoning = true
+
+[models."{MODEL}".prices]
+input_cache_hit = "0.0028"
+input_cache_miss = "0.14"
+output = "0.28"
+
+[models."{MODEL}".backend]
+type = "remote"
+url = "{upstream_url}/v1"
+model = "deepseek-v4-flash"
+kind = "deepseek"
+api_key_env = "FLASHSERVE_TEST_UPSTREAM_KEY"
+retries = 2
+''')
+    env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
+           "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
+    try:
+        _wait_ready(base, process, log)
+        with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+            yield client, base, upstream_url
+    finally:
+        _stop(process, log)
+        upstream.terminate()
+        upstream.wait(timeout=10)
+
+
+def sent_upstream(upstream_url: str) -> list[dict]:
+    return httpx.get(f"{upstream_url}/requests", timeout=10).json()
+
+
+def test_non_streaming_answer_usage_and_billing(remote: tuple[openai.OpenAI, str, str]) -> None:
+    client, base, upstream_url = remote
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       reasoning_effort="medium")
+    assert r.choices[0].message.content == "Hello from upstream"
+    assert r.choices[0].message.reasoning_content == "Let me think."  # type: ignore[attr-defined]
+    assert r.usage.prompt_tokens == 100 and r.usage.completion_tokens == 7
+    assert r.usage.prompt_tokens_details.cached_tokens == 64  # DeepSeek's prompt_cache_hit_tokens
+    assert r.usage.completion_tokens_details.reasoning_tokens == 3
+    expected_pusd = 64 * 2_800 + 36 * 140_000 + 7 * 280_000  # the reference prices, per token
+    assert round(r.usage.cost * 1e12) == expected_pusd  # type: ignore[attr-defined]
+    last = sent_upstream(upstream_url)[-1]
+    assert last["body"]["model"] == "deepseek-v4-flash" and last["body"]["stream"] is True
+    assert last["body"]["thinking"] == {"type": "enabled"} and last["body"]["reasoning_effort"] == "high"
+    assert last["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert KEY not in str(last["headers"])  # the client's key never leaves flashserve
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as admin:
+        records = admin.get("/admin/usage/records").json()["data"]
+    assert any(rec["model"] == MODEL and rec["cached_tokens"] == 64 and rec["cost_pusd"] == expected_pusd
+               for rec in records), records
+
+
+def test_streaming_passes_through_with_usage(remote: tuple[openai.OpenAI, str, str]) -> None:
+    client, _, upstream_url = remote
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            reasoning_effort="none", stream=True,
+                                            stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+        usage = chunk.usage or usage
+    assert text == "Hello from upstream" and usage is not None and usage.prompt_tokens_details.cached_tokens == 64
+    assert sent_upstream(upstream_url)[-1]["body"]["thinking"] == {"type": "disabled"}
+
+
+def test_upstream_failures(remote: tuple[openai.OpenAI, str, str]) -> None:
+    client, _, upstream_url = remote
+    before = len(sent_upstream(upstream_url))
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "fail once please"}])
+    assert r.choices[0].message.content == "Hello from upstream"  # retried: nothing had reached the client
+    assert len(sent_upstream(upstream_url)) == before + 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "reject this"}])
+    error = caught.value.body
+    assert "Invalid max_tokens value" in error["message"] and error["code"] == "upstream_invalid_request"
+
+
+def test_a_wrong_upstream_key_is_a_502_not_the_clients_fault(tmp_path: Path) -> None:
+    from flashserve.backends.remote import upstream_error
+
+    err = upstream_error(401, '{"error": {"message": "Authentication Fails"}}', {})
+    assert err.status == 502 and err.code == "upstream_auth_failed"
+    assert os.environ.get("FLASHSERVE_TEST_UPSTREAM_KEY") is None  # the key only lives in the server's env

@@ -1,0 +1,86 @@
+"""The remote backend's translations, without a network: request bodies per upstream kind, usage
+normalization from each engine's fields, error mapping, and the catalog's backend table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flashserve.api.schemas import ChatCompletionRequest
+from flashserve.backends.remote import RemoteGeneration, Upstream, normalize_usage, upstream_body, upstream_error
+from flashserve.catalog import CatalogError, load_catalog_file
+
+
+def request(**kw: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+@pytest.mark.parametrize(("kind", "effort", "expected"), [
+    ("deepseek", "low", {"thinking": {"type": "enabled"}, "reasoning_effort": "high"}),
+    ("deepseek", "xhigh", {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}),
+    ("deepseek", "none", {"thinking": {"type": "disabled"}}),
+    ("vllm", "max", {"chat_template_kwargs": {"thinking": True, "reasoning_effort": "max"}}),
+    ("sglang", "none", {"chat_template_kwargs": {"thinking": False}}),
+    ("openai", "medium", {"reasoning_effort": "medium"}),
+])
+def test_reasoning_effort_per_upstream_kind(kind: str, effort: str, expected: dict) -> None:
+    body = upstream_body(request(reasoning_effort=effort, max_tokens=5), Upstream("http://u/v1", "up-model", kind))
+    assert body["model"] == "up-model" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 5
+    for key in ("thinking", "reasoning_effort", "chat_template_kwargs"):
+        assert body.get(key) == expected.get(key), key
+
+
+def test_usage_from_each_engine() -> None:
+    deepseek = normalize_usage({"prompt_tokens": 100, "completion_tokens": 7, "prompt_cache_hit_tokens": 64,
+                                "prompt_cache_miss_tokens": 36, "completion_tokens_details": {"reasoning_tokens": 3}})
+    assert (deepseek.prompt_tokens, deepseek.cached_tokens, deepseek.completion_tokens, deepseek.reasoning_tokens) \
+        == (100, 64, 7, 3)
+    vllm = normalize_usage({"prompt_tokens": 50, "completion_tokens": 5,
+                            "prompt_tokens_details": {"cached_tokens": 32}})
+    assert (vllm.cached_tokens, vllm.reasoning_tokens) == (32, 0)
+    sglang = normalize_usage({"prompt_tokens": 50, "completion_tokens": 9, "reasoning_tokens": 4,
+                              "prompt_tokens_details": None})
+    assert (sglang.cached_tokens, sglang.reasoning_tokens) == (0, 4)
+
+
+def test_vllm_reasoning_field_becomes_reasoning_content() -> None:
+    gen = RemoteGeneration.__new__(RemoteGeneration)
+    gen._calls = {}
+    delta = gen._delta({"index": 0, "delta": {"reasoning": "thinking..."}})
+    assert delta is not None and delta.reasoning_content == "thinking..."
+    gen._delta({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f",
+                                                                                           "arguments": '{"a"'}}]}})
+    gen._delta({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}})
+    end = gen._delta({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
+    assert end is not None and [(c.id, c.name, c.arguments) for c in end.tool_calls] == [("call_1", "f", '{"a": 1}')]
+
+
+@pytest.mark.parametrize(("status", "ours", "code"), [(400, 400, "upstream_invalid_request"),
+                                                     (429, 429, "upstream_rate_limited"),
+                                                     (403, 502, "upstream_auth_failed"),
+                                                     (500, 502, "upstream_error")])
+def test_upstream_errors_map_to_ours(status: int, ours: int, code: str) -> None:
+    err = upstream_error(status, '{"error": {"message": "nope", "param": "max_tokens"}}', {"retry-after": "7"})
+    assert (err.status, err.code) == (ours, code)
+    if status == 429:
+        assert err.headers["retry-after"] == "7"
+
+
+def test_catalog_backend_errors_name_the_key_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "catalog.toml"
+    path.write_text('[models."m"]\ncontext_length = 4096\n\n[models."m".backend]\ntype = "remote"\n'
+                    'url = "http://x/v1"\nmodel = "up"\nkind = "tgi"\n')
+    with pytest.raises(CatalogError, match="catalog.toml:4: .*kind must be one of"):
+        load_catalog_file(path)
+    path.write_text('[models."m".backend]\ntype = "remote"\nurl = "http://x/v1"\nmodel = "up"\n'
+                    'api_key_env = "NOT_SET_ANYWHERE"\n')
+    with pytest.raises(CatalogError, match=r"catalog.toml:5: .*NOT_SET_ANYWHERE, which is not set"):
+        load_catalog_file(path)
+    monkeypatch.setenv("NOT_SET_ANYWHERE", "k")
+    entry = load_catalog_file(path)["m"]["backend"]
+    assert entry.api_key == "k" and entry.kind == "openai"
+    path.write_text('[models."m"]\ncontext_length = -3\n')
+    with pytest.raises(CatalogError, match="catalog.toml:2: .*context_length must be a positive integer"):
+        load_catalog_file(path)
