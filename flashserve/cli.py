@@ -40,14 +40,15 @@ def serve(
     weight_dtype: Annotated[str | None, typer.Option(help="Dense matmul weights: bfloat16 or float32.")] = None,
     weight_quant: Annotated[str | None, typer.Option(help="Decode weights: int4, int8 or none.")] = None,
     kv_cache_tokens: Annotated[int | None, typer.Option(help="Tokens of KV cache to preallocate.")] = None,
-    catalog: Annotated[Path | None, typer.Option(help="TOML catalog file (prices per model).")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="TOML catalog file (models, prices, backends).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Engine worker processes behind one router.")] = None,
 ) -> None:
     """Load the model and serve the chat completions API."""
     import uvicorn
 
     settings = Settings.load(config, model=model, host=host, port=port, data_dir=data_dir, dtype=dtype,
                              weight_dtype=weight_dtype, weight_quant=weight_quant,
-                             kv_cache_tokens=kv_cache_tokens, catalog=catalog)
+                             kv_cache_tokens=kv_cache_tokens, catalog=catalog, workers=workers)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flashserve.server import build_server
 

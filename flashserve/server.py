@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import torch
 from fastapi import FastAPI
 
@@ -26,6 +31,7 @@ from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.backends.remote import RemoteBackend, Upstream
+from flashserve.backends.router import Replica, Router
 from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
 from flashserve.chat.deepseek_v4 import THINK_END, DeepseekV4Template
 from flashserve.chat.reasoning import ReasoningSpec
@@ -99,6 +105,8 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     path = Path(settings.model) if settings.model else embedded_model_path()
+    if settings.workers:
+        return _build_router_server(settings, path)
 
     def load() -> tuple[Checkpoint, AsyncEngine, LocalModel]:
         checkpoint = load_checkpoint(path, _DTYPES[settings.dtype], progress)
@@ -143,6 +151,11 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
                          if stand_in else f"{checkpoint.name} on the embedded engine"),
         ), backend)
 
+    return _finish_server(settings, catalog, checkpoint.name)
+
+
+def _finish_server(settings: Settings, catalog: Catalog, checkpoint_name: str) -> Server:
+    """Accounts, the app and its settings around a filled catalog."""
     api_key = settings.api_key or generate_key()
     admin_key = settings.admin_key or generate_key()
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
@@ -150,7 +163,93 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     app = create_app(catalog, accounts)
     app.state.sse_keepalive_s = settings.sse_keepalive_s
     app.state.max_body_bytes = settings.max_body_bytes
-    return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint.name)
+    return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint_name)
+
+
+def _build_router_server(settings: Settings, path: Path) -> Server:
+    """`--workers N`: N `flashserve serve` processes on this machine, each with its own engine on a free
+    local port and an internal key, behind one router that keeps the API, the keys and the billing here."""
+    workers = WorkerPool.start(settings, path)
+    replicas = [Replica(url, RemoteBackend(Upstream(f"{url}/v1", EMBEDDED_MODEL_ID if not settings.model
+                                                    else path.name.removesuffix(".gguf").lower(),
+                                                    "openai", workers.key, retries=0)),
+                        health_url=f"{url}/health", pid=process.pid)
+                for url, process in zip(workers.urls, workers.processes, strict=True)]
+    router = Router(replicas, settings.routing_policy, settings.routing_margin)
+    router.on_close = workers.stop
+    catalog = Catalog()
+    created = int(time.time())
+    own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
+    context = workers.context_length
+    for model_id in dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]):
+        catalog.add(ModelCard(
+            id=model_id, context_length=context, prices=REFERENCE_PRICES,
+            owned_by="deepseek" if model_id == REFERENCE_MODEL_ID else "flashserve", created=created,
+            weights=f"{path.name} on {len(workers.urls)} local workers ({settings.routing_policy} routing)",
+            description=f"{path.name} behind a router of {len(workers.urls)} engine workers",
+        ), router)
+    return _finish_server(settings, catalog, path.name)
+
+
+@dataclass
+class WorkerPool:
+    processes: list[subprocess.Popen[bytes]]
+    urls: list[str]
+    key: str
+    context_length: int
+
+    @classmethod
+    def start(cls, settings: Settings, path: Path, timeout_s: float = 300.0) -> WorkerPool:
+        key = generate_key()
+        processes, urls = [], []
+        for i in range(settings.workers):
+            port = _free_port()
+            data = Path(settings.data_dir) / f"worker-{i}"
+            data.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "FLASHSERVE_API_KEY": key, "FLASHSERVE_WORKERS": "0", "PYTHONUNBUFFERED": "1"}
+            env.pop("FLASHSERVE_CATALOG", None)
+            env.pop("FLASHSERVE_DATABASE_URL", None)  # each worker keeps its own (unused) ledger
+            cmd = [sys.executable, "-m", "flashserve", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--data-dir", str(data)] + (["--model", str(path)] if settings.model else [])
+            with open(data / "worker.log", "wb") as log_file:
+                processes.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        pool = cls(processes, urls, key, 0)
+        deadline = time.monotonic() + timeout_s
+        for process, url in zip(processes, urls, strict=True):
+            while True:
+                if process.poll() is not None:
+                    pool.stop()
+                    raise RuntimeError(f"engine worker {url} exited during start-up (see its worker.log)")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pool.stop()
+                    raise RuntimeError(f"engine worker {url} not ready after {timeout_s:.0f}s")
+                time.sleep(0.25)
+        models = httpx.get(f"{urls[0]}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
+        pool.context_length = int(models["data"][0]["context_length"])
+        return pool
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _return_freed_memory() -> None:

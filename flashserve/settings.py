@@ -56,6 +56,10 @@ class Settings:
     max_context_tokens: int | None = None  # cap below the checkpoint's own context
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
     log_level: str = "info"
+    # Scale-out on this machine: N engine worker processes behind one router (0: the engine in-process).
+    workers: int = 0
+    routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
+    routing_margin: int = 4  # prefix_aware: requests in flight a preferred replica may have beyond the least
 
     def __post_init__(self) -> None:
         assert 0 < self.port < 65536, self.port
@@ -65,6 +69,7 @@ class Settings:
         assert self.weight_dtype in ("float32", "bfloat16", "float16"), self.weight_dtype
         assert self.weight_quant in ("none", "int8", "int4"), self.weight_quant
         assert self.max_queued_requests >= 0 and self.sse_keepalive_s > 0 and self.shutdown_drain_s >= 0
+        assert self.workers >= 0 and self.routing_policy in ("round_robin", "least_load", "prefix_aware")
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -27,6 +27,7 @@ from flashserve.api.billing import Meter
 from flashserve.api.errors import SERVER_ERROR, OpenAIError, invalid_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.base import Generation, RequestContext, Usage
+from flashserve.backends.remote import CACHE_SALT_HEADER
 from flashserve.catalog import ModelCard
 from flashserve.chat.tools import ParsedCall
 
@@ -42,7 +43,11 @@ async def create_chat_completion(
 ) -> JSONResponse | StreamingResponse:
     card, backend = request.app.state.catalog.resolve(body.model)
     check_request(body, card)
-    ctx = RequestContext(request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=principal.account_id)
+    # A router in front (backends/router.py) passes its tenant along: it can only narrow the namespace of
+    # this account's prefix cache, never reach another account's.
+    salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
+    tenant = principal.account_id + (f"/{salt}" if salt else "")
+    ctx = RequestContext(request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant)
     meter = await Meter.admit(request.app.state.accounts, principal, card.id, card.token_prices, ctx.request_id)
     try:
         generation = await backend.open(body, ctx)

@@ -39,6 +39,7 @@ from flashserve.chat.tools import ParsedCall
 
 KINDS = ("openai", "deepseek", "vllm", "sglang")
 RETRYABLE_STATUS = {500, 502, 503, 504}
+CACHE_SALT_HEADER = "x-flashserve-cache-salt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,9 @@ class RemoteBackend:
     async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> RemoteGeneration:
         body = upstream_body(request, self.upstream)
         headers = {"x-request-id": ctx.request_id}
+        if self.upstream.kind == "openai" and ctx.tenant:
+            # Another flashserve (a worker) namespaces its prefix cache with this too: tenants stay apart.
+            headers[CACHE_SALT_HEADER] = ctx.tenant
         if self.upstream.api_key:
             headers["Authorization"] = f"Bearer {self.upstream.api_key}"
         url = self.upstream.url.rstrip("/") + "/chat/completions"
