@@ -159,13 +159,22 @@ def _card_value(path: Path, line: int, where: str, value: Any) -> int | bool:
     return value
 
 
-_BACKEND_KEYS = {"type", "url", "model", "kind", "api_key_env", "timeout_s", "retries"}
+_BACKEND_KEYS = {"type", "url", "replicas", "policy", "model", "kind", "api_key_env", "timeout_s", "retries"}
 
 
-def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream:
-    """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1), the upstream's `model`
-    name, its `kind` (openai, deepseek, vllm, sglang), the environment variable holding its key
-    (`api_key_env`: the key never sits in the file), `timeout_s` and `retries`."""
+@dataclass(frozen=True, slots=True)
+class ReplicaSet:
+    """A catalog backend of several upstreams behind one router."""
+
+    upstreams: tuple[Upstream, ...]
+    policy: str = "prefix_aware"
+
+
+def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream | ReplicaSet:
+    """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1) or a list of them as
+    `replicas` (with a routing `policy`), the upstream's `model` name, its `kind` (openai, deepseek, vllm,
+    sglang), the environment variable holding its key (`api_key_env`: the key never sits in the file),
+    `timeout_s` and `retries`."""
     where = f'models."{model_id}".backend'
     line = _line_of(text, "backend", after=model_id)
     if not isinstance(table, dict):
@@ -175,6 +184,17 @@ def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream:
         raise CatalogError(f"{path}:{_line_of(text, extra[0], after=model_id)}: unknown key '{where}.{extra[0]}'")
     if table.get("type") != "remote":
         raise CatalogError(f'{path}:{line}: {where}.type must be "remote" (the local engine needs no table)')
+    replicas = table.get("replicas")
+    if replicas is not None:
+        if "url" in table or not isinstance(replicas, list) or not replicas or \
+                not all(isinstance(u, str) and u for u in replicas):
+            raise CatalogError(f"{path}:{_line_of(text, 'replicas', after=model_id)}: {where}.replicas must be a "
+                               "non-empty list of URLs (instead of url)")
+        table = {**table, "url": replicas[0]}
+    policy = table.get("policy", "prefix_aware")
+    if policy not in ("round_robin", "least_load", "prefix_aware"):
+        raise CatalogError(f"{path}:{_line_of(text, 'policy', after=model_id)}: {where}.policy must be "
+                           "round_robin, least_load or prefix_aware")
     for key in ("url", "model"):
         if not isinstance(table.get(key), str) or not table[key]:
             raise CatalogError(f"{path}:{line}: {where}.{key} must be a non-empty string")
@@ -186,11 +206,13 @@ def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream:
             raise CatalogError(f"{path}:{_line_of(text, 'api_key_env', after=model_id)}: {where}.api_key_env "
                                f"names {key_env}, which is not set")
     try:
-        return Upstream(url=table["url"], model=table["model"], kind=str(table.get("kind", "openai")),
-                        api_key=api_key, timeout_s=float(table.get("timeout_s", 600.0)),
-                        retries=int(table.get("retries", 2)))
+        upstreams = tuple(Upstream(url=url, model=table["model"], kind=str(table.get("kind", "openai")),
+                                   api_key=api_key, timeout_s=float(table.get("timeout_s", 600.0)),
+                                   retries=int(table.get("retries", 2 if replicas is None else 0)))
+                          for url in (replicas or [table["url"]]))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"{path}:{line}: {where}: {exc}") from None
+    return upstreams[0] if replicas is None else ReplicaSet(upstreams, policy)
 
 
 def _prices(path: Path, text: str, model_id: str, table: Any) -> Prices:

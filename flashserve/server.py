@@ -29,10 +29,18 @@ from flashserve.accounts.keys import generate_key
 from flashserve.accounts.pricing import pusd_from_usd
 from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
+from flashserve.backends.base import Backend
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.backends.remote import RemoteBackend, Upstream
 from flashserve.backends.router import Replica, Router
-from flashserve.catalog import REFERENCE_MODEL_ID, REFERENCE_PRICES, Catalog, ModelCard, load_catalog_file
+from flashserve.catalog import (
+    REFERENCE_MODEL_ID,
+    REFERENCE_PRICES,
+    Catalog,
+    ModelCard,
+    ReplicaSet,
+    load_catalog_file,
+)
 from flashserve.chat.deepseek_v4 import THINK_END, DeepseekV4Template
 from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.structured import GrammarBackend
@@ -123,8 +131,12 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     catalog = Catalog()
     created = int(time.time())
     remote = {model_id: entry for model_id, entry in overrides.items() if "backend" in entry}
-    for model_id, entry in remote.items():  # served by an upstream engine, billed here
-        upstream: Upstream = entry["backend"]
+    for model_id, entry in remote.items():  # served by upstream engines, billed here
+        spec: Upstream | ReplicaSet = entry["backend"]
+        upstream = spec.upstreams[0] if isinstance(spec, ReplicaSet) else spec
+        backend: Backend = RemoteBackend(upstream) if isinstance(spec, Upstream) else Router(
+            [Replica(u.url, RemoteBackend(u), health_url=u.url.rstrip("/").removesuffix("/v1") + "/health")
+             for u in spec.upstreams], spec.policy)
         catalog.add(ModelCard(
             id=model_id,
             context_length=entry.get("context_length", 1 << 20),
@@ -134,7 +146,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             created=created,
             weights=f"{upstream.model} at {upstream.url} ({upstream.kind})",
             description=f"{upstream.model} on a remote {upstream.kind} engine",
-        ), RemoteBackend(upstream))
+        ), backend)
     for model_id in ids:
         if model_id in remote:
             continue

@@ -84,3 +84,22 @@ def test_catalog_backend_errors_name_the_key_and_line(tmp_path: Path, monkeypatc
     path.write_text('[models."m"]\ncontext_length = -3\n')
     with pytest.raises(CatalogError, match="catalog.toml:2: .*context_length must be a positive integer"):
         load_catalog_file(path)
+
+
+def test_catalog_replica_sets(tmp_path: Path) -> None:
+    from flashserve.catalog import ReplicaSet
+
+    path = tmp_path / "catalog.toml"
+    path.write_text('[models."m".backend]\ntype = "remote"\nreplicas = ["http://a/v1", "http://b/v1"]\n'
+                    'model = "up"\nkind = "vllm"\npolicy = "least_load"\n')
+    spec = load_catalog_file(path)["m"]["backend"]
+    assert isinstance(spec, ReplicaSet) and spec.policy == "least_load"
+    assert [u.url for u in spec.upstreams] == ["http://a/v1", "http://b/v1"] and all(u.retries == 0 for u in
+                                                                                    spec.upstreams)
+    path.write_text('[models."m".backend]\ntype = "remote"\nreplicas = []\nmodel = "up"\n')
+    with pytest.raises(CatalogError, match="catalog.toml:3: .*replicas must be a non-empty list"):
+        load_catalog_file(path)
+    path.write_text('[models."m".backend]\ntype = "remote"\nreplicas = ["http://a/v1"]\nmodel = "up"\n'
+                    'policy = "random"\n')
+    with pytest.raises(CatalogError, match="catalog.toml:5: .*policy must be"):
+        load_catalog_file(path)
