@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -99,22 +100,33 @@ def test_a_full_queue_answers_503_and_a_queued_stream_keeps_alive(tmp_path_facto
         _stop(process, log)
 
 
-def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path_factory: pytest.TempPathFactory) -> None:
-    process, base, log, data_dir = serve(tmp_path_factory, shutdown_drain_s="60")
+def sigterm_during_a_stream(tmp_path_factory: pytest.TempPathFactory, drain_s: str, max_tokens: int,
+                            meanwhile: Callable[[str], None] = lambda base: None) -> tuple[Stream, Path]:
+    """Start a server, start a stream, SIGTERM the server once tokens flow, run `meanwhile(base)`, and
+    check the process exits 0; returns the stream and the data dir (for the ledger)."""
+    process, base, log, data_dir = serve(tmp_path_factory, shutdown_drain_s=drain_s)
     try:
-        stream = Stream(base, 120)
+        stream = Stream(base, max_tokens)
         stream.start()
         assert stream.first_token.wait(60)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        r = httpx.post(f"{base}/v1/chat/completions", json=body(2, stream=False), headers=HEADERS, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
-        assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "draining"
+        meanwhile(base)
         stream.join(120)
         assert process.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]
     finally:
         if process.poll() is None:
             _stop(process, log)
+    return stream, data_dir
+
+
+def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path_factory: pytest.TempPathFactory) -> None:
+    def new_work_is_refused(base: str) -> None:
+        time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/chat/completions", json=body(2, stream=False), headers=HEADERS, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "draining"
+
+    stream, data_dir = sigterm_during_a_stream(tmp_path_factory, "60", 120, new_work_is_refused)
     assert stream.lines[-1] == "data: [DONE]"
     assert stream.events()[-1]["choices"][0]["finish_reason"] == "length"
     [(request_id, status, completion, cost)] = usage_rows(data_dir)
@@ -122,17 +134,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tmp_path_factory: pytest.Tem
 
 
 def test_sigterm_past_the_drain_time_aborts_and_records(tmp_path_factory: pytest.TempPathFactory) -> None:
-    process, base, log, data_dir = serve(tmp_path_factory, shutdown_drain_s="0.5")
-    try:
-        stream = Stream(base, 4000)
-        stream.start()
-        assert stream.first_token.wait(60)
-        process.send_signal(signal.SIGTERM)
-        stream.join(120)
-        assert process.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if process.poll() is None:
-            _stop(process, log)
+    stream, data_dir = sigterm_during_a_stream(tmp_path_factory, "0.5", 4000)
     errors = [e for e in stream.events() if "error" in e]
     assert errors and errors[0]["error"]["code"] == "request_aborted", stream.lines[-3:]
     assert stream.lines[-1] == "data: [DONE]"
