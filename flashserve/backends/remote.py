@@ -127,6 +127,14 @@ class RemoteBackend:
         ident = f"{upstream.url}|{upstream.model}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
         self.active = 0
+        self._open: set[RemoteGeneration] = set()  # for abort_all (the server's drain)
+
+    async def abort_all(self) -> int:
+        """Close every upstream stream in flight (shutdown after the drain time); returns how many."""
+        open_now = list(self._open)
+        for generation in open_now:
+            await generation.abort()
+        return len(open_now)
 
     async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> RemoteGeneration:
         body = upstream_body(request, self.upstream)
@@ -180,6 +188,7 @@ class RemoteGeneration:
         self._calls: dict[tuple[int, int], dict[str, str]] = {}
         self._closed = False
         backend.active += 1
+        backend._open.add(self)
 
     def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
         return self._deltas()
@@ -203,7 +212,10 @@ class RemoteGeneration:
                     delta = self._delta(choice)
                     if delta is not None:
                         yield delta
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if self._closed:  # abort_all closed the stream under us (the server's drain time is up)
+                raise OpenAIError(503, "The request was aborted by the server.", SERVER_ERROR, None,
+                                  "request_aborted") from exc
             raise OpenAIError(502, "The upstream connection failed mid-stream.", SERVER_ERROR, None,
                               "upstream_error") from exc
         finally:
@@ -237,4 +249,5 @@ class RemoteGeneration:
         if not self._closed:
             self._closed = True
             self._backend.active -= 1
+            self._backend._open.discard(self)
             await self._response.aclose()

@@ -95,6 +95,7 @@ class Router:
         self.system_fingerprint = replicas[0].backend.system_fingerprint
         self._turn = itertools.count()
         self._health: asyncio.Task[None] | None = None
+        self._open: set[RoutedGeneration] = set()  # for abort_all (the server's drain)
         self.on_close: Callable[[], None] | None = None  # e.g. stop the worker processes behind the replicas
 
     async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> RoutedGeneration:
@@ -118,7 +119,16 @@ class Router:
                 continue  # nothing has reached the client: the next replica may serve it
             replica.served += 1
             replica.remember(hashes, self.max_prefixes)
-            return RoutedGeneration(generation, replica, self)
+            routed = RoutedGeneration(generation, replica, self)
+            self._open.add(routed)
+            return routed
+
+    async def abort_all(self) -> int:
+        """Abort every request in flight through this router (shutdown after the drain time)."""
+        open_now = list(self._open)
+        for routed in open_now:
+            await routed.abort()
+        return len(open_now)
 
     def pick(self, hashes: list[bytes], exclude: list[Replica] = ()) -> Replica | None:  # type: ignore[assignment]
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
@@ -214,4 +224,5 @@ class RoutedGeneration:
         if not self._done:
             self._done = True
             self._replica.active -= 1
+            self._router._open.discard(self)
 

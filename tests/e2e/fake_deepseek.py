@@ -4,16 +4,18 @@ It streams as DeepSeek does: `reasoning_content` deltas when thinking is enabled
 `content`, then a usage chunk with DeepSeek's own fields (`prompt_cache_hit_tokens`,
 `prompt_cache_miss_tokens`, `completion_tokens_details.reasoning_tokens`). It demands its own key, and
 records every request it got (`GET /requests`) so the tests can see what flashserve sent upstream.
-The last user message steers it: "fail once" answers 500 to the first try, "reject" answers 400.
+The last user message steers it: "fail once" answers 503 to the first try, "reject" answers 400, "stall"
+waits 30 s before answering, "slowly" streams a token every 0.2 s for a minute.
 
     python -m tests.e2e.fake_deepseek PORT KEY
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,10 +45,21 @@ async def chat(request: Request) -> object:
     if "reject" in text:
         return JSONResponse({"error": {"message": "Invalid max_tokens value", "type": "invalid_request_error",
                                        "param": "max_tokens"}}, 400)
+    if "stall" in text:  # never answers in time
+        await asyncio.sleep(30)
     if "fail once" in text and text not in FAILED_ONCE:
         FAILED_ONCE.add(text)
         return JSONResponse({"error": {"message": "Server overloaded"}}, 503)
     thinking = (body.get("thinking") or {}).get("type") == "enabled"
+
+    if "slowly" in text:  # a token every 0.2 s for a minute: a stream still running when the test acts
+        async def trickle() -> AsyncIterator[str]:
+            yield _chunk({"role": "assistant", "content": ""})
+            for _ in range(300):
+                await asyncio.sleep(0.2)
+                yield _chunk({"content": "tick "})
+
+        return StreamingResponse(trickle(), media_type="text/event-stream")
 
     def events() -> Iterator[str]:
         yield _chunk({"role": "assistant", "content": ""})

@@ -24,8 +24,7 @@ UPSTREAM_KEY = "upstream-secret-42"
 MODEL = "ds-remote"
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, str]]:
+def start_stand_in() -> tuple[subprocess.Popen, str]:
     port = _free_port()
     upstream = subprocess.Popen([_python(), "-m", "tests.e2e.fake_deepseek", str(port), UPSTREAM_KEY], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,7 +37,11 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.Op
         except httpx.HTTPError:
             assert time.monotonic() < deadline, "the stand-in upstream did not start"
             time.sleep(0.2)
-    catalog = tmp_path_factory.mktemp("catalog") / "catalog.toml"
+    return upstream, upstream_url
+
+
+def write_catalog(folder: Path, upstream_url: str) -> Path:
+    catalog = folder / "catalog.toml"
     catalog.write_text(f'''
 [models."{MODEL}"]
 context_length = 131072
@@ -56,7 +59,15 @@ model = "deepseek-v4-flash"
 kind = "deepseek"
 api_key_env = "FLASHSERVE_TEST_UPSTREAM_KEY"
 retries = 2
+timeout_s = 2
 ''')
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, str]]:
+    upstream, upstream_url = start_stand_in()
+    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), upstream_url)
     env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
            "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
@@ -66,7 +77,7 @@ retries = 2
             yield client, base, upstream_url
     finally:
         _stop(process, log)
-        upstream.terminate()
+        upstream.kill()  # the stand-in may still sit on a stalled request: no graceful exit needed
         upstream.wait(timeout=10)
 
 
@@ -128,3 +139,48 @@ def test_a_wrong_upstream_key_is_a_502_not_the_clients_fault(tmp_path: Path) -> 
     err = upstream_error(401, '{"error": {"message": "Authentication Fails"}}', {})
     assert err.status == 502 and err.code == "upstream_auth_failed"
     assert os.environ.get("FLASHSERVE_TEST_UPSTREAM_KEY") is None  # the key only lives in the server's env
+
+
+def test_an_upstream_that_stalls_times_out_with_504(remote: tuple[openai.OpenAI, str, str]) -> None:
+    client, _, upstream_url = remote
+    before = len(sent_upstream(upstream_url))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "please stall"}])
+    assert caught.value.status_code == 504 and caught.value.body["code"] == "upstream_timeout"
+    assert len(sent_upstream(upstream_url)) == before + 3  # the first try and its 2 retries, then the error
+    assert time.monotonic() - started < 20  # each try bounded by the 2 s timeout, not the upstream's 30 s
+
+
+def test_sigterm_aborts_a_remote_stream_after_the_drain_time(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The drain reaches remote requests too: past the drain time the upstream stream is closed, the client's
+    stream ends with an error event, the request has its usage row, and the server exits 0."""
+    import signal
+    import sqlite3
+
+    upstream, upstream_url = start_stand_in()
+    data_dir = tmp_path_factory.mktemp("remote-drain") / "data"
+    env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_CATALOG": str(write_catalog(data_dir.parent, upstream_url)),
+           "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "FLASHSERVE_SHUTDOWN_DRAIN_S": "0.5"}
+    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",), data_dir=data_dir)
+    lines: list[str] = []
+    try:
+        _wait_ready(base, process, log)
+        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "answer slowly"}]}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 4:
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            _stop(process, log)
+        upstream.kill()
+        upstream.wait(timeout=10)
+    assert lines[-1] == "data: [DONE]" and "request_aborted" in lines[-2], lines[-3:]
+    with sqlite3.connect(data_dir / "flashserve.db") as db:
+        [(status,)] = db.execute("SELECT status FROM usage_records").fetchall()
+    assert status == "error"
