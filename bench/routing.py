@@ -1,7 +1,7 @@
 """Routing policies compared: a multi-tenant conversational workload against `flashserve serve --workers 3`.
 
 16 tenants (each its own API key and account), each with its own ~1,500-token system prompt, hold
-conversations of several turns; a few tenants run at once. The same workload runs once per policy
+conversations of several turns, all at once by default (`--concurrency`). The same workload runs once per policy
 (round_robin, least_load, prefix_aware), each against a fresh server and with fresh system prompts, so no
 policy inherits another's warm caches. For each policy it reports:
 
@@ -12,7 +12,7 @@ policy inherits another's warm caches. For each policy it reports:
 Targets (the routing issue): prefix_aware reaches >= 2x round_robin's hit ratio and <= 0.5x its TTFT p50,
 with throughput no lower.
 
-    .venv/bin/python bench/routing.py [--turns 4] [--tenants 16] [--concurrency 4] [--workers 3]
+    .venv/bin/python bench/routing.py [--turns 4] [--tenants 16] [--concurrency 16] [--workers 3]
 
 Writes bench/results/routing-<UTC time>.json.
 """
@@ -123,7 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--concurrency", type=int, default=4, help="conversations in flight at once")
+    ap.add_argument("--concurrency", type=int, default=16,
+                    help="conversations in flight at once (default: every tenant at once)")
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()

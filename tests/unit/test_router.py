@@ -55,3 +55,33 @@ def test_the_prefix_record_is_bounded() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="policy"):
         Router([replica("a")], "random")
+
+
+def test_health_checks_eject_then_re_admit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import httpx
+
+    answers = iter([503, 200])  # down at the first check, back at the second
+
+    async def fake_get(self: httpx.AsyncClient, url: str, **kw: object) -> httpx.Response:
+        return httpx.Response(next(answers, 200))
+
+    monkeypatch.setattr(httpx.AsyncClient, "get", fake_get)
+    r = replica("a")
+    r.health_url = "http://a/health"
+    router = Router([r], "least_load", health_interval_s=0.01)
+    seen: list[bool] = []
+
+    async def watch() -> None:
+        task = asyncio.create_task(router._check_health())
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if not seen or seen[-1] != r.healthy:
+                seen.append(r.healthy)
+            if seen[-2:] == [False, True]:
+                break
+        task.cancel()
+
+    asyncio.run(watch())
+    assert seen[-2:] == [False, True], seen
