@@ -58,7 +58,7 @@ class LocalBackend:
         self.engine = engine
         self.model = model
         self.max_active = max_active  # engine requests (running + queued) at once; None: unbounded
-        self._opening = 0  # choices admitted but not yet in the engine (add_request awaits)
+        self._opening: set[str] = set()  # ids of choices admitted but maybe not yet in the engine
         # Names the engine build and the exact weights: a change of either changes the fingerprint.
         ident = f"flashserve-{__version__}:{model.fingerprint}:{model.dtype}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
@@ -145,13 +145,14 @@ class LocalBackend:
                 "messages", "context_length_exceeded")
         control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
         params = [self.sampling_params(request, i) for i in range(request.n or 1)]
-        self._admit(len(params))
+        ids = [f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}" for i in range(len(params))]
+        self._admit(ids)
         streams: list[RequestStream] = []
-        self._opening += len(params)
+        self._opening.update(ids)
         try:
             for i, p in enumerate(params):
                 constraint = None if grammar is None else GrammarBackend.constraint(grammar)
-                streams.append(await self.engine.add_request(f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}",
+                streams.append(await self.engine.add_request(ids[i],
                                                              prompt, p, ctx.tenant, constraint, control))
         except EngineDeadError as exc:
             for s in streams:
@@ -159,22 +160,23 @@ class LocalBackend:
             raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
                               "engine_unavailable") from exc
         finally:
-            self._opening -= len(params)
+            self._opening.difference_update(ids)
         names = [t.function.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
                                tool_format=self.model.tool_format)
 
-    def _admit(self, choices: int) -> None:
+    def _admit(self, ids: list[str]) -> None:
         """Bound the engine's queue: past it, 503 before any model work (checked and counted without an
-        await in between, so concurrent requests cannot all slip under the bound)."""
-        if self.max_active is not None and self.engine.num_active + self._opening + choices > self.max_active:
+        await in between, so concurrent requests cannot all slip under the bound). A choice the engine has
+        added but whose add has not returned yet is in both sets: the union counts it once."""
+        if self.max_active is not None and self.num_active + len(ids) > self.max_active:
             raise OpenAIError(503, "The server is overloaded; please retry shortly.", "server_error", None,
                               "overloaded", headers={"retry-after": "1"})
 
     @property
     def num_active(self) -> int:
-        return self.engine.num_active + self._opening
+        return len(self.engine.request_ids() | self._opening)
 
     async def abort_all(self) -> int:
         return await self.engine.abort_all()

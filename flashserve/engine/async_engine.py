@@ -84,6 +84,10 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
+    def request_ids(self) -> set[str]:
+        """The ids of the requests the engine holds (a copy: the engine thread adds and removes them)."""
+        return set(list(self._streams))
+
     # -- requests -----------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           cache_salt: str = "", constraint: TokenConstraint | None = None,
