@@ -125,7 +125,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     engine.start()
     backend = LocalBackend(engine, local, max_active=settings.max_num_seqs + settings.max_queued_requests)
 
-    own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
+    own_id = _own_model_id(settings, path)
     ids = list(dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]))
     overrides = load_catalog_file(settings.catalog) if settings.catalog else {}
     catalog = Catalog()
@@ -166,6 +166,11 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     return _finish_server(settings, catalog, checkpoint.name)
 
 
+def _own_model_id(settings: Settings, path: Path) -> str:
+    """The id a checkpoint is served under besides the reference id (the workers serve it under it too)."""
+    return EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
+
+
 def _finish_server(settings: Settings, catalog: Catalog, checkpoint_name: str) -> Server:
     """Accounts, the app and its settings around a filled catalog."""
     api_key = settings.api_key or generate_key()
@@ -182,16 +187,14 @@ def _build_router_server(settings: Settings, path: Path) -> Server:
     """`--workers N`: N `flashserve serve` processes on this machine, each with its own engine on a free
     local port and an internal key, behind one router that keeps the API, the keys and the billing here."""
     workers = WorkerPool.start(settings, path)
-    replicas = [Replica(url, RemoteBackend(Upstream(f"{url}/v1", EMBEDDED_MODEL_ID if not settings.model
-                                                    else path.name.removesuffix(".gguf").lower(),
-                                                    "openai", workers.key, retries=0)),
+    own_id = _own_model_id(settings, path)
+    replicas = [Replica(url, RemoteBackend(Upstream(f"{url}/v1", own_id, "openai", workers.key, retries=0)),
                         health_url=f"{url}/health", pid=process.pid)
                 for url, process in zip(workers.urls, workers.processes, strict=True)]
     router = Router(replicas, settings.routing_policy, settings.routing_margin)
     router.on_close = workers.stop
     catalog = Catalog()
     created = int(time.time())
-    own_id = EMBEDDED_MODEL_ID if not settings.model else path.name.removesuffix(".gguf").lower()
     context = workers.context_length
     for model_id in dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]):
         catalog.add(ModelCard(

@@ -126,8 +126,11 @@ class RemoteBackend:
                                                                           connect=upstream.connect_timeout_s))
         ident = f"{upstream.url}|{upstream.model}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
-        self.active = 0
-        self._open: set[RemoteGeneration] = set()  # for abort_all (the server's drain)
+        self._open: set[RemoteGeneration] = set()  # the streams in flight: the load, and abort_all's work
+
+    @property
+    def active(self) -> int:
+        return len(self._open)
 
     async def abort_all(self) -> int:
         """Close every upstream stream in flight (shutdown after the drain time); returns how many."""
@@ -187,7 +190,6 @@ class RemoteGeneration:
         self._backend = backend
         self._calls: dict[tuple[int, int], dict[str, str]] = {}
         self._closed = False
-        backend.active += 1
         backend._open.add(self)
 
     def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
@@ -248,6 +250,5 @@ class RemoteGeneration:
     async def abort(self) -> None:
         if not self._closed:
             self._closed = True
-            self._backend.active -= 1
             self._backend._open.discard(self)
             await self._response.aclose()

@@ -23,7 +23,7 @@ import itertools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -130,7 +130,7 @@ class Router:
             await routed.abort()
         return len(open_now)
 
-    def pick(self, hashes: list[bytes], exclude: list[Replica] = ()) -> Replica | None:  # type: ignore[assignment]
+    def pick(self, hashes: list[bytes], exclude: Sequence[Replica] = ()) -> Replica | None:
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
         if not candidates:
             return None

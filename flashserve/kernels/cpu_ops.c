@@ -375,8 +375,6 @@ int rotary_store_##SUF(T *qkv, long rows, int num_heads, int num_kv_heads, int h
     const int half = head_dim / 2;                                                                         \
     if (half % 16) return -2;                                                                              \
     const long width = (long)(num_heads + 2 * num_kv_heads) * head_dim, kv_width = (long)num_kv_heads * head_dim; \
-    /* Split across threads for batches: the cache rows it writes are usually cold, and each miss waits. */ \
-    _Pragma("omp parallel for if (rows >= 8)")                                                             \
     for (long r = 0; r < rows; ++r) {                                                                      \
         T *row = qkv + r * width;                                                                          \
         const float *cs = cos_half + positions[r] * half, *sn = sin_half + positions[r] * half;            \
