@@ -81,12 +81,16 @@ class Sampler:
         rows = [row for row, request in enumerate(requests) if request.constraint is not None]
         if not rows:
             return
-        from flashserve.chat.structured import allocate_bitmask, apply_bitmask
-
-        bitmask = allocate_bitmask(len(requests), logits.shape[1])
+        # The bitmask every `TokenConstraint` fills: per row, int32 words, bit j of word i set when token
+        # 32 * i + j may come next (xgrammar's layout); all bits set is "anything goes".
+        vocab = logits.shape[1]
+        bitmask = torch.full((len(requests), (vocab + 31) // 32), -1, dtype=torch.int32)
         for row in rows:
             requests[row].constraint.fill_bitmask(bitmask, row)  # type: ignore[union-attr]
-        apply_bitmask(logits, bitmask, rows)
+        index = torch.tensor(rows)
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask[index].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
     @staticmethod
     def _probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
