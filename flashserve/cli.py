@@ -35,7 +35,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the server keeps its state.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML settings file ([server] table).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file (\\[server] table).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     weight_dtype: Annotated[str | None, typer.Option(help="Dense matmul weights: bfloat16 or float32.")] = None,
     weight_quant: Annotated[str | None, typer.Option(help="Decode weights: int4, int8 or none.")] = None,

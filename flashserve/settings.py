@@ -62,14 +62,22 @@ class Settings:
     routing_margin: int = 4  # prefix_aware: requests in flight a preferred replica may have beyond the least
 
     def __post_init__(self) -> None:
-        assert 0 < self.port < 65536, self.port
-        assert self.kv_cache_tokens > 0 and self.block_size > 0
-        assert self.dtype in ("float32", "bfloat16", "float16"), self.dtype
-        assert self.kv_cache_dtype in ("float32", "bfloat16", "float16"), self.kv_cache_dtype
-        assert self.weight_dtype in ("float32", "bfloat16", "float16"), self.weight_dtype
-        assert self.weight_quant in ("none", "int8", "int4"), self.weight_quant
-        assert self.max_queued_requests >= 0 and self.sse_keepalive_s > 0 and self.shutdown_drain_s >= 0
-        assert self.workers >= 0 and self.routing_policy in ("round_robin", "least_load", "prefix_aware")
+        # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
+        dtypes = ("float32", "bfloat16", "float16")
+        _check(0 < self.port < 65536, "port", self.port, "must be in 1..65535")
+        _check(self.kv_cache_tokens > 0, "kv_cache_tokens", self.kv_cache_tokens, "must be positive")
+        _check(self.block_size > 0, "block_size", self.block_size, "must be positive")
+        _check(self.dtype in dtypes, "dtype", self.dtype, f"must be one of {dtypes}")
+        _check(self.kv_cache_dtype in dtypes, "kv_cache_dtype", self.kv_cache_dtype, f"must be one of {dtypes}")
+        _check(self.weight_dtype in dtypes, "weight_dtype", self.weight_dtype, f"must be one of {dtypes}")
+        _check(self.weight_quant in ("none", "int8", "int4"), "weight_quant", self.weight_quant,
+               "must be none, int8 or int4")
+        _check(self.max_queued_requests >= 0, "max_queued_requests", self.max_queued_requests, "must be >= 0")
+        _check(self.sse_keepalive_s > 0, "sse_keepalive_s", self.sse_keepalive_s, "must be positive")
+        _check(self.shutdown_drain_s >= 0, "shutdown_drain_s", self.shutdown_drain_s, "must be >= 0")
+        _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
+               self.routing_policy, "must be round_robin, least_load or prefix_aware")
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -93,6 +101,15 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+class SettingsError(ValueError):
+    """A setting with a value the server cannot run with; the message names it."""
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise SettingsError(f"setting {name} = {value!r} {why}")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:

@@ -44,10 +44,16 @@ class UsageRecord:
     created_at: datetime = field(default_factory=utcnow)
 
     def __post_init__(self) -> None:
-        assert self.status in STATUSES, self.status
-        assert 0 <= self.cached_tokens <= self.prompt_tokens
-        assert 0 <= self.reasoning_tokens <= self.completion_tokens
-        assert self.cost_pusd >= 0 and self.latency_ms >= 0
+        # Checked with real errors, not asserts: `python -O` must not let a bad row reach the ledger.
+        if self.status not in STATUSES:
+            raise ValueError(f"usage status must be one of {STATUSES}, not {self.status!r}")
+        if not 0 <= self.cached_tokens <= self.prompt_tokens:
+            raise ValueError(f"cached_tokens {self.cached_tokens} outside [0, prompt_tokens {self.prompt_tokens}]")
+        if not 0 <= self.reasoning_tokens <= self.completion_tokens:
+            raise ValueError(f"reasoning_tokens {self.reasoning_tokens} outside "
+                             f"[0, completion_tokens {self.completion_tokens}]")
+        if self.cost_pusd < 0 or self.latency_ms < 0:
+            raise ValueError("cost_pusd and latency_ms must not be negative")
 
 
 def account_view(row: Any) -> dict[str, Any]:
@@ -68,7 +74,8 @@ class Ledger:
             if balance_pusd:
                 await self._top_up(conn, account_id, balance_pusd, "opening balance")
         account = await self.get_account(account_id)
-        assert account is not None
+        if account is None:
+            raise RuntimeError(f"account {account_id} vanished right after it was created")
         return account
 
     async def get_account(self, account_id: str) -> dict[str, Any] | None:
@@ -136,7 +143,8 @@ class Ledger:
     async def report(self, account_id: str | None = None, start: datetime | None = None,
                      end: datetime | None = None, group_by: str = "day") -> list[dict[str, Any]]:
         """Usage grouped by key, model or day, within [start, end)."""
-        assert group_by in GROUPINGS, group_by
+        if group_by not in GROUPINGS:
+            raise ValueError(f"group_by must be one of {GROUPINGS}, not {group_by!r}")
         u = usage_records.c
         group = {"key": u.key_id, "model": u.model, "day": sa.func.date(u.created_at)}[group_by]
         query = sa.select(

@@ -38,7 +38,9 @@ class TokenPrices:
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> int:
         """cached × hit + (prompt − cached) × miss + completion × output. Reasoning tokens are
         part of completion_tokens and priced as output."""
-        assert 0 <= cached_tokens <= prompt_tokens and completion_tokens >= 0
+        if not 0 <= cached_tokens <= prompt_tokens or completion_tokens < 0:
+            raise ValueError(f"token counts out of range: prompt {prompt_tokens}, cached {cached_tokens}, "
+                             f"completion {completion_tokens}")
         return (cached_tokens * self.input_cache_hit + (prompt_tokens - cached_tokens) * self.input_cache_miss
                 + completion_tokens * self.output)
 

@@ -40,13 +40,16 @@ class Accounts:
 
     @property
     def keys(self) -> KeyStore:
-        assert self.engine is not None, "Accounts.start() first"
-        return KeyStore(self.engine)
+        return KeyStore(self._started())
 
     @property
     def ledger(self) -> Ledger:
-        assert self.engine is not None, "Accounts.start() first"
-        return Ledger(self.engine)
+        return Ledger(self._started())
+
+    def _started(self) -> AsyncEngine:
+        if self.engine is None:
+            raise RuntimeError("Accounts.start() first")
+        return self.engine
 
     async def start(self) -> None:
         self.engine = create_engine(self.database_url)
