@@ -1,5 +1,13 @@
 """Which models are served: model IDs -> `ModelCard` (what the model is, what
-it can do, what it costs) and the `Backend` that serves it.
+it can do, what it costs) and the backend that serves it.
+
+The catalog file (`load_catalog_file`) gives typed `CatalogEntry`s: per model
+id, its prices and card overrides and a backend *spec* (`LocalSpec`,
+`RemoteSpec` for one OpenAI-compatible upstream, `ReplicaSetSpec` for several
+behind a router). Specs are plain data: `server.py` (composition) builds the
+backends from them, so nothing here imports `backends/`. `make_card` is the one
+place a `ModelCard` is built. `Catalog` is generic in the backend type
+(`api/state.py` holds a `Catalog[Backend]`).
 """
 
 from __future__ import annotations
@@ -9,13 +17,11 @@ import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from flashserve.accounts.pricing import TokenPrices, per_token_pusd
-from flashserve.api.errors import NOT_FOUND, OpenAIError
-from flashserve.backends.base import Backend
-from flashserve.backends.remote import Upstream
 from flashserve.chat.reasoning import ReasoningSpec
+from flashserve.errors import model_not_found
 
 REFERENCE_MODEL_ID = "deepseek/deepseek-v4-flash"
 
@@ -76,29 +82,103 @@ class ModelCard:
         }
 
 
+def make_card(model_id: str, *, context_length: int, reasoning: ReasoningSpec, weights: str, description: str,
+              created: int, entry: CatalogEntry | None = None) -> ModelCard:
+    """The one place a `ModelCard` is built: what backs the id (its context, reasoning, a description of
+    the weights), with the catalog file's entry applied (prices always; context_length and reasoning for a
+    remote model only: a local model's come from its checkpoint). The reference id is DeepSeek's."""
+    prices = entry.prices if entry is not None and entry.prices is not None else REFERENCE_PRICES
+    if entry is not None and not isinstance(entry.backend, LocalSpec):
+        context_length = entry.context_length or context_length
+        if entry.reasoning is not None:
+            reasoning = ReasoningSpec(can_think=entry.reasoning)
+    return ModelCard(id=model_id, context_length=context_length, prices=prices,
+                     owned_by="deepseek" if model_id == REFERENCE_MODEL_ID else "flashserve", created=created,
+                     weights=weights, description=description, reasoning=reasoning)
+
+
+B = TypeVar("B")
+
+
+@dataclass(frozen=True, slots=True)
+class Served(Generic[B]):
+    card: ModelCard
+    backend: B
+
+
 @dataclass(slots=True)
-class Catalog:
-    entries: dict[str, tuple[ModelCard, Backend]] = field(default_factory=dict)
+class Catalog(Generic[B]):
+    entries: dict[str, Served[B]] = field(default_factory=dict)
 
-    def add(self, card: ModelCard, backend: Backend) -> None:
-        assert card.id not in self.entries, f"model {card.id} listed twice"
-        self.entries[card.id] = (card, backend)
+    def add(self, card: ModelCard, backend: B) -> None:
+        if card.id in self.entries:
+            raise ValueError(f"model {card.id} listed twice")
+        self.entries[card.id] = Served(card, backend)
 
-    def resolve(self, model_id: str) -> tuple[ModelCard, Backend]:
+    def resolve(self, model_id: str) -> tuple[ModelCard, B]:
         try:
-            return self.entries[model_id]
+            served = self.entries[model_id]
         except KeyError:
-            raise OpenAIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
-                              NOT_FOUND, "model", "model_not_found") from None
+            raise model_not_found(model_id) from None
+        return served.card, served.backend
 
     def cards(self) -> list[ModelCard]:
-        return [card for card, _ in self.entries.values()]
+        return [served.card for served in self.entries.values()]
 
-    def backends(self) -> list[Backend]:
-        unique: dict[int, Backend] = {}
-        for _, backend in self.entries.values():
-            unique.setdefault(id(backend), backend)
+    def backends(self) -> list[B]:
+        unique: dict[int, B] = {}
+        for served in self.entries.values():
+            unique.setdefault(id(served.backend), served.backend)
         return list(unique.values())
+
+
+# -- backend specs: plain data, built into backends by server.py ----------------------------------------
+KINDS = ("openai", "deepseek", "vllm", "sglang")
+POLICIES = ("round_robin", "least_load", "prefix_aware")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSpec:
+    """Served by this process's own engine (the default: a catalog entry without a backend table)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSpec:
+    """One OpenAI-compatible upstream (`backends/remote.py: RemoteBackend`)."""
+
+    url: str  # base URL, e.g. http://10.0.0.5:8000/v1
+    model: str  # the model name the upstream serves
+    kind: str = "openai"  # one of KINDS: how reasoning is asked for and usage reported
+    api_key: str | None = None  # the upstream's own key (from the catalog's environment variable)
+    timeout_s: float = 600.0  # the whole request
+    connect_timeout_s: float = 10.0
+    retries: int = 2  # extra attempts before the first byte
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"upstream kind must be one of {KINDS}, not {self.kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSetSpec:
+    """Several upstreams of one model behind a router (`backends/router.py: Router`)."""
+
+    upstreams: tuple[RemoteSpec, ...]
+    policy: str = "prefix_aware"  # one of POLICIES
+
+
+BackendSpec = LocalSpec | RemoteSpec | ReplicaSetSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """What the catalog file says about one model id; None: not given."""
+
+    model_id: str
+    backend: BackendSpec = LocalSpec()
+    prices: Prices | None = None
+    context_length: int | None = None
+    reasoning: bool | None = None
 
 
 class CatalogError(ValueError):
@@ -108,7 +188,7 @@ class CatalogError(ValueError):
 _PRICE_KEYS = ("input_cache_hit", "input_cache_miss", "output")
 
 
-def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
+def load_catalog_file(path: str | Path) -> dict[str, CatalogEntry]:
     """Read per-model settings from a TOML catalog file::
 
         [models."deepseek/deepseek-v4-flash".prices]   # USD per million tokens
@@ -116,7 +196,7 @@ def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
         input_cache_miss = "0.14"
         output = "0.28"
 
-    Returns {model_id: {"prices": Prices}}. Prices are strings (or integers) so that no float
+    Returns {model_id: CatalogEntry}. Prices are strings (or integers) so that no float
     rounding creeps into money.
     """
     path = Path(path)
@@ -129,7 +209,7 @@ def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
     if unknown:
         key = sorted(unknown)[0]
         raise CatalogError(f"{path}:{_line_of(text, key)}: unknown top-level key '{key}' (expected 'models')")
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, CatalogEntry] = {}
     for model_id, table in data.get("models", {}).items():
         where = f'models."{model_id}"'
         if not isinstance(table, dict):
@@ -145,7 +225,7 @@ def load_catalog_file(path: str | Path) -> dict[str, dict[str, Any]]:
                 entry[key] = _card_value(path, line, f"{where}.{key}", value)
             else:
                 raise CatalogError(f"{path}:{line}: unknown key '{where}.{key}'")
-        out[model_id] = entry
+        out[model_id] = CatalogEntry(model_id, **entry)
     return out
 
 
@@ -162,15 +242,7 @@ def _card_value(path: Path, line: int, where: str, value: Any) -> int | bool:
 _BACKEND_KEYS = {"type", "url", "replicas", "policy", "model", "kind", "api_key_env", "timeout_s", "retries"}
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaSet:
-    """A catalog backend of several upstreams behind one router."""
-
-    upstreams: tuple[Upstream, ...]
-    policy: str = "prefix_aware"
-
-
-def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream | ReplicaSet:
+def _backend(path: Path, text: str, model_id: str, table: Any) -> RemoteSpec | ReplicaSetSpec:
     """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1) or a list of them as
     `replicas` (with a routing `policy`), the upstream's `model` name, its `kind` (openai, deepseek, vllm,
     sglang), the environment variable holding its key (`api_key_env`: the key never sits in the file),
@@ -192,7 +264,7 @@ def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream | Rep
                                "non-empty list of URLs (instead of url)")
         table = {**table, "url": replicas[0]}
     policy = table.get("policy", "prefix_aware")
-    if policy not in ("round_robin", "least_load", "prefix_aware"):
+    if policy not in POLICIES:
         raise CatalogError(f"{path}:{_line_of(text, 'policy', after=model_id)}: {where}.policy must be "
                            "round_robin, least_load or prefix_aware")
     for key in ("url", "model"):
@@ -206,13 +278,13 @@ def _backend(path: Path, text: str, model_id: str, table: Any) -> Upstream | Rep
             raise CatalogError(f"{path}:{_line_of(text, 'api_key_env', after=model_id)}: {where}.api_key_env "
                                f"names {key_env}, which is not set")
     try:
-        upstreams = tuple(Upstream(url=url, model=table["model"], kind=str(table.get("kind", "openai")),
+        upstreams = tuple(RemoteSpec(url=url, model=table["model"], kind=str(table.get("kind", "openai")),
                                    api_key=api_key, timeout_s=float(table.get("timeout_s", 600.0)),
                                    retries=int(table.get("retries", 2 if replicas is None else 0)))
                           for url in (replicas or [table["url"]]))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"{path}:{line}: {where}: {exc}") from None
-    return upstreams[0] if replicas is None else ReplicaSet(upstreams, policy)
+    return upstreams[0] if replicas is None else ReplicaSetSpec(upstreams, policy)
 
 
 def _prices(path: Path, text: str, model_id: str, table: Any) -> Prices:

@@ -14,8 +14,9 @@ from flashserve.accounts.clock import parse_instant
 from flashserve.accounts.keys import KeyLimits
 from flashserve.accounts.pricing import pusd_from_usd
 from flashserve.api.auth import require_admin_key
-from flashserve.api.errors import NOT_FOUND, OpenAIError, invalid_request
+from flashserve.api.state import app_state
 from flashserve.api.usage import usage_report
+from flashserve.errors import FlashserveError, invalid_request, not_found
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)])
 
@@ -52,13 +53,13 @@ def _pusd(value: Money, param: str) -> int:
         raise invalid_request(f"Invalid '{param}': expected a decimal USD amount.", param, "invalid_value") from None
 
 
-def _not_found(what: str, ident: str) -> OpenAIError:
-    return OpenAIError(404, f"No {what} with id '{ident}'.", NOT_FOUND, None, f"{what}_not_found")
+def _not_found(what: str, ident: str) -> FlashserveError:
+    return not_found(f"No {what} with id '{ident}'.", f"{what}_not_found")
 
 
 @router.post("/accounts", status_code=201)
 async def create_account(body: CreateAccount, request: Request) -> JSONResponse:
-    ledger = request.app.state.accounts.ledger
+    ledger = app_state(request).accounts.ledger
     if await ledger.account_by_name(body.name) is not None:
         raise invalid_request(f"An account named '{body.name}' already exists.", "name", "account_exists")
     balance = _pusd(body.balance_usd, "balance_usd")
@@ -69,12 +70,12 @@ async def create_account(body: CreateAccount, request: Request) -> JSONResponse:
 
 @router.get("/accounts")
 async def list_accounts(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": await request.app.state.accounts.ledger.list_accounts()}
+    return {"object": "list", "data": await app_state(request).accounts.ledger.list_accounts()}
 
 
 @router.get("/accounts/{account_id}")
 async def get_account(account_id: str, request: Request) -> dict[str, Any]:
-    account = await request.app.state.accounts.ledger.get_account(account_id)
+    account = await app_state(request).accounts.ledger.get_account(account_id)
     if account is None:
         raise _not_found("account", account_id)
     return account
@@ -85,7 +86,7 @@ async def top_up(account_id: str, body: TopUp, request: Request) -> dict[str, An
     amount = _pusd(body.amount_usd, "amount_usd")
     if amount <= 0:
         raise invalid_request("'amount_usd' must be positive.", "amount_usd", "invalid_value")
-    account = await request.app.state.accounts.ledger.top_up(account_id, amount, body.note)
+    account = await app_state(request).accounts.ledger.top_up(account_id, amount, body.note)
     if account is None:
         raise _not_found("account", account_id)
     return account
@@ -93,7 +94,7 @@ async def top_up(account_id: str, body: TopUp, request: Request) -> dict[str, An
 
 @router.post("/keys", status_code=201)
 async def create_key(body: CreateKey, request: Request) -> JSONResponse:
-    accounts = request.app.state.accounts
+    accounts = app_state(request).accounts
     if await accounts.ledger.get_account(body.account_id) is None:
         raise _not_found("account", body.account_id)
     expires: datetime | None = None
@@ -110,12 +111,12 @@ async def create_key(body: CreateKey, request: Request) -> JSONResponse:
 
 @router.get("/keys")
 async def list_keys(request: Request, account_id: str | None = None) -> dict[str, Any]:
-    return {"object": "list", "data": await request.app.state.accounts.keys.list(account_id)}
+    return {"object": "list", "data": await app_state(request).accounts.keys.list(account_id)}
 
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
-    view = await request.app.state.accounts.keys.revoke(key_id)
+    view = await app_state(request).accounts.keys.revoke(key_id)
     if view is None:
         raise _not_found("key", key_id)
     return view
@@ -135,15 +136,15 @@ async def usage(
 @router.get("/usage/records")
 async def usage_records(request: Request, account_id: str | None = None,
                         limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
-    return {"object": "list", "data": await request.app.state.accounts.ledger.records(account_id, limit)}
+    return {"object": "list", "data": await app_state(request).accounts.ledger.records(account_id, limit)}
 
 
 @router.get("/accounts/{account_id}/audit")
 async def audit(account_id: str, request: Request) -> dict[str, Any]:
     """The balance next to Σ top-ups − Σ usage costs; the two are equal in a consistent ledger."""
-    if await request.app.state.accounts.ledger.get_account(account_id) is None:
+    if await app_state(request).accounts.ledger.get_account(account_id) is None:
         raise _not_found("account", account_id)
-    return await request.app.state.accounts.ledger.audit(account_id)
+    return await app_state(request).accounts.ledger.audit(account_id)
 
 
 @router.get("/engine")
@@ -151,9 +152,8 @@ async def engine(request: Request) -> dict[str, Any]:
     """Each local model's engine: block pool counts, whether its invariants hold, leaked blocks (used but
     held by no live request), running and waiting requests. For soak tests and operators."""
     out: dict[str, Any] = {}
-    for card in request.app.state.catalog.cards():
-        _, backend = request.app.state.catalog.resolve(card.id)
-        inspect = getattr(backend, "inspect", None)
-        if inspect is not None and card.id not in out:
-            out[card.id] = await inspect()
+    catalog = app_state(request).catalog
+    for card in catalog.cards():
+        _, backend = catalog.resolve(card.id)
+        out[card.id] = await backend.inspect()
     return {"object": "engine.report", "models": out}

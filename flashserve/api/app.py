@@ -4,7 +4,8 @@ the accounts database (migrating it) on start-up and closes every backend
 drain a SIGTERM starts (`drain`).
 
 `create_app` takes fully built parts (catalog, accounts) so tests can
-assemble an app around fake backends without loading a model.
+assemble an app around fake backends without loading a model; its state is
+one typed `api/state.py: AppState`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
 from flashserve.api import admin, chat, models, usage
-from flashserve.api.errors import OpenAIError, install_error_handlers
+from flashserve.api.errors import install_error_handlers, openai_response
+from flashserve.api.state import AppState, app_state
 from flashserve.catalog import Catalog
+from flashserve.errors import FlashserveError
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +42,19 @@ class _Admission:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope["app"].state
+        state = app_state(scope["app"])
         if state.draining and scope["path"] != "/health":
-            error = OpenAIError(503, "The server is shutting down; retry shortly.", "server_error", None,
+            error = FlashserveError(503, "The server is shutting down; retry shortly.", "server_error", None,
                                 "shutting_down", headers={"retry-after": "5"})
-            await error.response()(scope, receive, send)
+            await openai_response(error)(scope, receive, send)
             return
         state.inflight += 1
         try:
             body = await _read_body(scope, receive, state.max_body_bytes)
             if body is None:
-                error = OpenAIError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
+                error = FlashserveError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
                                     "invalid_request_error", None, "request_too_large")
-                await error.response()(scope, receive, send)
+                await openai_response(error)(scope, receive, send)
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -97,24 +100,34 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
     """The graceful part of a shutdown: admit nothing new, let requests in flight finish for up to
     `timeout_s`, then abort what is left in the engines. An aborted request still ends its response and
     records its usage (its handler does, as for a client disconnect), which this waits for."""
-    app.state.draining = True
+    state = app_state(app)
+    state.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while app.state.inflight and loop.time() < deadline:
+    while state.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if app.state.inflight:
+    if state.inflight:
         aborted = 0
-        for backend in app.state.catalog.backends():
-            abort_all = getattr(backend, "abort_all", None)
-            if abort_all is not None:
-                aborted += await abort_all()
+        for backend in state.catalog.backends():
+            aborted += await backend.abort_all()
         log.warning("drain time (%.0fs) is up: aborted %d request(s) in the engine", timeout_s, aborted)
         settle = loop.time() + 10.0
-        while app.state.inflight and loop.time() < settle:
+        while state.inflight and loop.time() < settle:
             await asyncio.sleep(0.05)
 
 
-def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
+def create_app(catalog: Catalog, accounts: Accounts, *, sse_keepalive_s: float = 10.0,
+               max_body_bytes: int = 8 << 20) -> FastAPI:
+    """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
+    meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
+    temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
+    end, closes every backend and the database. For an in-process test::
+
+        app = create_app(catalog, Accounts(f"sqlite+aiosqlite:///{tmp}/t.db", Bootstrap(api_key=key, ...)))
+        async with LifespanManager(app):  # or run the lifespan yourself
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                await c.post("/v1/chat/completions", ...)
+    """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await accounts.start()
@@ -126,12 +139,8 @@ def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
             await accounts.close()
 
     app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan)
-    app.state.catalog = catalog
-    app.state.accounts = accounts
-    app.state.draining = False
-    app.state.inflight = 0
-    app.state.sse_keepalive_s = 10.0
-    app.state.max_body_bytes = 8 << 20
+    app.state.flashserve = AppState(catalog, accounts, sse_keepalive_s=sse_keepalive_s,
+                                    max_body_bytes=max_body_bytes)
     app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)
@@ -141,7 +150,8 @@ def create_app(catalog: Catalog, accounts: Accounts) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        status = "draining" if request.app.state.draining else "ok"
-        return {"status": status, "models": [c.id for c in request.app.state.catalog.cards()]}
+        state = app_state(request)
+        status = "draining" if state.draining else "ok"
+        return {"status": status, "models": [c.id for c in state.catalog.cards()]}
 
     return app

@@ -8,27 +8,28 @@ from __future__ import annotations
 from fastapi import Request
 
 from flashserve.accounts.keys import Principal
-from flashserve.api.errors import INVALID_REQUEST, OpenAIError
+from flashserve.api.state import app_state
+from flashserve.errors import INVALID_REQUEST, FlashserveError
 
 
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise OpenAIError(401, "You didn't provide an API key. Provide it in the Authorization header as "
+        raise FlashserveError(401, "You didn't provide an API key. Provide it in the Authorization header as "
                           "'Bearer YOUR_KEY'.", INVALID_REQUEST, None, "invalid_api_key")
     return token.strip()
 
 
 async def require_api_key(request: Request) -> Principal:
     """The caller's principal; 401 for a missing, unknown, revoked or expired key."""
-    principal = await request.app.state.accounts.keys.verify(_bearer(request))
+    principal = await app_state(request).accounts.keys.verify(_bearer(request))
     if principal is None:
-        raise OpenAIError(401, "Incorrect API key provided, or the key was revoked or has expired.",
+        raise FlashserveError(401, "Incorrect API key provided, or the key was revoked or has expired.",
                           INVALID_REQUEST, None, "invalid_api_key")
     return principal
 
 
 async def require_admin_key(request: Request) -> None:
-    if not request.app.state.accounts.is_admin(_bearer(request)):
-        raise OpenAIError(401, "This endpoint needs the admin key.", INVALID_REQUEST, None, "invalid_admin_key")
+    if not app_state(request).accounts.is_admin(_bearer(request)):
+        raise FlashserveError(401, "This endpoint needs the admin key.", INVALID_REQUEST, None, "invalid_admin_key")

@@ -19,8 +19,8 @@ from flashserve.accounts.ledger import UsageRecord
 from flashserve.accounts.limits import Lease, RateLimited
 from flashserve.accounts.pricing import TokenPrices
 from flashserve.accounts.service import Accounts
-from flashserve.api.errors import INVALID_REQUEST, RATE_LIMIT, OpenAIError
-from flashserve.backends.base import Usage
+from flashserve.errors import INVALID_REQUEST, RATE_LIMIT, FlashserveError
+from flashserve.generation import Usage
 
 log = logging.getLogger(__name__)
 _WRITE_ATTEMPTS = 5
@@ -43,12 +43,12 @@ class Meter:
                     request_id: str) -> Meter:
         balance = await accounts.ledger.balance(principal.account_id)
         if balance is None or balance <= 0:
-            raise OpenAIError(402, "Insufficient balance: top up the account to continue.", INVALID_REQUEST,
+            raise FlashserveError(402, "Insufficient balance: top up the account to continue.", INVALID_REQUEST,
                               None, "insufficient_balance")
         try:
             lease = accounts.limiter.acquire(principal.key_id, principal.limits)
         except RateLimited as exc:
-            raise OpenAIError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
+            raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
                               headers={"retry-after": str(exc.retry_after)}) from None
         return cls(accounts, principal, model, prices, request_id, lease)
 

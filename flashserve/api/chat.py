@@ -1,67 +1,113 @@
-"""POST /v1/chat/completions: validate, hand to the model's backend, and
-answer as one JSON object or as a server-sent event stream.
+"""POST /v1/chat/completions: OpenAI's chat completions as an adapter over `api/core.py`.
 
-Whatever ends the request (completion, error, client disconnect), the
-backend's generation is aborted or finished before the handler returns, so
-no engine work outlives its client.
+This module owns only the wire format: the request body (`api/schemas.py: ChatCompletionRequest`) ->
+`generation.py: GenerationRequest` (`generation_request`), the checks that need the model card, and the
+core's deltas -> one `chat.completion` JSON object or `chat.completion.chunk` server-sent events. Billing,
+limits, disconnects, keep-alives and the drain are the core's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.pricing import format_usd, usd_from_pusd
 from flashserve.api.auth import require_api_key
-from flashserve.api.billing import Meter
-from flashserve.api.errors import SERVER_ERROR, OpenAIError, invalid_request
-from flashserve.api.schemas import ChatCompletionRequest
-from flashserve.backends.base import Generation, RequestContext, Usage
-from flashserve.backends.remote import CACHE_SALT_HEADER
+from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call
+from flashserve.api.errors import openai_body
+from flashserve.api.schemas import ChatCompletionRequest, ChatMessage, ContentPart
 from flashserve.catalog import ModelCard
-from flashserve.chat.tools import ParsedCall
+from flashserve.errors import invalid_request
+from flashserve.generation import (
+    ChoiceDelta,
+    GenerationRequest,
+    Message,
+    Reasoning,
+    ResponseFormat,
+    Sampling,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 COST_HEADER = "x-flashserve-cost-usd"
-T = TypeVar("T")
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: Annotated[Principal, Depends(require_api_key)]
 ) -> JSONResponse | StreamingResponse:
-    card, backend = request.app.state.catalog.resolve(body.model)
-    check_request(body, card)
-    # A router in front (backends/router.py) passes its tenant along: it can only narrow the namespace of
-    # this account's prefix cache, never reach another account's.
-    salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
-    tenant = principal.account_id + (f"/{salt}" if salt else "")
-    ctx = RequestContext(request_id=f"chatcmpl-{uuid.uuid4().hex}", tenant=tenant)
-    meter = await Meter.admit(request.app.state.accounts, principal, card.id, card.token_prices, ctx.request_id)
-    try:
-        generation = await backend.open(body, ctx)
-    except BaseException:
-        meter.release_unused()
-        raise
-    meta = _Meta(ctx.request_id, int(time.time()), body.model, backend.system_fingerprint)
+    call = await open_call(request, principal, generation_request(body), id_prefix="chatcmpl",
+                           check=lambda card: check_request(body, card))
+    n = body.n or 1
     if body.stream:
-        return StreamingResponse(
-            _sse(generation, meter, meta, body.n or 1, body.include_usage, request.app.state.sse_keepalive_s),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-request-id": ctx.request_id},
-        )
-    return await _complete(generation, meter, meta, body.n or 1, request)
+        return StreamingResponse(_sse(call, body.model, n, body.include_usage), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-request-id": call.id})
+    return await _complete(call, body.model, n, request)
+
+
+# -- request ---------------------------------------------------------------------------------------------
+def generation_request(body: ChatCompletionRequest) -> GenerationRequest:
+    """The chat completions body as the internal request every backend takes."""
+    fmt = body.response_format
+    response_format = None
+    if fmt is not None:
+        spec = fmt.json_schema
+        schema = fmt.schema_ if fmt.schema_ is not None else (spec.schema_ if spec is not None else None)
+        response_format = ResponseFormat(fmt.type, schema, spec.name if spec else None,
+                                         spec.description if spec else None, spec.strict if spec else None)
+    choice = body.tool_choice
+    tool_choice = None if choice is None else (
+        ToolChoice(choice) if isinstance(choice, str) else ToolChoice("named", choice.function.name))
+    passthrough = {k: v for k, v in (("store", body.store), ("metadata", body.metadata),
+                                     ("service_tier", body.service_tier)) if v is not None}
+    return GenerationRequest(
+        model=body.model,
+        messages=[_message(m) for m in body.messages],
+        tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters, t.function.strict)
+                    for t in body.tools or ()),
+        tool_choice=tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=response_format,
+        sampling=Sampling(
+            temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
+            stop=tuple(body.stop_list), seed=body.seed, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, n=body.n or 1,
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs,
+        ),
+        reasoning=Reasoning(effort=body.reasoning_effort),
+        stream=bool(body.stream),
+        user=body.user,
+        modalities=tuple(body.modalities) if body.modalities is not None else None,
+        audio=body.audio.model_dump() if body.audio is not None else None,
+        passthrough=passthrough,
+    )
+
+
+def _message(message: ChatMessage) -> Message:
+    return Message(
+        role=message.role,
+        content=_text(message.content),
+        reasoning_content=message.reasoning_content,
+        tool_calls=tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()),
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
+
+
+def _text(content: str | list[ContentPart] | None) -> str | None:
+    """A message's text; text parts are joined with newlines (other parts are refused by check_request)."""
+    if content is None or isinstance(content, str):
+        return content
+    return "\n".join(part.text or "" for part in content if part.type == "text")
 
 
 def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
@@ -86,13 +132,7 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
                     "text only.", f"messages[{i}].content[{j}]", "unsupported_content_type")
 
 
-class _Meta:
-    __slots__ = ("id", "created", "model", "fingerprint")
-
-    def __init__(self, id: str, created: int, model: str, fingerprint: str) -> None:
-        self.id, self.created, self.model, self.fingerprint = id, created, model, fingerprint
-
-
+# -- response --------------------------------------------------------------------------------------------
 def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
@@ -108,59 +148,40 @@ def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
     return out
 
 
-# -- non-streaming ---------------------------------------------------------------
-async def _complete(generation: Generation, meter: Meter, meta: _Meta, n: int, request: Request) -> JSONResponse:
+async def _complete(call: Call, model: str, n: int, request: Request) -> JSONResponse:
     texts = [""] * n
     thoughts = [""] * n
     calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
 
-    async def collect() -> None:
-        async for delta in generation:
-            texts[delta.index] += delta.content
-            thoughts[delta.index] += delta.reasoning_content
-            calls[delta.index].extend(_call_dict(c) for c in delta.tool_calls)
-            if delta.finish_reason:
-                reasons[delta.index] = delta.finish_reason
+    def add(delta: ChoiceDelta) -> None:
+        texts[delta.index] += delta.content
+        thoughts[delta.index] += delta.reasoning_content
+        calls[delta.index].extend(_call_dict(c) for c in delta.tool_calls)
+        if delta.finish_reason:
+            reasons[delta.index] = delta.finish_reason
 
-    collector = asyncio.create_task(collect())
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    status = "error"
-    try:
-        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not collector.done():
-            log.info("client disconnected; aborting %s", meta.id)
-            status = "cancelled"
-            collector.cancel()
-            await generation.abort()
-            return JSONResponse({}, status_code=499)
-        collector.result()
-        status = "ok"
-    finally:
-        watcher.cancel()
-        if not collector.done():
-            collector.cancel()
-        with anyio.CancelScope(shield=True):
-            await generation.abort()
-            cost = await meter.record(generation.usage, status)
+    cost = await call.collect(add, request)
+    if cost is None:
+        return JSONResponse({}, status_code=499)  # the client left; nobody reads this
     body = {
-        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "id": call.id, "object": "chat.completion", "created": call.created, "model": model,
         "choices": [
-            {"index": i, "message": _message(texts[i], calls[i], thoughts[i]), "logprobs": None,
+            {"index": i, "message": _message_dict(texts[i], calls[i], thoughts[i]), "logprobs": None,
              "finish_reason": reasons[i]}
             for i in range(n)
         ],
-        "usage": usage_dict(generation.usage, cost),
-        "system_fingerprint": meta.fingerprint,
+        "usage": usage_dict(call.usage, cost),
+        "system_fingerprint": call.system_fingerprint,
     }
-    return JSONResponse(body, headers={"x-request-id": meta.id, COST_HEADER: format_usd(cost)})
+    return JSONResponse(body, headers={"x-request-id": call.id, COST_HEADER: format_usd(cost)})
 
 
-def _call_dict(call: ParsedCall) -> dict[str, Any]:
+def _call_dict(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-def _message(text: str, calls: list[dict[str, Any]], reasoning: str = "") -> dict[str, Any]:
+def _message_dict(text: str, calls: list[dict[str, Any]], reasoning: str = "") -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -169,101 +190,51 @@ def _message(text: str, calls: list[dict[str, Any]], reasoning: str = "") -> dic
     return message
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body has been read, so the only message left to receive is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-# -- streaming -----------------------------------------------------------------------
 def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
-
-
-async def _paced(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """The source's items, with None each time `interval` seconds pass without one (a request waiting in
-    the engine's queue, or a slow step), so the stream can send a keep-alive meanwhile."""
-    it = source.__aiter__()
-    pending: asyncio.Future[T] = asyncio.ensure_future(it.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            yield item
-            pending = asyncio.ensure_future(it.__anext__())
-    finally:
-        if not pending.done():
-            pending.cancel()
-
-
-async def _sse(generation: Generation, meter: Meter, meta: _Meta, n: int,
-               include_usage: bool, keepalive_s: float = 10.0) -> AsyncIterator[str]:
+async def _sse(call: Call, model: str, n: int, include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                               "model": meta.model, "system_fingerprint": meta.fingerprint, "choices": choices}
+        out: dict[str, Any] = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
+                               "model": model, "system_fingerprint": call.system_fingerprint, "choices": choices}
         if include_usage:
             out["usage"] = None
         return out
 
-    status = "cancelled"  # unless the stream ends below, the client went away
-    try:
+    def choice(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        return _event(chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]))
+
+    async with call.streaming() as events:
         for i in range(n):
-            yield _event(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]))
+            yield choice(i, {"role": "assistant", "content": ""})
         call_counts = [0] * n
-        try:
-            async for delta in _paced(generation, keepalive_s):
-                if delta is None:
-                    yield KEEPALIVE
-                    continue
-                if delta.reasoning_content:
-                    yield _event(chunk([{"index": delta.index, "delta": {"reasoning_content": delta.reasoning_content},
-                                         "logprobs": None, "finish_reason": None}]))
-                if delta.content:
-                    yield _event(chunk([{"index": delta.index, "delta": {"content": delta.content},
-                                         "logprobs": None, "finish_reason": None}]))
-                for call in delta.tool_calls:
+        async for event in events:
+            if isinstance(event, KeepAlive):
+                yield KEEPALIVE
+            elif isinstance(event, Failed):  # headers are sent: reported in-band
+                yield _event(openai_body(event.error))
+                yield _event("[DONE]")
+                return
+            elif isinstance(event, Finished):
+                if include_usage:
+                    final = chunk([])
+                    final["usage"] = usage_dict(event.usage, event.cost_pusd)
+                    yield _event(final)
+                yield _event("[DONE]")
+            else:
+                if event.reasoning_content:
+                    yield choice(event.index, {"reasoning_content": event.reasoning_content})
+                if event.content:
+                    yield choice(event.index, {"content": event.content})
+                for tool_call in event.tool_calls:
                     # As OpenAI streams them: the call's index, id and name first, then its arguments.
-                    k = call_counts[delta.index]
-                    call_counts[delta.index] += 1
-                    head = {"index": k, "id": call.id, "type": "function",
-                            "function": {"name": call.name, "arguments": ""}}
-                    yield _event(chunk([{"index": delta.index, "delta": {"tool_calls": [head]}, "logprobs": None,
-                                         "finish_reason": None}]))
-                    args = {"index": k, "function": {"arguments": call.arguments}}
-                    yield _event(chunk([{"index": delta.index, "delta": {"tool_calls": [args]}, "logprobs": None,
-                                         "finish_reason": None}]))
-                if delta.finish_reason:
-                    yield _event(chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                         "finish_reason": delta.finish_reason}]))
-        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
-            status = "error"
-            if not isinstance(exc, OpenAIError):
-                log.exception("stream %s failed", meta.id)
-                exc = OpenAIError(500, "The server had an error while generating.", SERVER_ERROR)
-            yield _event(exc.body())
-            yield _event("[DONE]")
-            return
-        status = "ok"
-        with anyio.CancelScope(shield=True):
-            cost = await meter.record(generation.usage, status)
-        if include_usage:
-            final = chunk([])
-            final["usage"] = usage_dict(generation.usage, cost)
-            yield _event(final)
-        yield _event("[DONE]")
-    finally:
-        # Runs on completion, on error and on disconnect (cancellation): shield the awaited
-        # abort and the usage write from the cancel so neither is lost.
-        with anyio.CancelScope(shield=True):
-            await generation.abort()
-            await meter.record(generation.usage, status)
+                    k = call_counts[event.index]
+                    call_counts[event.index] += 1
+                    head = {"index": k, "id": tool_call.id, "type": "function",
+                            "function": {"name": tool_call.name, "arguments": ""}}
+                    yield choice(event.index, {"tool_calls": [head]})
+                    yield choice(event.index, {"tool_calls": [{"index": k,
+                                                               "function": {"arguments": tool_call.arguments}}]})
+                if event.finish_reason:
+                    yield choice(event.index, {}, event.finish_reason)

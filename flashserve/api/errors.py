@@ -1,6 +1,6 @@
-"""The OpenAI error object and the handlers that turn every failure into one.
+"""OpenAI's rendering of the domain error, and the handlers that turn every failure into one.
 
-Any layer may raise `OpenAIError`; the app's handlers render it as
+Any layer raises `flashserve/errors.py: FlashserveError`; the app's handlers render it as
 `{"error": {"message", "type", "param", "code"}}` with its status. Request
 validation failures become 400s naming the offending `param`; anything
 unexpected becomes a 500 whose message leaks no internals.
@@ -18,40 +18,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flashserve.errors import (
+    AUTHENTICATION,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RATE_LIMIT,
+    SERVER_ERROR,
+    FlashserveError,
+    invalid_request,
+)
+
 log = logging.getLogger(__name__)
 
-INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
-NOT_FOUND = "not_found_error"
-RATE_LIMIT = "rate_limit_error"
-SERVER_ERROR = "server_error"
 
 
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+def openai_body(error: FlashserveError) -> dict[str, Any]:
+    """The error as OpenAI's object (also the in-band error event of a stream)."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
-def invalid_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, INVALID_REQUEST, param, code)
+def render_openai(error: FlashserveError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """OpenAI's rendering of a domain error: (status, body, headers). Another surface (Anthropic's
+    `{"type": "error", "error": {"type", "message"}}`) is a sibling function of the same shape."""
+    return error.status, openai_body(error), error.headers
 
 
-def unsupported_parameter(param: str, why: str) -> OpenAIError:
-    return OpenAIError(400, f"Unsupported parameter: '{param}' {why}", INVALID_REQUEST, param,
-                       "unsupported_parameter")
+def openai_response(error: FlashserveError) -> JSONResponse:
+    status, body, headers = render_openai(error)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # -- pydantic validation errors -> one 400 ---------------------------------------
@@ -90,7 +84,7 @@ def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(errors, key=lambda e: (e["type"] not in ("string_type", "list_type", "dict_type"), len(e["loc"])))
 
 
-def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
+def validation_error(errors: list[dict[str, Any]]) -> FlashserveError:
     err = _pick_error(errors)
     kind = err["type"]
     if kind == "json_invalid":
@@ -111,13 +105,13 @@ def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+    @app.exception_handler(FlashserveError)
+    async def _domain_error(_: Request, exc: FlashserveError) -> JSONResponse:
+        return openai_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(list(exc.errors())).response()
+        return openai_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -128,10 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "unknown_url" if exc.status_code == 404 else None
         if exc.status_code == 405:
             code = "method_not_allowed"
-        error = OpenAIError(exc.status_code, message, kinds.get(exc.status_code, INVALID_REQUEST), None, code)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = FlashserveError(exc.status_code, message, kinds.get(exc.status_code, INVALID_REQUEST), None, code)
+        return JSONResponse(openai_body(error), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return OpenAIError(500, "The server had an error while processing your request.", SERVER_ERROR).response()
+        return openai_response(FlashserveError(500, "The server had an error while processing your request.",
+                                               SERVER_ERROR))

@@ -11,7 +11,8 @@ from flashserve.accounts.clock import parse_instant
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.ledger import GROUPINGS
 from flashserve.api.auth import require_api_key
-from flashserve.api.errors import invalid_request
+from flashserve.api.state import app_state
+from flashserve.errors import invalid_request
 
 router = APIRouter()
 
@@ -42,7 +43,7 @@ def check_group_by(group_by: str) -> str:
 async def usage_report(request: Request, account_id: str | None, start: str | None, end: str | None,
                        group_by: str) -> dict[str, Any]:
     begin, finish = parse_bounds(start, end)
-    data = await request.app.state.accounts.ledger.report(account_id, begin, finish, check_group_by(group_by))
+    data = await app_state(request).accounts.ledger.report(account_id, begin, finish, check_group_by(group_by))
     return {"object": "list", "group_by": group_by, "data": data}
 
 

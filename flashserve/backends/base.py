@@ -1,71 +1,45 @@
 """The seam between the API and whatever generates tokens.
 
-A `Backend` takes a validated chat request and returns a `Generation`: an
-async stream of per-choice text deltas, a final `Usage`, and an awaited
-`abort()`. The local engine, a remote OpenAI-compatible upstream, and a
-router over replicas all implement it, so the API layer never knows which
-one it talks to.
+A `Backend` takes a `generation.py: GenerationRequest` and returns a `Generation`: an async stream of
+per-choice deltas, a final `Usage`, and an awaited `abort()`. The local engine, a remote
+OpenAI-compatible upstream, and a router over replicas all implement every member below (trivially
+where one means nothing to them), so the API layer never knows which one it talks to and never probes.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from flashserve.api.schemas import ChatCompletionRequest
-    from flashserve.chat.tools import ParsedCall
-
-
-@dataclass(frozen=True, slots=True)
-class RequestContext:
-    request_id: str
-    tenant: str = ""  # namespaces the prefix cache; the account once accounts exist
-
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    index: int
-    content: str = ""
-    reasoning_content: str = ""
-    tool_calls: list[ParsedCall] = field(default_factory=list)  # complete calls, in order
-    finish_reason: str | None = None  # set on a choice's last delta
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-class Generation(Protocol):
-    usage: Usage
-
-    def __aiter__(self) -> AsyncIterator[ChoiceDelta]: ...
-
-    async def abort(self) -> None:
-        """Stop generating and release resources; idempotent and awaited."""
+from flashserve.generation import Generation, GenerationRequest, RequestContext
 
 
 class Backend(Protocol):
     name: str
     system_fingerprint: str
 
-    async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> Generation:
+    async def open(self, request: GenerationRequest, ctx: RequestContext) -> Generation:
         """Validate against the model (context, vocabulary) and start generating.
 
-        Raises `OpenAIError` for a request this backend cannot serve; nothing
+        Raises `FlashserveError` for a request this backend cannot serve; nothing
         has been generated (or charged) when it does.
         """
         ...
 
-    def stats(self) -> dict[str, object]: ...
+    @property
+    def load(self) -> int:
+        """Requests in flight through this backend now (a router balances on it)."""
+        ...
+
+    async def abort_all(self) -> int:
+        """Abort every request in flight (the server's drain time is up); returns how many."""
+        ...
+
+    def stats(self) -> dict[str, object]:
+        """Cheap counters, synchronous."""
+        ...
+
+    async def inspect(self) -> dict[str, object]:
+        """A fuller report for /admin/engine (the engine's block pool and its invariants, replicas)."""
+        ...
 
     async def close(self) -> None: ...

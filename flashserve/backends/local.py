@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,18 +17,18 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from flashserve import __version__
-from flashserve.api.errors import OpenAIError, invalid_request, unsupported_parameter
-from flashserve.api.schemas import ChatCompletionRequest, ChatMessage
-from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
 from flashserve.chat.deepseek_v4 import DeepseekV4Template
 from flashserve.chat.dsml import DsmlToolCallParser
 from flashserve.chat.output import ChoiceOutput
 from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import ChatTemplate, TemplateError
-from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, with_tools_in_system_prompt
+from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, tool_dict, with_tools_in_system_prompt
 from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams, ThinkingControl
+from flashserve.errors import FlashserveError, invalid_request, server_error, unsupported_parameter
+from flashserve.generation import ChoiceDelta, GenerationRequest, Message, RequestContext, Usage
+from flashserve.ids import choice_id
 
 _SEED_MOD = 2**64
 
@@ -64,13 +63,13 @@ class LocalBackend:
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     # -- request preparation ---------------------------------------------------
-    def render_prompt(self, messages: list[ChatMessage], plan: ToolPlan, thinking: bool = False,
+    def render_prompt(self, messages: list[Message], plan: ToolPlan, thinking: bool = False,
                       effort_mode: str | None = None) -> list[int]:
         dicts = [_message_dict(m) for m in messages]
         tools = None
         if plan.tools:
             if self.model.template.handles_tools:
-                tools = [t.model_dump(exclude_none=True) for t in plan.tools]
+                tools = [tool_dict(t) for t in plan.tools]
             else:
                 dicts = with_tools_in_system_prompt(dicts, plan)
         try:
@@ -84,16 +83,17 @@ class LocalBackend:
                                   "messages") from exc
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def sampling_params(self, request: ChatCompletionRequest, choice: int) -> SamplingParams:
-        seed = None if request.seed is None else (request.seed + choice) % _SEED_MOD
+    def sampling_params(self, request: GenerationRequest, choice: int) -> SamplingParams:
+        sampling = request.sampling
+        seed = None if sampling.seed is None else (sampling.seed + choice) % _SEED_MOD
         return SamplingParams(
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            logit_bias=self._logit_bias(request.logit_bias),
+            temperature=1.0 if sampling.temperature is None else sampling.temperature,
+            top_p=1.0 if sampling.top_p is None else sampling.top_p,
+            presence_penalty=sampling.presence_penalty or 0.0,
+            frequency_penalty=sampling.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(sampling.logit_bias),
             seed=seed,
-            max_tokens=request.max_output_tokens,
+            max_tokens=sampling.max_tokens,
             stop_token_ids=self.model.stop_token_ids,
         )
 
@@ -111,8 +111,14 @@ class LocalBackend:
             out[token_id] = float(value)
         return out
 
-    def check_supported(self, request: ChatCompletionRequest) -> None:
+    def check_supported(self, request: GenerationRequest) -> None:
         """Fields the embedded engine does not implement yet answer 400, never silently ignored."""
+        if request.raw_prompt is not None or request.suffix is not None:
+            raise unsupported_parameter("prompt", "is not supported yet: send chat messages.")
+        if request.messages and request.messages[-1].prefix:
+            raise unsupported_parameter("prefix", "completion is not supported yet.")
+        if request.sampling.top_k is not None:
+            raise unsupported_parameter("top_k", "is not supported yet.")
         if request.audio is not None:
             raise unsupported_parameter("audio", "output is not supported: this model produces text only.")
         if request.modalities and "audio" in request.modalities:
@@ -122,18 +128,18 @@ class LocalBackend:
             raise unsupported_parameter("response_format", "is not available: structured output is not set up.")
         if request.tools and self.model.grammars is None:
             raise unsupported_parameter("tools", "are not available: constrained decoding is not set up.")
-        if request.logprobs:
+        if request.sampling.logprobs:
             raise unsupported_parameter("logprobs", "is not supported yet.")
-        if request.top_logprobs:
+        if request.sampling.top_logprobs:
             raise unsupported_parameter("top_logprobs", "is not supported yet.")
 
     # -- Backend -----------------------------------------------------------------
-    async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> LocalGeneration:
+    async def open(self, request: GenerationRequest, ctx: RequestContext) -> LocalGeneration:
         self.check_supported(request)
         plan = plan_tools(request)
         grammar = self._grammar(request, plan)
         # Constrained output starts at the first token, so a constrained request does not think first.
-        thinking = resolve_thinking(request.reasoning_effort, self.model.reasoning)
+        thinking = self._thinking(request)
         if grammar is not None or not self.model.think_end_ids:
             thinking = Thinking(False)
         prompt = self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode)
@@ -144,8 +150,8 @@ class LocalBackend:
                 f"{len(prompt)} tokens. Please reduce the length of the messages.",
                 "messages", "context_length_exceeded")
         control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
-        params = [self.sampling_params(request, i) for i in range(request.n or 1)]
-        ids = [f"{ctx.request_id}-{i}-{uuid.uuid4().hex[:6]}" for i in range(len(params))]
+        params = [self.sampling_params(request, i) for i in range(request.sampling.n)]
+        ids = [choice_id(ctx.request_id, i) for i in range(len(params))]
         self._admit(ids)
         streams: list[RequestStream] = []
         self._opening.update(ids)
@@ -157,12 +163,11 @@ class LocalBackend:
         except EngineDeadError as exc:
             for s in streams:
                 await s.abort()
-            raise OpenAIError(503, "The inference engine is not available.", "server_error", None,
-                              "engine_unavailable") from exc
+            raise server_error(503, "The inference engine is not available.", "engine_unavailable") from exc
         finally:
             self._opening.difference_update(ids)
-        names = [t.function.name for t in plan.tools] if plan.parses_calls else None
-        return LocalGeneration(streams, self.model.tokenizer, request.stop_list, len(prompt), names,
+        names = [t.name for t in plan.tools] if plan.parses_calls else None
+        return LocalGeneration(streams, self.model.tokenizer, list(request.sampling.stop), len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
                                tool_format=self.model.tool_format)
 
@@ -171,12 +176,27 @@ class LocalBackend:
         await in between, so concurrent requests cannot all slip under the bound). A choice the engine has
         added but whose add has not returned yet is in both sets: the union counts it once."""
         if self.max_active is not None and self.num_active + len(ids) > self.max_active:
-            raise OpenAIError(503, "The server is overloaded; please retry shortly.", "server_error", None,
-                              "overloaded", headers={"retry-after": "1"})
+            raise server_error(503, "The server is overloaded; please retry shortly.", "overloaded", retry_after_s=1)
 
     @property
     def num_active(self) -> int:
         return len(self.engine.request_ids() | self._opening)
+
+    @property
+    def load(self) -> int:
+        return self.num_active
+
+    def _thinking(self, request: GenerationRequest) -> Thinking:
+        reasoning = request.reasoning
+        if reasoning.thinking is False:
+            return Thinking(False)
+        effort = reasoning.effort
+        if reasoning.thinking and (effort is None or effort == "none"):
+            effort = "high"  # switched on without an effort: the default mode
+        thinking = resolve_thinking(effort, self.model.reasoning)
+        if thinking.enabled and reasoning.budget_tokens is not None:
+            thinking = Thinking(True, thinking.mode, reasoning.budget_tokens)
+        return thinking
 
     async def abort_all(self) -> int:
         return await self.engine.abort_all()
@@ -184,7 +204,7 @@ class LocalBackend:
     async def inspect(self) -> dict[str, object]:
         return await self.engine.inspect()
 
-    def _grammar(self, request: ChatCompletionRequest, plan: ToolPlan) -> Any | None:
+    def _grammar(self, request: GenerationRequest, plan: ToolPlan) -> Any | None:
         grammars = self.model.grammars
         if grammars is None:
             return None
@@ -233,8 +253,7 @@ class LocalGeneration:
                 if choice.stopped:
                     await self._streams[index].abort()
                 elif out.finish_reason is FinishReason.ABORT:
-                    raise OpenAIError(503, "The request was aborted by the server.", "server_error", None,
-                                      "request_aborted")
+                    raise server_error(503, "The request was aborted by the server.", "request_aborted")
                 else:
                     text += choice.finish()
                 reason = "stop" if choice.stopped else str(out.finish_reason)
@@ -311,19 +330,18 @@ class LocalGeneration:
         self._done = [True] * len(self._streams)
 
 
-def _engine_failed() -> OpenAIError:
-    return OpenAIError(500, "The inference engine failed while generating.", "server_error", None, "engine_error")
+def _engine_failed() -> FlashserveError:
+    return server_error(500, "The inference engine failed while generating.", "engine_error")
 
 
-def _message_dict(message: ChatMessage) -> dict[str, Any]:
-    content = message.content
-    if isinstance(content, list):
-        content = "\n".join(part.text or "" for part in content if part.type == "text")
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+def _message_dict(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content or ""}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
-        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        out["tool_calls"] = [{"id": call.id, "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}}
+                             for call in message.tool_calls]
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     if message.reasoning_content:

@@ -26,48 +26,63 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from flashserve.api.errors import INVALID_REQUEST, SERVER_ERROR, OpenAIError
-from flashserve.api.schemas import ChatCompletionRequest
-from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
+from flashserve.catalog import RemoteSpec
 from flashserve.chat.reasoning import EFFORT_MODE
-from flashserve.chat.tools import ParsedCall
+from flashserve.errors import INVALID_REQUEST, SERVER_ERROR, FlashserveError, unsupported_parameter
+from flashserve.generation import (
+    CACHE_SALT_HEADER,
+    ChoiceDelta,
+    GenerationRequest,
+    Message,
+    RequestContext,
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
 
-KINDS = ("openai", "deepseek", "vllm", "sglang")
 RETRYABLE_STATUS = {500, 502, 503, 504}
-CACHE_SALT_HEADER = "x-flashserve-cache-salt"
 
 
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    url: str  # base URL, e.g. http://10.0.0.5:8000/v1
-    model: str  # the model name the upstream serves
-    kind: str = "openai"  # one of KINDS: how reasoning is asked for and usage reported
-    api_key: str | None = None  # the upstream's own key (from the catalog's environment variable)
-    timeout_s: float = 600.0  # the whole request
-    connect_timeout_s: float = 10.0
-    retries: int = 2  # extra attempts before the first byte
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"upstream kind must be one of {KINDS}, not {self.kind!r}")
+Upstream = RemoteSpec  # the catalog's spec of one upstream is all this backend needs
 
 
-def upstream_body(request: ChatCompletionRequest, upstream: Upstream) -> dict[str, Any]:
-    """Our validated request as the upstream wants it: always streamed, with usage, in its own model name
-    and reasoning dialect."""
-    body = request.model_dump(mode="json", exclude_none=True, by_alias=True)
-    body["model"] = upstream.model
+def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, Any]:
+    """Our internal request as an OpenAI-compatible upstream wants it: a chat completions body, always
+    streamed, with usage, in its own model name and reasoning dialect. Fields the client did not give
+    are left out, so the upstream's defaults apply."""
+    if request.raw_prompt is not None or request.suffix is not None:
+        raise unsupported_parameter("prompt", "is not supported by remote engines yet: send chat messages.")
+    sampling = request.sampling
+    body: dict[str, Any] = {"model": upstream.model, "messages": [_message_body(m) for m in request.messages]}
+    optional: dict[str, Any] = {
+        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+        "max_tokens": sampling.max_tokens, "stop": list(sampling.stop) or None, "seed": sampling.seed,
+        "presence_penalty": sampling.presence_penalty, "frequency_penalty": sampling.frequency_penalty,
+        "logit_bias": sampling.logit_bias, "n": sampling.n, "logprobs": sampling.logprobs,
+        "top_logprobs": sampling.top_logprobs, "user": request.user,
+        "tools": [_tool_body(t) for t in request.tools] or None,
+        "tool_choice": _tool_choice_body(request.tool_choice),
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "response_format": _response_format_body(request.response_format),
+        "modalities": list(request.modalities) if request.modalities is not None else None,
+        "audio": request.audio,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    body.update(request.passthrough)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
-    effort = body.pop("reasoning_effort", None)
-    if effort is None:
+    effort, switch = request.reasoning.effort, request.reasoning.thinking
+    if effort is None and switch is None:
         return body
-    mode = EFFORT_MODE.get(effort)
+    mode = EFFORT_MODE.get(effort) if effort is not None else ("high" if switch else None)
+    if switch is False:
+        mode = None
     if upstream.kind == "deepseek":
         body["thinking"] = {"type": "enabled" if mode else "disabled"}
         if mode:
@@ -78,9 +93,49 @@ def upstream_body(request: ChatCompletionRequest, upstream: Upstream) -> dict[st
         if mode:
             kwargs["reasoning_effort"] = mode
         body["chat_template_kwargs"] = kwargs
-    else:
-        body["reasoning_effort"] = effort
+    elif effort is not None:
+        body["reasoning_effort"] = effort if switch is not False else "none"
     return body
+
+
+def _message_body(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role}
+    if message.content is not None:
+        out["content"] = message.content
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        value = getattr(message, key)
+        if value is not None:
+            out[key] = value
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in message.tool_calls]
+    if message.prefix:
+        out["prefix"] = True  # DeepSeek's chat prefix completion
+    return out
+
+
+def _tool_body(tool: ToolSpec) -> dict[str, Any]:
+    function = {k: v for k, v in (("name", tool.name), ("description", tool.description),
+                                   ("parameters", tool.parameters), ("strict", tool.strict)) if v is not None}
+    return {"type": "function", "function": function}
+
+
+def _tool_choice_body(choice: ToolChoice | None) -> str | dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice.mode == "named":
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode
+
+
+def _response_format_body(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    if fmt is None:
+        return None
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    spec = {k: v for k, v in (("name", fmt.name), ("description", fmt.description), ("schema", fmt.schema),
+                               ("strict", fmt.strict)) if v is not None}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def normalize_usage(raw: dict[str, Any]) -> Usage:
@@ -95,7 +150,7 @@ def normalize_usage(raw: dict[str, Any]) -> Usage:
                  completion_tokens=int(raw.get("completion_tokens") or 0), reasoning_tokens=reasoning)
 
 
-def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str]) -> OpenAIError:
+def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str]) -> FlashserveError:
     """Our error object for an upstream's non-200 answer."""
     try:
         detail = json.loads(text).get("error") or {}
@@ -106,15 +161,15 @@ def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, st
     param = detail.get("param") if isinstance(detail, dict) else None
     if status == 429:
         retry = {"retry-after": headers.get("retry-after", "1")}
-        return OpenAIError(429, f"The upstream is rate limiting: {message}", "rate_limit_error", None,
+        return FlashserveError(429, f"The upstream is rate limiting: {message}", "rate_limit_error", None,
                            "upstream_rate_limited", headers=retry)
     if status in (401, 403):
-        return OpenAIError(502, "The upstream refused flashserve's credentials.", SERVER_ERROR, None,
+        return FlashserveError(502, "The upstream refused flashserve's credentials.", SERVER_ERROR, None,
                            "upstream_auth_failed")
     if 400 <= status < 500:
-        return OpenAIError(400, f"The upstream rejected the request: {message}", INVALID_REQUEST, param,
+        return FlashserveError(400, f"The upstream rejected the request: {message}", INVALID_REQUEST, param,
                            "upstream_invalid_request")
-    return OpenAIError(502, f"The upstream failed (HTTP {status}): {message}", SERVER_ERROR, None, "upstream_error")
+    return FlashserveError(502, f"The upstream failed (HTTP {status}): {message}", SERVER_ERROR, None, "upstream_error")
 
 
 class RemoteBackend:
@@ -132,6 +187,10 @@ class RemoteBackend:
     def active(self) -> int:
         return len(self._open)
 
+    @property
+    def load(self) -> int:
+        return self.active
+
     async def abort_all(self) -> int:
         """Close every upstream stream in flight (shutdown after the drain time); returns how many."""
         open_now = list(self._open)
@@ -139,7 +198,7 @@ class RemoteBackend:
             await generation.abort()
         return len(open_now)
 
-    async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> RemoteGeneration:
+    async def open(self, request: GenerationRequest, ctx: RequestContext) -> RemoteGeneration:
         body = upstream_body(request, self.upstream)
         headers = {"x-request-id": ctx.request_id}
         if self.upstream.kind == "openai" and ctx.tenant:
@@ -156,17 +215,21 @@ class RemoteBackend:
                                                                               headers=headers), stream=True)
             except httpx.TimeoutException as exc:
                 if last:
-                    raise OpenAIError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
+                    raise FlashserveError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
                                       "upstream_timeout") from exc
             except httpx.HTTPError as exc:
                 if last:
-                    raise OpenAIError(502, "The upstream is not reachable.", SERVER_ERROR, None,
+                    raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
                                       "upstream_unavailable") from exc
             else:
                 if response.status_code == 200:
-                    return RemoteGeneration(response, request.n or 1, self)
-                text = (await response.aread()).decode(errors="replace")
-                await response.aclose()
+                    return RemoteGeneration(response, self)
+                try:  # the refusal's text, for our error; the response is closed whatever happens here
+                    text = (await response.aread()).decode(errors="replace")
+                except httpx.HTTPError:
+                    text = ""
+                finally:
+                    await response.aclose()
                 if last or response.status_code not in RETRYABLE_STATUS:
                     raise upstream_error(response.status_code, text, response.headers)
             await asyncio.sleep(delay)
@@ -176,6 +239,9 @@ class RemoteBackend:
     def stats(self) -> dict[str, object]:
         return {"upstream": self.upstream.url, "model": self.upstream.model, "active_requests": self.active}
 
+    async def inspect(self) -> dict[str, object]:
+        return self.stats()
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -184,7 +250,7 @@ class RemoteGeneration:
     """The upstream's event stream as our deltas. Tool calls arrive in pieces per (choice, call index) and
     are handed on whole when their choice finishes."""
 
-    def __init__(self, response: httpx.Response, n: int, backend: RemoteBackend) -> None:
+    def __init__(self, response: httpx.Response, backend: RemoteBackend) -> None:
         self.usage = Usage()
         self._response = response
         self._backend = backend
@@ -206,7 +272,7 @@ class RemoteGeneration:
                 chunk = json.loads(data)
                 if "error" in chunk:
                     error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-                    raise OpenAIError(502, f"The upstream failed mid-stream: {error.get('message')}", SERVER_ERROR,
+                    raise FlashserveError(502, f"The upstream failed mid-stream: {error.get('message')}", SERVER_ERROR,
                                       None, "upstream_error")
                 if chunk.get("usage"):
                     self.usage = normalize_usage(chunk["usage"])
@@ -216,9 +282,9 @@ class RemoteGeneration:
                         yield delta
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self._closed:  # abort_all closed the stream under us (the server's drain time is up)
-                raise OpenAIError(503, "The request was aborted by the server.", SERVER_ERROR, None,
+                raise FlashserveError(503, "The request was aborted by the server.", SERVER_ERROR, None,
                                   "request_aborted") from exc
-            raise OpenAIError(502, "The upstream connection failed mid-stream.", SERVER_ERROR, None,
+            raise FlashserveError(502, "The upstream connection failed mid-stream.", SERVER_ERROR, None,
                               "upstream_error") from exc
         finally:
             await self.abort()
@@ -234,10 +300,10 @@ class RemoteGeneration:
             call["name"] = function.get("name") or call["name"]
             call["arguments"] += function.get("arguments") or ""
         reason = choice.get("finish_reason")
-        calls: list[ParsedCall] = []
+        calls: list[ToolCall] = []
         if reason:
             done = sorted(k for k in self._calls if k[0] == index)
-            calls = [ParsedCall(self._calls[k]["id"] or f"call_{k[1]}", self._calls[k]["name"],
+            calls = [ToolCall(self._calls[k]["id"] or f"call_{k[1]}", self._calls[k]["name"],
                                 self._calls[k]["arguments"] or "{}") for k in done]
             for k in done:
                 del self._calls[k]

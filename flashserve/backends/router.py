@@ -28,21 +28,22 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from flashserve.api.errors import SERVER_ERROR, OpenAIError
-from flashserve.api.schemas import ChatCompletionRequest
-from flashserve.backends.base import ChoiceDelta, RequestContext, Usage
-from flashserve.backends.remote import RemoteBackend, RemoteGeneration
+from flashserve.backends.base import Backend
+from flashserve.catalog import POLICIES
+from flashserve.errors import FlashserveError, server_error
+from flashserve.generation import ChoiceDelta, Generation, GenerationRequest, RequestContext, Usage
 
 log = logging.getLogger(__name__)
-POLICIES = ("round_robin", "least_load", "prefix_aware")
 PREFIX_BLOCK_CHARS = 256
 
 
-def prefix_hashes(request: ChatCompletionRequest, tenant: str) -> list[bytes]:
+def prefix_hashes(request: GenerationRequest, tenant: str) -> list[bytes]:
     """Chained hashes of the conversation's text in blocks of PREFIX_BLOCK_CHARS, salted with the tenant:
     two requests share the first k hashes exactly when their first k blocks (and tenant) are the same."""
-    text = json.dumps([[m.role, m.content if isinstance(m.content, str) else
-                        [p.text for p in m.content or () if p.text]] for m in request.messages], ensure_ascii=False)
+    conversation: list[list[str | None]] = [[m.role, m.content] for m in request.messages]
+    if request.raw_prompt is not None:
+        conversation.append(["prompt", request.raw_prompt])
+    text = json.dumps(conversation, ensure_ascii=False)
     hashes: list[bytes] = []
     parent = hashlib.blake2b(tenant.encode(), digest_size=16).digest()
     for start in range(0, len(text) - PREFIX_BLOCK_CHARS + 1, PREFIX_BLOCK_CHARS):
@@ -54,7 +55,7 @@ def prefix_hashes(request: ChatCompletionRequest, tenant: str) -> list[bytes]:
 @dataclass(eq=False)
 class Replica:
     name: str  # the upstream URL, for logs and stats
-    backend: RemoteBackend
+    backend: Backend  # a RemoteBackend in practice (an upstream, or a local worker process)
     health_url: str | None = None
     pid: int | None = None  # of a local worker process
     healthy: bool = True
@@ -98,30 +99,34 @@ class Router:
         self._open: set[RoutedGeneration] = set()  # for abort_all (the server's drain)
         self.on_close: Callable[[], None] | None = None  # e.g. stop the worker processes behind the replicas
 
-    async def open(self, request: ChatCompletionRequest, ctx: RequestContext) -> RoutedGeneration:
+    async def open(self, request: GenerationRequest, ctx: RequestContext) -> RoutedGeneration:
         self._start_health_checks()
         hashes = prefix_hashes(request, ctx.tenant)
         tried: list[Replica] = []
         while True:
             replica = self.pick(hashes, exclude=tried)
             if replica is None:
-                raise OpenAIError(503, "No replica of this model is available; retry shortly.", SERVER_ERROR,
-                                  None, "no_replica_available", headers={"retry-after": "2"})
+                raise server_error(503, "No replica of this model is available; retry shortly.",
+                                   "no_replica_available", retry_after_s=2)
             tried.append(replica)
-            replica.active += 1
-            try:
-                generation = await replica.backend.open(request, ctx)
-            except OpenAIError as exc:
-                replica.active -= 1
-                if exc.status < 500:
-                    raise  # the request's own fault: another replica would say the same
-                self._eject(replica, exc.message)
-                continue  # nothing has reached the client: the next replica may serve it
-            replica.served += 1
-            replica.remember(hashes, self.max_prefixes)
-            routed = RoutedGeneration(generation, replica, self)
-            self._open.add(routed)
-            return routed
+            with _Slot(replica) as slot:  # counted from here; given back on any exit but the hand-over
+                try:
+                    generation = await replica.backend.open(request, ctx)
+                except FlashserveError as exc:
+                    if exc.status < 500:
+                        raise  # the request's own fault: another replica would say the same
+                    self._eject(replica, exc.message)
+                    continue  # nothing has reached the client: the next replica may serve it
+                replica.served += 1
+                replica.remember(hashes, self.max_prefixes)
+                routed = RoutedGeneration(generation, replica, self)
+                slot.hand_over()  # RoutedGeneration owns the count now, until it ends
+                self._open.add(routed)
+                return routed
+
+    @property
+    def load(self) -> int:
+        return sum(r.active for r in self.replicas)
 
     async def abort_all(self) -> int:
         """Abort every request in flight through this router (shutdown after the drain time)."""
@@ -188,11 +193,33 @@ class Router:
             await asyncio.to_thread(self.on_close)
 
 
+class _Slot:
+    """One request counted against a replica's load: raised on entry, lowered on exit (an error, a
+    cancellation, a failover) unless `hand_over` passed the count to the generation that now owns it."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self._owned = False
+
+    def __enter__(self) -> _Slot:
+        self.replica.active += 1
+        self._owned = True
+        return self
+
+    def hand_over(self) -> None:
+        self._owned = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owned:
+            self._owned = False
+            self.replica.active -= 1
+
+
 class RoutedGeneration:
     """A replica's generation, counted against its load until it ends; a replica that fails mid-stream
     leaves the rotation (the error itself reaches the client)."""
 
-    def __init__(self, inner: RemoteGeneration, replica: Replica, router: Router) -> None:
+    def __init__(self, inner: Generation, replica: Replica, router: Router) -> None:
         self._inner = inner
         self._replica = replica
         self._router = router
@@ -209,7 +236,7 @@ class RoutedGeneration:
         try:
             async for delta in self._inner:
                 yield delta
-        except OpenAIError as exc:
+        except FlashserveError as exc:
             if exc.status >= 500:
                 self._router._eject(self._replica, exc.message)
             raise

@@ -17,14 +17,14 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from flashserve.api.errors import invalid_request
 from flashserve.chat.tools import CALL_SUFFIX, MAX_PARALLEL_CALLS, OPEN, ToolPlan, call_prefix
+from flashserve.errors import invalid_request
 
 if TYPE_CHECKING:
     import torch
     import xgrammar as xgr
 
-    from flashserve.api.schemas import ResponseFormat
+    from flashserve.generation import ResponseFormat
 
 _CACHE_SIZE = 256
 # The smallest JSON object grammar: `json_object` mode means "one JSON object".
@@ -47,19 +47,6 @@ class GrammarConstraint:
     @property
     def is_terminated(self) -> bool:
         return bool(self.matcher.is_terminated())
-
-
-def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
-    import xgrammar as xgr
-
-    return xgr.allocate_token_bitmask(batch, vocab_size)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Disallowed tokens of the listed rows get -inf, in place."""
-    import xgrammar as xgr
-
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
 
 
 class GrammarBackend:
@@ -104,9 +91,7 @@ class GrammarBackend:
             return None
         if response_format.type == "json_object":
             return self.compile_schema(_ANY_OBJECT_SCHEMA, "response_format")
-        schema = response_format.schema_
-        if schema is None and response_format.json_schema is not None:
-            schema = response_format.json_schema.schema_
+        schema = response_format.schema
         if schema is None:
             raise invalid_request("response_format of type 'json_schema' needs a schema: "
                                   "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.",
@@ -121,14 +106,14 @@ class GrammarBackend:
             # DSML parameters are not one JSON document a structural tag could hold: the model answers
             # freely and the streaming parser takes whatever well-formed block it writes.
             return None
-        tools = [t for t in plan.tools if plan.choice != "named" or t.function.name == plan.named]
+        tools = [t for t in plan.tools if plan.choice != "named" or t.name == plan.named]
         for i, tool in enumerate(plan.tools):
             problem = unenforceable(plan.parameters(tool))
             if problem:
-                raise invalid_request(f"Unsupported JSON schema in tool '{tool.function.name}': {problem}",
+                raise invalid_request(f"Unsupported JSON schema in tool '{tool.name}': {problem}",
                                       f"tools[{i}].function.parameters", "invalid_json_schema")
         key = json.dumps(["tools", plan.choice, plan.parallel,
-                          [(t.function.name, plan.parameters(t)) for t in tools]])
+                          [(t.name, plan.parameters(t)) for t in tools]])
         return self._cached(key, lambda: self._compile_tools(plan, tools), "tools")
 
     def _compile_tools(self, plan: ToolPlan, tools: list[Any]) -> Any:
@@ -139,7 +124,7 @@ class GrammarBackend:
             return compiler.compile_grammar(dsml_calls_grammar(plan, tools))
         if plan.choice == "auto":
             # Free text until the model opens a call; from there the call must be well-formed.
-            items = [xgr.StructuralTagItem(begin=call_prefix(t.function.name), schema=json.dumps(plan.parameters(t)),
+            items = [xgr.StructuralTagItem(begin=call_prefix(t.name), schema=json.dumps(plan.parameters(t)),
                                            end=CALL_SUFFIX) for t in tools]
             return compiler.compile_structural_tag(items, [OPEN])
 
@@ -147,12 +132,12 @@ class GrammarBackend:
             return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))
 
         one = xgr.Grammar.union(*[
-            xgr.Grammar.concat(literal(call_prefix(t.function.name)),
+            xgr.Grammar.concat(literal(call_prefix(t.name)),
                                xgr.Grammar.from_json_schema(json.dumps(plan.parameters(t)), any_whitespace=False),
                                literal(CALL_SUFFIX))
             for t in tools
         ]) if len(tools) > 1 else xgr.Grammar.concat(
-            literal(call_prefix(tools[0].function.name)),
+            literal(call_prefix(tools[0].name)),
             xgr.Grammar.from_json_schema(json.dumps(plan.parameters(tools[0])), any_whitespace=False),
             literal(CALL_SUFFIX))
         if plan.choice == "named" or not plan.parallel:
@@ -266,7 +251,7 @@ def dsml_calls_grammar(plan: ToolPlan, tools: list[Any]) -> Any:
         schema = plan.parameters(tool)
         properties: dict[str, Any] = schema.get("properties") or {}
         wanted = [k for k in properties if k in (schema.get("required") or properties)]
-        parts: list[Any] = [literal(f'{v4.INVOKE_OPEN_HEAD}{tool.function.name}">\n')]
+        parts: list[Any] = [literal(f'{v4.INVOKE_OPEN_HEAD}{tool.name}">\n')]
         for i, key in enumerate(wanted):
             parts += [literal("\n")] if i else []
             parts.append(parameter(key, properties[key]))

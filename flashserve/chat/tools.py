@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flashserve.api.errors import invalid_request
-
-if TYPE_CHECKING:
-    from flashserve.api.schemas import ChatCompletionRequest, Tool
+from flashserve.errors import invalid_request
+from flashserve.generation import GenerationRequest, ToolCall, ToolSpec
+from flashserve.ids import call_id
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -47,7 +45,7 @@ CALL_SUFFIX = "}" + CLOSE
 class ToolPlan:
     """What a request's tools mean for generation."""
 
-    tools: tuple[Tool, ...]
+    tools: tuple[ToolSpec, ...]
     choice: str  # "none", "auto", "required" or "named"
     named: str | None
     parallel: bool
@@ -56,25 +54,32 @@ class ToolPlan:
     def parses_calls(self) -> bool:
         return bool(self.tools) and self.choice != "none"
 
-    def parameters(self, tool: Tool) -> dict[str, Any]:
-        return tool.function.parameters or _ANY_ARGUMENTS
+    def parameters(self, tool: ToolSpec) -> dict[str, Any]:
+        return tool.parameters or _ANY_ARGUMENTS
 
 
-def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
+def tool_dict(tool: ToolSpec) -> dict[str, Any]:
+    """A tool as chat templates take it (OpenAI's shape), for templates that render tools themselves."""
+    function = {k: v for k, v in (("name", tool.name), ("description", tool.description),
+                                   ("parameters", tool.parameters), ("strict", tool.strict)) if v is not None}
+    return {"type": "function", "function": function}
+
+
+def plan_tools(request: GenerationRequest) -> ToolPlan:
     """Validate `tools` / `tool_choice` / `parallel_tool_calls` together (400s name the param)."""
-    tools = tuple(request.tools or ())
+    tools = tuple(request.tools)
     if len(tools) > MAX_TOOLS:
         raise invalid_request(f"At most {MAX_TOOLS} tools are allowed.", "tools", "invalid_value")
     seen: set[str] = set()
     for i, tool in enumerate(tools):
-        name = tool.function.name
+        name = tool.name
         if not _NAME.match(name):
             raise invalid_request(f"Invalid tool name '{name}': use 1-64 letters, digits, '_' or '-'.",
                                   f"tools[{i}].function.name", "invalid_value")
         if name in seen:
             raise invalid_request(f"Tool '{name}' is defined twice.", f"tools[{i}].function.name", "invalid_value")
         seen.add(name)
-        params = tool.function.parameters
+        params = tool.parameters
         if params is not None and params.get("type", "object") != "object":
             raise invalid_request("Tool parameters must be a JSON schema of type 'object'.",
                                   f"tools[{i}].function.parameters", "invalid_value")
@@ -82,10 +87,8 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     named = None
     if choice is None:
         mode = "auto" if tools else "none"
-    elif isinstance(choice, str):
-        mode = choice
     else:
-        mode, named = "named", choice.function.name
+        mode, named = choice.mode, choice.name
     if mode in ("required", "named", "auto") and not tools and choice is not None:
         raise invalid_request("'tool_choice' needs 'tools'.", "tool_choice", "invalid_value")
     if named is not None and named not in seen:
@@ -103,7 +106,7 @@ def tools_system_prompt(plan: ToolPlan) -> str:
         "Available functions:",
     ]
     for tool in plan.tools:
-        spec = {"name": tool.function.name, "description": tool.function.description or "",
+        spec = {"name": tool.name, "description": tool.description or "",
                 "parameters": plan.parameters(tool)}
         lines.append(json.dumps(spec, ensure_ascii=False))
     if plan.choice == "required":
@@ -127,15 +130,10 @@ def with_tools_in_system_prompt(messages: list[dict[str, Any]], plan: ToolPlan) 
 
 
 # -- parsing -------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class ParsedCall:
-    id: str
-    name: str
-    arguments: str  # a JSON object, as OpenAI sends it: a string
+ParsedCall = ToolCall  # a call parsed out of generated text (the parsers' name for it)
 
 
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+new_call_id = call_id
 
 
 class ToolCallParser:

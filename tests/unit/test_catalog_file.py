@@ -29,10 +29,12 @@ input_cache_miss = "1"
 output = 2
 ''')
     models = load_catalog_file(path)
-    flash = models["deepseek/deepseek-v4-flash"]["prices"]
+    flash = models["deepseek/deepseek-v4-flash"].prices
+    assert flash is not None
     assert (flash.input_cache_hit, flash.input_cache_miss, flash.output) == (
         Decimal("0.0028"), Decimal("0.14"), Decimal("0.28"))
-    assert models["smollm2-135m-instruct"]["prices"].output == Decimal(2)
+    small = models["smollm2-135m-instruct"].prices
+    assert small is not None and small.output == Decimal(2)
 
 
 @pytest.mark.parametrize(("text", "line", "fragment"), [

@@ -9,6 +9,7 @@ import json
 import pytest
 from xgrammar.testing import _is_grammar_accept_string
 
+from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.chat.deepseek_v4 import render_tool_calls
 from flashserve.chat.dsml import DsmlToolCallParser
@@ -26,8 +27,8 @@ def grammar(choice: object = "required", parallel: bool = True) -> object:
     request = ChatCompletionRequest.model_validate({
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, TIME],
         "tool_choice": choice, "parallel_tool_calls": parallel})
-    plan = plan_tools(request)
-    tools = [t for t in plan.tools if plan.choice != "named" or t.function.name == plan.named]
+    plan = plan_tools(generation_request(request))
+    tools = [t for t in plan.tools if plan.choice != "named" or t.name == plan.named]
     return dsml_calls_grammar(plan, tools)
 
 

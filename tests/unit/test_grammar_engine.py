@@ -9,11 +9,12 @@ import string
 
 import pytest
 
-from flashserve.api.errors import OpenAIError
-from flashserve.api.schemas import ResponseFormat
+from flashserve.api.chat import generation_request
+from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.chat.structured import GrammarBackend
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from flashserve.engine.request import FinishReason, SamplingParams
+from flashserve.errors import FlashserveError
 from tests.unit.fake_model import VOCAB, CountingModel, expected_next
 
 # A character-level vocabulary of exactly VOCAB tokens; token 0 is the end of sequence.
@@ -21,6 +22,13 @@ CHARS = list(dict.fromkeys(string.digits + string.ascii_letters + '{}[]:,"-.+ eE
 TOKENS = ["<eos>"] + CHARS + [f"<unused{i}>" for i in range(VOCAB - 1 - len(CHARS))]
 EOS = 0
 assert len(TOKENS) == VOCAB
+
+
+def response_format(fmt: dict) -> object:
+    """A response_format as the chat surface hands it on (the internal type)."""
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                 "response_format": fmt})
+    return generation_request(body).response_format
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0
 def test_constrained_output_is_valid_json_for_the_schema(grammars: GrammarBackend, temperature: float) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     engine = make_engine()
-    fmt = ResponseFormat.model_validate({"type": "json_schema", "schema": SCHEMA})
+    fmt = response_format({"type": "json_schema", "schema": SCHEMA})
     compiled = grammars.for_response_format(fmt)
     request = engine.add_request("j", [5, 6, 7], SamplingParams(temperature=temperature, seed=3, max_tokens=120,
                                                                 stop_token_ids=(EOS,)),
@@ -68,7 +76,7 @@ def test_constrained_output_is_valid_json_for_the_schema(grammars: GrammarBacken
 
 def test_free_requests_in_a_mixed_batch_are_unaffected(grammars: GrammarBackend) -> None:
     engine = make_engine()
-    compiled = grammars.for_response_format(ResponseFormat.model_validate({"type": "json_object"}))
+    compiled = grammars.for_response_format(response_format({"type": "json_object"}))
     engine.add_request("json", [1, 2], SamplingParams(temperature=0, max_tokens=60, stop_token_ids=(EOS,)),
                        constraint=GrammarBackend.constraint(compiled))
     engine.add_request("free", [3, 4, 5], SamplingParams(temperature=0, max_tokens=12))
@@ -81,9 +89,9 @@ def test_free_requests_in_a_mixed_batch_are_unaffected(grammars: GrammarBackend)
 
 
 def test_grammars_are_compiled_once(grammars: GrammarBackend) -> None:
-    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
+    fmt = response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
     assert grammars.for_response_format(fmt) is grammars.for_response_format(
-        ResponseFormat.model_validate({"type": "json_schema", "schema": SCHEMA}))
+        response_format({"type": "json_schema", "schema": SCHEMA}))
 
 
 @pytest.mark.parametrize("fmt", [
@@ -92,14 +100,14 @@ def test_grammars_are_compiled_once(grammars: GrammarBackend) -> None:
     {"type": "json_schema"},
 ])
 def test_unusable_schemas_are_a_400_naming_response_format(grammars: GrammarBackend, fmt: dict) -> None:
-    with pytest.raises(OpenAIError) as err:
-        grammars.for_response_format(ResponseFormat.model_validate(fmt))
+    with pytest.raises(FlashserveError) as err:
+        grammars.for_response_format(response_format(fmt))
     assert err.value.status == 400 and err.value.param == "response_format"
 
 
 def test_text_format_means_no_grammar(grammars: GrammarBackend) -> None:
     assert grammars.for_response_format(None) is None
-    assert grammars.for_response_format(ResponseFormat.model_validate({"type": "text"})) is None
+    assert grammars.for_response_format(response_format({"type": "text"})) is None
 
 
 @pytest.mark.parametrize("schema", [
@@ -110,7 +118,7 @@ def test_text_format_means_no_grammar(grammars: GrammarBackend) -> None:
     {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"], "additionalProperties": False},
 ])
 def test_schemas_the_grammar_cannot_enforce_are_refused(grammars: GrammarBackend, schema: dict) -> None:
-    with pytest.raises(OpenAIError) as err:
+    with pytest.raises(FlashserveError) as err:
         grammars.compile_schema(schema, "response_format")
     assert err.value.code == "invalid_json_schema"
 

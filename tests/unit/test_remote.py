@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.remote import RemoteGeneration, Upstream, normalize_usage, upstream_body, upstream_error
-from flashserve.catalog import CatalogError, load_catalog_file
+from flashserve.catalog import CatalogError, RemoteSpec, load_catalog_file
+from flashserve.generation import GenerationRequest
 
 
-def request(**kw: object) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+def request(**kw: object) -> GenerationRequest:
+    return generation_request(ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}))
 
 
 @pytest.mark.parametrize(("kind", "effort", "expected"), [
@@ -79,7 +82,8 @@ def test_catalog_backend_errors_name_the_key_and_line(tmp_path: Path, monkeypatc
     with pytest.raises(CatalogError, match=r"catalog.toml:5: .*NOT_SET_ANYWHERE, which is not set"):
         load_catalog_file(path)
     monkeypatch.setenv("NOT_SET_ANYWHERE", "k")
-    entry = load_catalog_file(path)["m"]["backend"]
+    entry = load_catalog_file(path)["m"].backend
+    assert isinstance(entry, RemoteSpec)
     assert entry.api_key == "k" and entry.kind == "openai"
     path.write_text('[models."m"]\ncontext_length = -3\n')
     with pytest.raises(CatalogError, match="catalog.toml:2: .*context_length must be a positive integer"):
@@ -87,13 +91,13 @@ def test_catalog_backend_errors_name_the_key_and_line(tmp_path: Path, monkeypatc
 
 
 def test_catalog_replica_sets(tmp_path: Path) -> None:
-    from flashserve.catalog import ReplicaSet
+    from flashserve.catalog import ReplicaSetSpec
 
     path = tmp_path / "catalog.toml"
     path.write_text('[models."m".backend]\ntype = "remote"\nreplicas = ["http://a/v1", "http://b/v1"]\n'
                     'model = "up"\nkind = "vllm"\npolicy = "least_load"\n')
-    spec = load_catalog_file(path)["m"]["backend"]
-    assert isinstance(spec, ReplicaSet) and spec.policy == "least_load"
+    spec = load_catalog_file(path)["m"].backend
+    assert isinstance(spec, ReplicaSetSpec) and spec.policy == "least_load"
     assert [u.url for u in spec.upstreams] == ["http://a/v1", "http://b/v1"] and all(u.retries == 0 for u in
                                                                                     spec.upstreams)
     path.write_text('[models."m".backend]\ntype = "remote"\nreplicas = []\nmodel = "up"\n')
@@ -103,3 +107,27 @@ def test_catalog_replica_sets(tmp_path: Path) -> None:
                     'policy = "random"\n')
     with pytest.raises(CatalogError, match="catalog.toml:5: .*policy must be"):
         load_catalog_file(path)
+
+
+def test_upstream_body_is_an_openai_chat_body_of_what_the_client_gave() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = upstream_body(request(
+        messages=[{"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "ok"}],
+        tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}, stop="END", seed=7,
+        max_completion_tokens=9, user="u1", metadata={"k": "v"},
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+    ), Upstream("http://u/v1", "up"))
+    assert body["messages"] == [
+        {"role": "system", "content": "a\nb"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"}]
+    assert body["tools"] == [tool] and body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert (body["stop"], body["seed"], body["max_tokens"], body["user"], body["metadata"]) == \
+        (["END"], 7, 9, "u1", {"k": "v"})
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "s",
+                                                                             "schema": {"type": "object"}}}
+    assert "reasoning_effort" not in body and "logprobs" not in body

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import pytest
 
+from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.remote import RemoteBackend, Upstream
 from flashserve.backends.router import PREFIX_BLOCK_CHARS, Replica, Router, prefix_hashes
+from flashserve.generation import GenerationRequest, RequestContext
 
 
 def replica(name: str) -> Replica:
     return Replica(name, RemoteBackend(Upstream(f"http://{name}/v1", "m")))
 
 
-def request(system: str, user: str = "hi") -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"model": "m", "messages": [
-        {"role": "system", "content": system}, {"role": "user", "content": user}]})
+def request(system: str, user: str = "hi") -> GenerationRequest:
+    return generation_request(ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": user}]}))
 
 
 SYSTEM = "x" * (4 * PREFIX_BLOCK_CHARS)
@@ -85,3 +87,164 @@ def test_health_checks_eject_then_re_admit(monkeypatch: pytest.MonkeyPatch) -> N
 
     asyncio.run(watch())
     assert seen[-2:] == [False, True], seen
+
+
+# -- the load count cannot leak: every way out of Router.open before the hand-over gives it back ----------
+class FakeBackend:
+    """A Backend whose `open` runs the test's coroutine."""
+
+    name = "fake"
+    system_fingerprint = "fp_fake"
+
+    def __init__(self, opener: object) -> None:
+        self.opener = opener
+
+    async def open(self, request: object, ctx: object) -> object:
+        return await self.opener()  # type: ignore[operator]
+
+    load = 0
+
+    async def abort_all(self) -> int:
+        return 0
+
+    def stats(self) -> dict[str, object]:
+        return {}
+
+    async def inspect(self) -> dict[str, object]:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeGeneration:
+    def __init__(self) -> None:
+        from flashserve.generation import Usage
+
+        self.usage = Usage()
+        self.aborted = False
+
+    def __aiter__(self) -> object:
+        return self._deltas()
+
+    async def _deltas(self) -> object:
+        return
+        yield
+
+    async def abort(self) -> None:
+        self.aborted = True
+
+
+def fake_replica(name: str, opener: object) -> Replica:
+    return Replica(name, FakeBackend(opener))  # type: ignore[arg-type]
+
+
+def test_a_transport_error_while_opening_gives_the_slot_back() -> None:
+    import asyncio
+
+    import httpx
+
+    async def fails() -> object:
+        raise httpx.ReadError("connection reset while reading the refusal")
+
+    r = fake_replica("a", fails)
+    router = Router([r], "least_load")
+    with pytest.raises(httpx.ReadError):
+        asyncio.run(router.open(request("s"), RequestContext("r")))
+    assert r.active == 0
+
+
+def test_cancellation_while_opening_gives_the_slot_back() -> None:
+    import asyncio
+
+    async def hangs() -> object:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    r = fake_replica("a", hangs)
+    router = Router([r], "least_load")
+
+    async def main() -> None:
+        task = asyncio.create_task(router.open(request("s"), RequestContext("r")))
+        await asyncio.sleep(0.01)
+        assert r.active == 1  # counted while the open is under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert r.active == 0
+
+
+def test_failover_counts_only_the_replica_that_serves_until_the_generation_ends() -> None:
+    import asyncio
+
+    from flashserve.errors import server_error
+
+    async def refuses() -> object:
+        raise server_error(502, "upstream down", "upstream_error")
+
+    async def serves() -> object:
+        return FakeGeneration()
+
+    bad, good = fake_replica("bad", refuses), fake_replica("good", serves)
+    router = Router([bad, good], "round_robin")
+
+    async def main() -> None:
+        routed = await router.open(request("s"), RequestContext("r"))
+        assert (bad.active, good.active, bad.healthy) == (0, 1, False)
+        async for _ in routed:
+            pass
+        assert good.active == 0
+        await routed.abort()  # idempotent: never counts below zero
+        assert good.active == 0
+
+    asyncio.run(main())
+
+
+def test_remote_open_closes_the_refusal_and_the_router_gives_the_slot_back() -> None:
+    """An httpx error reading a refusal's body (RemoteBackend.open's `aread`) and a cancellation there."""
+    import asyncio
+
+    import httpx
+
+    from flashserve.errors import FlashserveError
+
+    closed: list[str] = []
+    gate = asyncio.Event
+
+    class Body(httpx.AsyncByteStream):
+        def __init__(self, mode: str) -> None:
+            self.mode = mode
+
+        async def __aiter__(self) -> object:
+            if self.mode == "hang":
+                await gate().wait()
+            raise httpx.ReadError("reset")
+            yield b""
+
+        async def aclose(self) -> None:
+            closed.append(self.mode)
+
+    def replica_for(mode: str) -> Replica:
+        transport = httpx.MockTransport(lambda req: httpx.Response(500, stream=Body(mode)))
+        backend = RemoteBackend(Upstream(f"http://{mode}/v1", "m", retries=0),
+                                client=httpx.AsyncClient(transport=transport))
+        return Replica(mode, backend)
+
+    async def main() -> None:
+        failing = replica_for("fail")
+        with pytest.raises(FlashserveError) as err:
+            await Router([failing], "least_load").open(request("s"), RequestContext("r"))
+        assert err.value.code == "no_replica_available"  # its 502 ejected the only replica
+        assert failing.active == 0 and not failing.healthy and "fail" in closed
+        hanging = replica_for("hang")
+        task = asyncio.create_task(Router([hanging], "least_load").open(request("s"), RequestContext("r")))
+        await asyncio.sleep(0.05)
+        assert hanging.active == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert hanging.active == 0 and "hang" in closed
+
+    asyncio.run(main())

@@ -11,13 +11,14 @@ import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from torch import nn
 
+from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
-from flashserve.backends.base import RequestContext
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, resolve_thinking
 from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
+from flashserve.generation import RequestContext
 from flashserve.models.layers import FULL_ATTENTION, AttentionMetadata, CacheSpec, LayerKVCache
 
 WORDS = ["<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "system", "user", "assistant",
@@ -71,7 +72,7 @@ def run(b: LocalBackend, stream_deltas: list, **kw: object) -> tuple[str, str, o
         {"model": "m", "messages": [{"role": "user", "content": "question ?"}], "temperature": 0, **kw})
 
     async def main() -> tuple[str, str, object]:
-        gen = await b.open(request, RequestContext("r1"))
+        gen = await b.open(generation_request(request), RequestContext("r1"))
         content, reasoning = "", ""
         async for delta in gen:
             stream_deltas.append(delta)
@@ -131,10 +132,10 @@ def test_splitter_holds_back_a_partial_end_marker() -> None:
 
 
 def test_earlier_reasoning_reaches_templates_that_use_it() -> None:
-    from flashserve.api.schemas import ChatMessage
     from flashserve.backends.local import _message_dict
+    from flashserve.generation import Message
 
-    message = ChatMessage.model_validate({"role": "assistant", "content": "Paris", "reasoning_content": "hmm"})
+    message = Message("assistant", "Paris", reasoning_content="hmm")
     assert _message_dict(message)["reasoning_content"] == "hmm"
     template = ChatTemplate("{% for m in messages %}[{{ m.reasoning_content }}]{{ m.content }}{% endfor %}")
     assert template.render([_message_dict(message)], add_generation_prompt=False) == "[hmm]Paris"

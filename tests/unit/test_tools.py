@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from flashserve.api.errors import OpenAIError
+from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.chat.tools import ToolCallParser, plan_tools, tools_system_prompt, with_tools_in_system_prompt
+from flashserve.errors import FlashserveError
+from flashserve.generation import GenerationRequest
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -16,8 +18,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 
 
-def request(**kw: object) -> ChatCompletionRequest:
-    return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+def request(**kw: object) -> GenerationRequest:
+    return generation_request(ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}))
 
 
 def test_default_choice_is_auto_with_tools_and_none_without() -> None:
@@ -38,7 +41,7 @@ def test_default_choice_is_auto_with_tools_and_none_without() -> None:
      "tools[0].function.parameters"),
 ])
 def test_invalid_tool_settings_are_400s(kw: dict, param: str) -> None:
-    with pytest.raises(OpenAIError) as err:
+    with pytest.raises(FlashserveError) as err:
         plan_tools(request(**kw))
     assert err.value.status == 400 and err.value.param == param
 

@@ -1,0 +1,207 @@
+"""The shared core every API surface calls: model -> admission -> backend -> deltas -> usage, once.
+
+A surface adapter (`api/chat.py` for OpenAI chat completions; Anthropic Messages, Responses and legacy
+completions next) parses its wire format into a `generation.py: GenerationRequest`, then:
+
+    call = await open_call(request, principal, gen, id_prefix="chatcmpl", check=my_card_checks)
+    # streaming: the events, each rendered in the surface's own format
+    async with call.streaming() as events:
+        async for event in events:  # ChoiceDelta | KeepAlive | Failed | Finished
+            ...
+    # or not streaming: every delta handed over, the client's disconnect watched
+    cost = await call.collect(on_delta, request)  # None: the client left
+
+What happens here and nowhere else: the model is resolved (404), the balance and limits are checked
+(402, 429: `api/billing.py: Meter`), the backend is opened under the request's id and tenant (the
+account, narrowed by a router's cache salt), a stream waiting on the engine yields `KeepAlive` every
+`sse_keepalive_s`, a client disconnect aborts the generation, and whatever ends the request (completion,
+error, disconnect, the drain's abort) the generation is aborted and the usage row written exactly once,
+shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+from starlette.requests import Request
+
+from flashserve.accounts.keys import Principal
+from flashserve.api.billing import Meter
+from flashserve.api.state import app_state
+from flashserve.backends.base import Backend
+from flashserve.catalog import ModelCard
+from flashserve.errors import SERVER_ERROR, FlashserveError
+from flashserve.generation import CACHE_SALT_HEADER, ChoiceDelta, Generation, GenerationRequest, RequestContext, Usage
+from flashserve.ids import request_id
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """Nothing came for `sse_keepalive_s`: a streaming surface sends its keep-alive (an SSE comment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The generation failed after the response began: the surface reports it in-band, then ends."""
+
+    error: FlashserveError
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The generation ended normally; its usage is recorded and cost `cost_pusd`."""
+
+    usage: Usage
+    cost_pusd: int
+
+
+Event = ChoiceDelta | KeepAlive | Failed | Finished
+
+
+async def open_call(request: Request, principal: Principal, gen: GenerationRequest, *, id_prefix: str = "chatcmpl",
+                    check: Callable[[ModelCard], None] | None = None) -> Call:
+    """Resolve the model, run the surface's checks against its card, admit the request (balance, limits)
+    and open the backend. Nothing is charged when this raises."""
+    state = app_state(request)
+    card, backend = state.catalog.resolve(gen.model)
+    if check is not None:
+        check(card)
+    # A router in front (backends/router.py) passes its tenant along: it can only narrow the namespace of
+    # this account's prefix cache, never reach another account's.
+    salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
+    tenant = principal.account_id + (f"/{salt}" if salt else "")
+    ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant)
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id)
+    try:
+        generation = await backend.open(gen, ctx)
+    except BaseException:
+        meter.release_unused()
+        raise
+    return Call(ctx.request_id, int(time.time()), card, backend, generation, meter, state.sse_keepalive_s)
+
+
+class Call:
+    """One admitted request whose backend is generating; ends with `finish` (always, exactly once)."""
+
+    def __init__(self, id: str, created: int, card: ModelCard, backend: Backend, generation: Generation,
+                 meter: Meter, keepalive_s: float) -> None:
+        self.id = id
+        self.created = created
+        self.card = card
+        self.backend = backend
+        self.generation = generation
+        self.meter = meter
+        self.keepalive_s = keepalive_s
+        self.status = "cancelled"  # unless the request ends below, the client went away
+
+    @property
+    def system_fingerprint(self) -> str:
+        return self.backend.system_fingerprint
+
+    @property
+    def usage(self) -> Usage:
+        return self.generation.usage
+
+    async def finish(self, status: str | None = None) -> int:
+        """Abort whatever still runs and write the usage row (once: later calls return the first cost),
+        shielded from a disconnect's cancellation so neither is lost."""
+        with anyio.CancelScope(shield=True):
+            await self.generation.abort()
+            return await self.meter.record(self.generation.usage, status or self.status)
+
+    # -- streaming ---------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def streaming(self) -> AsyncIterator[AsyncIterator[Event]]:
+        """The request's events, for a surface that streams. Leaving the block (the end, an error, the
+        client's disconnect cancelling the response) finishes the call."""
+        try:
+            yield self._events()
+        finally:
+            await self.finish()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        try:
+            async for delta in paced(self.generation, self.keepalive_s):
+                yield KeepAlive() if delta is None else delta
+        except Exception as exc:  # noqa: BLE001 - the response has begun: reported in-band
+            self.status = "error"
+            yield Failed(self._domain_error(exc))
+            return
+        self.status = "ok"
+        cost = await self.finish()
+        yield Finished(self.generation.usage, cost)
+
+    def _domain_error(self, exc: Exception) -> FlashserveError:
+        if isinstance(exc, FlashserveError):
+            return exc
+        log.exception("stream %s failed", self.id)
+        return FlashserveError(500, "The server had an error while generating.", SERVER_ERROR)
+
+    # -- not streaming -------------------------------------------------------------------------------------
+    async def collect(self, on_delta: Callable[[ChoiceDelta], None], request: Request) -> int | None:
+        """Run the generation to its end, handing every delta to `on_delta`, while watching for the client's
+        disconnect. Returns the cost, or None when the client left (the generation is aborted). An error
+        from the backend is raised (after the usage so far is recorded) for the surface's error handler."""
+
+        async def consume() -> None:
+            async for delta in self.generation:
+                on_delta(delta)
+
+        collector = asyncio.create_task(consume())
+        watcher = asyncio.create_task(wait_for_disconnect(request))
+        self.status = "error"
+        try:
+            await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not collector.done():
+                log.info("client disconnected; aborting %s", self.id)
+                self.status = "cancelled"
+                collector.cancel()
+                await self.generation.abort()
+                return None
+            collector.result()
+            self.status = "ok"
+        finally:
+            watcher.cancel()
+            if not collector.done():
+                collector.cancel()
+            cost = await self.finish()
+        return cost
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the only message left to receive is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def paced(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """The source's items, with None each time `interval` seconds pass without one (a request waiting in
+    the engine's queue, or a slow step), so a stream can send a keep-alive meanwhile."""
+    it = source.__aiter__()
+    pending: asyncio.Future[T] = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not pending.done():
+            pending.cancel()
+

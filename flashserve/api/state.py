@@ -1,0 +1,31 @@
+"""The app's state: one typed object, built by `api/app.py: create_app`, read through `app_state`.
+
+Routes and middleware never reach into `app.state` by attribute name: `app_state(request)` (or
+`app_state(app)`) returns the `AppState`, and a type checker sees every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+
+from flashserve.accounts.service import Accounts
+from flashserve.catalog import Catalog
+
+
+@dataclass(slots=True)
+class AppState:
+    catalog: Catalog  # model ids -> ModelCard + the Backend serving it
+    accounts: Accounts  # keys, ledger, limits
+    sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
+    max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is parsed
+    draining: bool = False  # set by `api/app.py: drain`: new requests get 503
+    inflight: int = 0  # requests in flight (a streamed response until its last byte), for the drain
+
+
+def app_state(where: HTTPConnection | Starlette) -> AppState:
+    app = where.app if isinstance(where, HTTPConnection) else where
+    state: AppState = app.state.flashserve
+    return state
