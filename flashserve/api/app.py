@@ -24,6 +24,7 @@ from flashserve.accounts.service import Accounts
 from flashserve.api import admin, chat, models, usage
 from flashserve.api.errors import install_error_handlers, openai_response
 from flashserve.api.state import AppState, app_state
+from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
 from flashserve.errors import FlashserveError
 
@@ -116,17 +117,24 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
             await asyncio.sleep(0.05)
 
 
-def create_app(catalog: Catalog, accounts: Accounts, *, sse_keepalive_s: float = 10.0,
+def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
                max_body_bytes: int = 8 << 20) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
     end, closes every backend and the database. For an in-process test::
 
-        app = create_app(catalog, Accounts(f"sqlite+aiosqlite:///{tmp}/t.db", Bootstrap(api_key=key, ...)))
-        async with LifespanManager(app):  # or run the lifespan yourself
+        catalog: Catalog[Backend] = Catalog()
+        catalog.add(make_card("m", context_length=4096, reasoning=ReasoningSpec(), weights="fake",
+                              description="fake", created=0), FakeBackend())
+        accounts = Accounts(f"sqlite+aiosqlite:///{tmp}/t.db",
+                            Bootstrap(api_key=key, admin_key=admin, default_balance_pusd=10**12))
+        app = create_app(catalog, accounts)
+        async with app.router.lifespan_context(app):  # httpx's ASGITransport runs no lifespan itself
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                await c.post("/v1/chat/completions", ...)
+                await c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=...)
+
+    `sse_keepalive_s` and `max_body_bytes` are the settings of the same names.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

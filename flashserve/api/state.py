@@ -12,12 +12,13 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from flashserve.accounts.service import Accounts
+from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
 
 
 @dataclass(slots=True)
 class AppState:
-    catalog: Catalog  # model ids -> ModelCard + the Backend serving it
+    catalog: Catalog[Backend]  # model ids -> ModelCard + the Backend serving it
     accounts: Accounts  # keys, ledger, limits
     sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
     max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is parsed
