@@ -51,7 +51,7 @@ CONFIGS = {"tiny": TINY_CONFIG, "mid": MID_CONFIG}
 def engine_for(model: DeepseekV4ForCausalLM, max_len: int) -> LLMEngine:
     config = EngineConfig(max_model_len=max_len, num_kv_blocks=max_len // model.prefix_unit * 8,
                           block_size=model.prefix_unit, max_num_batched_tokens=512)
-    return LLMEngine(model, config, model.config.vocab_size)
+    return LLMEngine(model, config, model.config.vocab_size, runner="sequence_state")
 
 
 def drain(engine: LLMEngine) -> tuple[float, dict[str, float]]:

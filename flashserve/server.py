@@ -80,14 +80,14 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
                           enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype,
                           kv_cache_dtype=_DTYPES[settings.kv_cache_dtype])
     vocab = int(checkpoint.config["vocab_size"])
-    engine = AsyncEngine(LLMEngine(model, config, vocab))
+    v4 = checkpoint.architecture == "deepseek_v4"  # DeepSeek's own encoding, thinking modes and DSML calls
+    engine = AsyncEngine(LLMEngine(model, config, vocab, runner="sequence_state" if v4 else "paged"))
     tokens = checkpoint.tokenizer.get_vocab(with_added_tokens=True)
     by_id = [""] * max(len(tokens), 1)
     for text, token_id in tokens.items():
         if token_id < len(by_id):
             by_id[token_id] = text
     special = {i for i, t in checkpoint.tokenizer.get_added_tokens_decoder().items() if t.special}
-    v4 = checkpoint.architecture == "deepseek_v4"  # DeepSeek's own encoding, thinking modes and DSML calls
     grammars = GrammarBackend(by_id, special, list(checkpoint.stop_token_ids), vocab,
                               tool_format="dsml" if v4 else "json")
     local = LocalModel(

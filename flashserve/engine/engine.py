@@ -3,10 +3,14 @@ samples, and advances every request in the batch.
 
 It is single-threaded by design; `async_engine.AsyncEngine` drives it from a
 background thread and connects it to asyncio.
+
+Which runner a model gets is its family's choice (`models/registry.py: ModelFamily.runner`), by a name
+in `RUNNERS`; the engine never probes the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +18,10 @@ from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheManager, KVCacheStorage
 from flashserve.engine.request import Request, RequestOutput, SamplingParams, ThinkingControl, TokenConstraint
-from flashserve.engine.runner import ModelRunner
+from flashserve.engine.runner import ModelRunner, Runner
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import Scheduler, SchedulerConfig
-from flashserve.engine.state_runner import SequenceStateRunner
+from flashserve.engine.state_runner import SequenceStateRunner, SnapshotPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,9 @@ class EngineConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+    # Bytes of prefix-state copies a sequence-state runner may keep (the family derives it from the same
+    # memory setting as the paged cache); None: unbounded. Unused by paged runners.
+    snapshot_bytes: int | None = None
 
     def __post_init__(self) -> None:
         assert self.block_size > 0 and self.num_kv_blocks > 0
@@ -39,23 +46,39 @@ class EngineConfig:
             f"the KV cache ({self.num_kv_blocks * self.block_size} tokens) must hold one full context "
             f"({self.max_model_len} tokens)"
         )
+        assert self.snapshot_bytes is None or self.snapshot_bytes >= 0
+
+
+def _paged_runner(model: nn.Module, config: EngineConfig, kv: KVCacheManager) -> Runner:
+    storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
+                             config.kv_cache_dtype or config.dtype, config.device)
+    return ModelRunner(model, storage, config.block_size, config.device)
+
+
+def _sequence_state_runner(model: nn.Module, config: EngineConfig, kv: KVCacheManager) -> Runner:
+    capacity = config.snapshot_bytes if config.enable_prefix_caching else 0
+    runner = SequenceStateRunner(model, config.block_size, SnapshotPool(capacity))
+    kv.prefix_store = runner  # one LRU: a hit is cut to the copies the pool holds (state_runner.py)
+    return runner
+
+
+# name (a family's `runner`) -> factory. "paged": K/V in the block pool (Llama and most models);
+# "sequence_state": a per-request state with prefix copies in a byte-bounded pool (DeepSeek-V4).
+RUNNERS: dict[str, Callable[[nn.Module, EngineConfig, KVCacheManager], Runner]] = {
+    "paged": _paged_runner,
+    "sequence_state": _sequence_state_runner,
+}
 
 
 class LLMEngine:
-    def __init__(self, model: nn.Module, config: EngineConfig, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, config: EngineConfig, vocab_size: int, runner: str = "paged") -> None:
         self.config = config
         self.model = model
         self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner: Runner = RUNNERS[runner](model, config, self.kv)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), self.kv
         )
-        self.runner: ModelRunner | SequenceStateRunner
-        if getattr(model, "sequence_state", False):  # DeepSeek-V4: per-sequence state, no paged K/V
-            self.runner = SequenceStateRunner(model, config.block_size, max_snapshots=config.num_kv_blocks)
-        else:
-            storage = KVCacheStorage(model.cache_specs(), config.num_kv_blocks, config.block_size,
-                                     config.kv_cache_dtype or config.dtype, config.device)
-            self.runner = ModelRunner(model, storage, config.block_size, config.device)
         self.sampler = Sampler(vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -93,5 +116,5 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> dict[str, int]:
-        return {**self.kv.stats(), "running": len(self.scheduler.running),
+        return {**self.kv.stats(), **self.runner.stats(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}

@@ -10,14 +10,18 @@ and its own tokens. A hit also compares the stored tokens and parent key, so a
 hash collision can never serve another prompt's K/V. Blocks whose last owner
 finished stay cached on an LRU free list and are evicted only when the pool
 needs them.
+
+A runner whose cached prefixes need more than the blocks (DeepSeek-V4's state copies) is the manager's
+`PrefixStore`: a hit is cut to what it can resume, and it hears of every block evicted.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -48,14 +52,28 @@ def block_key(parent_key: bytes | None, salt: str, token_ids: tuple[int, ...]) -
     return h.digest()
 
 
+class PrefixStore(Protocol):
+    """What else a prefix hit needs besides its blocks (`runner.Runner` extends it)."""
+
+    def resumable_blocks(self, keys: Sequence[bytes]) -> int:
+        """How many of the hit's leading blocks (by chained key) can be resumed."""
+        ...
+
+    def evicted(self, key: bytes) -> None:
+        """The block cached under `key` was reused for other tokens."""
+        ...
+
+
 class KVCacheManager:
     """Allocates blocks to requests and serves prefix-cache hits."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 prefix_store: PrefixStore | None = None) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_store = prefix_store
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order (oldest first); cached ones keep their key until reused.
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
@@ -97,6 +115,8 @@ class KVCacheManager:
                 break
             hits.append(block)
             parent = key
+        if hits and self.prefix_store is not None:
+            hits = hits[:self.prefix_store.resumable_blocks([b.key for b in hits])]  # type: ignore[misc]
         return hits
 
     # -- allocation ------------------------------------------------------------
@@ -126,6 +146,8 @@ class KVCacheManager:
             # Evicting: the block's old contents are about to be overwritten.
             if self._cached.get(block.key) is block:
                 del self._cached[block.key]
+                if self.prefix_store is not None:
+                    self.prefix_store.evicted(block.key)
             block.key, block.parent_key, block.token_ids = None, None, ()
         block.ref_count = 1
         return block

@@ -1,6 +1,11 @@
-"""Runs the model on one scheduled batch and returns the logits to sample from.
+"""The `Runner` protocol every runner implements, and `ModelRunner`: the runner of paged-KV models.
 
-The runner is the only engine part that knows tensors: it flattens the
+A runner turns one scheduled batch into the logits to sample from, drops a finished request's state, and
+says how much of a prefix hit it can resume (a runner that keeps more than the blocks, like DeepSeek-V4's,
+is the KV manager's `PrefixStore`; a paged one resumes every cached block). `engine.RUNNERS` names the
+runners a model family can ask for (`models/registry.py: ModelFamily.runner`).
+
+`ModelRunner` is the only engine part that knows paged tensors: it flattens the
 scheduled chunks into one token batch (one-token chunks first, so the decode
 kernel reads them as one contiguous slice), builds the attention metadata from
 the block tables, calls the model, and computes logits only for the rows that
@@ -9,12 +14,36 @@ sample (the last token of each request whose known tokens are now all computed).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheStorage
 from flashserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from flashserve.models.layers import AttentionMetadata
+
+
+class Runner(Protocol):
+    def run(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """The request finished or was aborted: drop what the runner holds for it."""
+        ...
+
+    def resumable_blocks(self, keys: Sequence[bytes]) -> int:
+        """How many of a prefix hit's leading blocks (by chained key) the runner can resume from."""
+        ...
+
+    def evicted(self, key: bytes) -> None:
+        """The KV manager reused the cached block `key` names."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        ...
 
 
 class ModelRunner:
@@ -27,6 +56,15 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         """Nothing to drop: a request's K/V lives in its blocks, which the scheduler frees."""
+
+    def resumable_blocks(self, keys: Sequence[bytes]) -> int:
+        return len(keys)  # a cached block holds its K/V itself
+
+    def evicted(self, key: bytes) -> None:
+        """Nothing else to drop: the K/V was in the block."""
+
+    def stats(self) -> dict[str, int]:
+        return {}
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,6 +302,16 @@ class SequenceState:
     def copy(self) -> SequenceState:
         """An independent copy (a prefix-cache snapshot): later chunks extend one without touching the other."""
         return SequenceState([layer.copy() for layer in self.layers], self.length)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the state holds (copies share entry pages: a byte count goes by storage)."""
+        for layer in self.layers:
+            if layer.window_kv is not None:
+                yield layer.window_kv
+            for comp in (layer.compressor, layer.indexer):
+                yield from (t for t in (comp.pending_kv, comp.pending_gate, comp.overlap_kv, comp.overlap_gate)
+                            if t is not None)
+                yield from comp.entries.pages
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
