@@ -1,0 +1,173 @@
+"""The in-process API tier: the real app (`api/app.py: create_app`), real accounts on a temporary SQLite
+file, and backends that need no model weights, driven over HTTP without a socket.
+
+ALL construction lives here, so a change in how the app is assembled means changing this file, not the
+tests: the tests talk HTTP only (`api.client`, `api.admin`, `api.openai()`), plus the few knobs of the
+fakes (`api.scripted.release()`, `api.upstreams[...]`) and `api.drain()`, which is what SIGTERM calls.
+
+Models in the catalog:
+- `fake-local`: the real `LocalBackend` and engine over `tests/unit/fake_model.py: CountingModel` (a char
+  tokenizer, ChatML): deterministic tokens, real scheduling, aborts and usage counters, in milliseconds;
+  its queue is bounded (`LOCAL_MAX_ACTIVE`) for the 503 `overloaded` path.
+- `scripted`: `fakes.py: ScriptedBackend`, which plays the request's script (hold, fail, refuse).
+- `remote`: the real `RemoteBackend` against `fakes.py: FakeUpstream` "up-a" (DeepSeek's dialect).
+- `routed`: the real `Router` (round robin) over two `RemoteBackend`s against "up-b" and "up-c".
+
+Requests go through `transport.py: StreamingASGITransport`, which streams (httpx's own ASGITransport
+buffers the whole body, so no test could leave mid-stream with it). Every test here is an anyio test on
+asyncio (each module sets `pytestmark = pytest.mark.anyio`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from flashserve.accounts.service import Accounts, Bootstrap
+from flashserve.api.app import create_app, drain
+from flashserve.backends.base import Backend
+from flashserve.backends.local import LocalBackend, LocalModel
+from flashserve.backends.remote import RemoteBackend
+from flashserve.backends.router import Replica, Router
+from flashserve.catalog import Catalog, RemoteSpec, make_card
+from flashserve.chat.reasoning import ReasoningSpec
+from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
+from flashserve.engine.async_engine import AsyncEngine
+from flashserve.engine.engine import EngineConfig, LLMEngine
+from tests.api.fakes import VOCAB_WORDS, FakeUpstream, ScriptedBackend, char_tokenizer
+from tests.api.transport import StreamingASGITransport
+from tests.unit.fake_model import CountingModel
+
+API_KEY = "sk-flashserve-api-tier-0123456789"
+ADMIN_KEY = "sk-flashserve-api-tier-admin-0123456789"
+UPSTREAM_KEY = "upstream-key"
+BASE = "http://flashserve.test"
+DEFAULT_BALANCE_PUSD = 10**12  # $1
+LOCAL_MAX_ACTIVE = 4
+LOCAL_CONTEXT = 512
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Api:
+    app: FastAPI
+    transport: StreamingASGITransport
+    client: httpx.AsyncClient  # carries API_KEY (the default account's bootstrap key)
+    admin: httpx.AsyncClient  # carries ADMIN_KEY
+    scripted: ScriptedBackend
+    local: LocalBackend
+    remote: RemoteBackend
+    router: Router
+    upstreams: dict[str, FakeUpstream]
+    _clients: list[httpx.AsyncClient] = field(default_factory=list)
+
+    def http(self, key: str = API_KEY) -> httpx.AsyncClient:
+        """Another client (its own connection, as a second caller would have) with `key`."""
+        c = httpx.AsyncClient(transport=self.transport, base_url=BASE, timeout=30.0,
+                              headers={"Authorization": f"Bearer {key}"})
+        self._clients.append(c)
+        return c
+
+    def openai(self, key: str = API_KEY) -> openai.AsyncOpenAI:
+        """The real `openai` client over the same in-process transport."""
+        http = httpx.AsyncClient(transport=self.transport, timeout=30.0)
+        self._clients.append(http)
+        return openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key=key, http_client=http, max_retries=0)
+
+    async def drain(self, timeout_s: float) -> None:
+        """What SIGTERM does (`flashserve/cli.py` calls `api/app.py: drain`)."""
+        await drain(self.app, timeout_s)
+
+    # -- ledger views, over the admin API ------------------------------------------------------------------
+    async def records(self, account_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"limit": 10_000, **({"account_id": account_id} if account_id else {})}
+        r = await self.admin.get("/admin/usage/records", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    async def default_account(self) -> str:
+        r = await self.admin.get("/admin/accounts")
+        return next(a["id"] for a in r.json()["data"] if a["name"] == "default")
+
+    async def balance(self, account_id: str) -> int:
+        r = await self.admin.get(f"/admin/accounts/{account_id}")
+        assert r.status_code == 200, r.text
+        return int(r.json()["balance_pusd"])
+
+    async def audit(self, account_id: str) -> dict[str, int]:
+        r = await self.admin.get(f"/admin/accounts/{account_id}/audit")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def new_account(self, name: str, balance_usd: str = "1", **limits: int) -> tuple[str, str]:
+        """A fresh account with one key (limits: max_concurrent, rpm, tpm); returns (account id, key)."""
+        r = await self.admin.post("/admin/accounts", json={"name": name, "balance_usd": balance_usd})
+        assert r.status_code == 201, r.text
+        account = r.json()["id"]
+        r = await self.admin.post("/admin/keys", json={"account_id": account, **limits})
+        assert r.status_code == 201, r.text
+        return account, r.json()["key"]
+
+
+def _local_backend() -> LocalBackend:
+    config = EngineConfig(max_model_len=LOCAL_CONTEXT, num_kv_blocks=512, block_size=4, max_num_seqs=4,
+                          max_num_batched_tokens=256)
+    engine = AsyncEngine(LLMEngine(CountingModel(), config, len(VOCAB_WORDS)))
+    engine.start()
+    model = LocalModel(char_tokenizer(), ChatTemplate(CHATML_TEMPLATE), (0,), LOCAL_CONTEXT, len(VOCAB_WORDS),
+                       "fake" * 4)
+    return LocalBackend(engine, model, max_active=LOCAL_MAX_ACTIVE)
+
+
+def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: int) -> RemoteBackend:
+    spec = RemoteSpec(f"http://{upstream.name}/v1", "up-model", "deepseek", UPSTREAM_KEY, timeout_s=10.0,
+                      retries=retries)
+    return RemoteBackend(spec, httpx.AsyncClient(transport=transport, timeout=10.0))
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    upstreams = {name: FakeUpstream(name, UPSTREAM_KEY) for name in ("up-a", "up-b", "up-c")}
+    scripted = ScriptedBackend()
+    local = _local_backend()
+    remote = _remote(upstreams["up-a"], StreamingASGITransport(upstreams["up-a"].app), retries=1)
+    # No health URLs: the router's health loop would poll over the network. Failover still ejects.
+    router = Router([Replica(name, _remote(upstreams[name], StreamingASGITransport(upstreams[name].app), 0))
+                     for name in ("up-b", "up-c")], policy="round_robin")
+    catalog: Catalog[Backend] = Catalog()
+    created = int(time.time())
+    for model_id, backend, context in (("fake-local", local, LOCAL_CONTEXT), ("scripted", scripted, 4096),
+                                       ("remote", remote, 4096), ("routed", router, 4096)):
+        catalog.add(make_card(model_id, context_length=context, reasoning=ReasoningSpec(), weights="none",
+                              description=f"{model_id} (api tier)", created=created), backend)
+    accounts = Accounts(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
+                        Bootstrap(api_key=API_KEY, admin_key=ADMIN_KEY, default_balance_pusd=DEFAULT_BALANCE_PUSD))
+    app = create_app(catalog, accounts, sse_keepalive_s=0.2)
+    transport = StreamingASGITransport(app)
+    async with app.router.lifespan_context(app):
+        client = httpx.AsyncClient(transport=transport, base_url=BASE, timeout=30.0,
+                                   headers={"Authorization": f"Bearer {API_KEY}"})
+        admin = httpx.AsyncClient(transport=transport, base_url=BASE, timeout=30.0,
+                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        a = Api(app, transport, client, admin, scripted, local, remote, router, upstreams)
+        try:
+            yield a
+        finally:
+            scripted.release()  # nothing left holding
+            for upstream in upstreams.values():
+                upstream.release()
+            await transport.idle()
+            for c in (client, admin, *a._clients):
+                await c.aclose()
