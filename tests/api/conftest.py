@@ -42,9 +42,8 @@ from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
-from tests.api.fakes import VOCAB_WORDS, FakeUpstream, ScriptedBackend, char_tokenizer
+from tests.api.fakes import VOCAB_WORDS, FakeUpstream, PacedCountingModel, ScriptedBackend, char_tokenizer
 from tests.api.transport import StreamingASGITransport
-from tests.unit.fake_model import CountingModel
 
 API_KEY = "sk-flashserve-api-tier-0123456789"
 ADMIN_KEY = "sk-flashserve-api-tier-admin-0123456789"
@@ -68,6 +67,7 @@ class Api:
     admin: httpx.AsyncClient  # carries ADMIN_KEY
     scripted: ScriptedBackend
     local: LocalBackend
+    model: PacedCountingModel  # fake-local's model: `model.delay_s` slows each engine step
     remote: RemoteBackend
     router: Router
     upstreams: dict[str, FakeUpstream]
@@ -121,14 +121,14 @@ class Api:
         return account, r.json()["key"]
 
 
-def _local_backend() -> LocalBackend:
+def _local_backend(model: PacedCountingModel) -> LocalBackend:
     config = EngineConfig(max_model_len=LOCAL_CONTEXT, num_kv_blocks=512, block_size=4, max_num_seqs=4,
                           max_num_batched_tokens=256)
-    engine = AsyncEngine(LLMEngine(CountingModel(), config, len(VOCAB_WORDS)))
+    engine = AsyncEngine(LLMEngine(model, config, len(VOCAB_WORDS)))
     engine.start()
-    model = LocalModel(char_tokenizer(), ChatTemplate(CHATML_TEMPLATE), (0,), LOCAL_CONTEXT, len(VOCAB_WORDS),
-                       "fake" * 4)
-    return LocalBackend(engine, model, max_active=LOCAL_MAX_ACTIVE)
+    card = LocalModel(char_tokenizer(), ChatTemplate(CHATML_TEMPLATE), (0,), LOCAL_CONTEXT, len(VOCAB_WORDS),
+                      "fake" * 4)
+    return LocalBackend(engine, card, max_active=LOCAL_MAX_ACTIVE)
 
 
 def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: int) -> RemoteBackend:
@@ -141,7 +141,8 @@ def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: 
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     upstreams = {name: FakeUpstream(name, UPSTREAM_KEY) for name in ("up-a", "up-b", "up-c")}
     scripted = ScriptedBackend()
-    local = _local_backend()
+    model = PacedCountingModel()
+    local = _local_backend(model)
     remote = _remote(upstreams["up-a"], StreamingASGITransport(upstreams["up-a"].app), retries=1)
     # No health URLs: the router's health loop would poll over the network. Failover still ejects.
     router = Router([Replica(name, _remote(upstreams[name], StreamingASGITransport(upstreams[name].app), 0))
@@ -161,10 +162,11 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
                                    headers={"Authorization": f"Bearer {API_KEY}"})
         admin = httpx.AsyncClient(transport=transport, base_url=BASE, timeout=30.0,
                                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        a = Api(app, transport, client, admin, scripted, local, remote, router, upstreams)
+        a = Api(app, transport, client, admin, scripted, local, model, remote, router, upstreams)
         try:
             yield a
         finally:
+            model.delay_s = 0.0
             scripted.release()  # nothing left holding
             for upstream in upstreams.values():
                 upstream.release()

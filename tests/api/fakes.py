@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from flashserve.errors import server_error
 from flashserve.generation import ChoiceDelta, GenerationRequest, RequestContext, Usage
+from tests.unit.fake_model import CountingModel
 
 # -- the fake model's tokenizer ---------------------------------------------------------------------------
 # tests/unit/fake_model.py: CountingModel has a vocabulary of 97 ids. Ids 0-2 are special (end of sequence,
@@ -46,6 +48,20 @@ def char_tokenizer() -> Tokenizer:
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(w, special=True) for w in (EOS, IM_START, IM_END)])
     return tok
+
+
+class PacedCountingModel(CountingModel):
+    """`CountingModel` with a settable pause per forward (`delay_s`), so requests stay in the engine long
+    enough for a test to act on them (the queue bound, a disconnect, the drain's abort)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay_s = 0.0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.delay_s:
+            time.sleep(self.delay_s)  # the engine thread: the event loop keeps running
+        return super().forward(*args, **kwargs)
 
 
 # -- the scripted backend ----------------------------------------------------------------------------------
