@@ -71,6 +71,7 @@ class Api:
     remote: RemoteBackend
     router: Router
     upstreams: dict[str, FakeUpstream]
+    accounts: Accounts
     _clients: list[httpx.AsyncClient] = field(default_factory=list)
 
     def http(self, key: str = API_KEY) -> httpx.AsyncClient:
@@ -90,26 +91,19 @@ class Api:
         """What SIGTERM does (`flashserve/cli.py` calls `api/app.py: drain`)."""
         await drain(self.app, timeout_s)
 
-    # -- ledger views, over the admin API ------------------------------------------------------------------
+    # -- ledger views: read from the database itself, so they work while the app drains (it then answers
+    # nothing but /health) -------------------------------------------------------------------------------
     async def records(self, account_id: str | None = None) -> list[dict[str, Any]]:
-        params = {"limit": 10_000, **({"account_id": account_id} if account_id else {})}
-        r = await self.admin.get("/admin/usage/records", params=params)
-        assert r.status_code == 200, r.text
-        return r.json()["data"]
+        return await self.accounts.ledger.records(account_id, 10_000)
 
     async def default_account(self) -> str:
-        r = await self.admin.get("/admin/accounts")
-        return next(a["id"] for a in r.json()["data"] if a["name"] == "default")
+        return (await self.accounts.default_account())["id"]
 
     async def balance(self, account_id: str) -> int:
-        r = await self.admin.get(f"/admin/accounts/{account_id}")
-        assert r.status_code == 200, r.text
-        return int(r.json()["balance_pusd"])
+        return int(await self.accounts.ledger.balance(account_id) or 0)
 
     async def audit(self, account_id: str) -> dict[str, int]:
-        r = await self.admin.get(f"/admin/accounts/{account_id}/audit")
-        assert r.status_code == 200, r.text
-        return r.json()
+        return await self.accounts.ledger.audit(account_id)
 
     async def new_account(self, name: str, balance_usd: str = "1", **limits: int) -> tuple[str, str]:
         """A fresh account with one key (limits: max_concurrent, rpm, tpm); returns (account id, key)."""
@@ -162,7 +156,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
                                    headers={"Authorization": f"Bearer {API_KEY}"})
         admin = httpx.AsyncClient(transport=transport, base_url=BASE, timeout=30.0,
                                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        a = Api(app, transport, client, admin, scripted, local, model, remote, router, upstreams)
+        a = Api(app, transport, client, admin, scripted, local, model, remote, router, upstreams, accounts)
         try:
             yield a
         finally:

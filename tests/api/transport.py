@@ -23,6 +23,7 @@ import httpx
 from starlette.types import ASGIApp
 
 _END = object()
+_CLOSED = object()  # the client closed the response: a read still waiting fails, as on a closed socket
 
 
 class _Body(httpx.AsyncByteStream):
@@ -35,11 +36,14 @@ class _Body(httpx.AsyncByteStream):
             chunk = await self._chunks.get()
             if chunk is _END:
                 return
+            if chunk is _CLOSED:
+                raise httpx.ReadError("the response was closed by the client")
             if isinstance(chunk, BaseException):
                 raise httpx.ReadError(f"the app failed mid-response: {chunk!r}") from chunk
             yield chunk
 
     async def aclose(self) -> None:
+        self._chunks.put_nowait(_CLOSED)
         await self._call.disconnect()
 
 
