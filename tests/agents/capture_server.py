@@ -1,0 +1,264 @@
+"""Records what an agent CLI sends, and answers it as little as lets the CLI finish a turn.
+
+Claude Code speaks Anthropic Messages (`POST /v1/messages`), Codex speaks the
+Responses API (`POST /v1/responses`). Before flashserve's adapters for them
+exist, this server shows what those clients really send: every request
+(method, path, query, headers with secrets redacted, JSON body) is written to
+`--out` as `NNN-METHOD-path.json`, in arrival order. It answers:
+
+- `POST /v1/messages`: a valid Anthropic message saying `--text` ("ok"), as an
+  SSE stream (message_start, content_block_start, content_block_delta,
+  content_block_stop, message_delta with stop_reason end_turn and usage,
+  message_stop) when the body has `"stream": true`, else as one JSON message;
+- `POST /v1/responses`: a valid Responses API stream (response.created,
+  response.in_progress, output_item.added, content_part.added,
+  output_text.delta, output_text.done, content_part.done, output_item.done,
+  response.completed with usage), or the response object when not streaming;
+- anything else: 404 with an Anthropic-shaped error for /v1/messages/* paths
+  and an OpenAI-shaped one otherwise, so a CLI's reaction to a 404 shows too.
+
+`--status CODE` answers every POST with that error instead (to see how a CLI
+reacts to a 4xx/5xx). Stdlib only, so it runs under any Python 3.11:
+
+    python tests/agents/capture_server.py --port 0 --out /tmp/captures
+    # prints "listening on http://127.0.0.1:PORT" once it accepts connections
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import re
+import sys
+import threading
+import time
+import uuid
+import zlib
+from base64 import b64encode
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+# Header names whose values are credentials (or carry them); their values are never written.
+_SECRET_HEADER = re.compile(r"authorization|api[-_]?key|cookie|token|secret|session|auth", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): (REDACTED if _SECRET_HEADER.search(name) else value) for name, value in headers.items()}
+
+
+def _decode_body(raw: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding == "gzip":
+        return gzip.decompress(raw)
+    if encoding == "deflate":
+        return zlib.decompress(raw)
+    if encoding == "zstd":
+        import zstandard  # not stdlib: only needed if a client compresses its bodies with zstd
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    return raw
+
+
+# -- the minimal replies -----------------------------------------------------------------------------
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def anthropic_message(model: str, text: str) -> dict[str, Any]:
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0},
+    }
+
+
+def anthropic_events(model: str, text: str) -> list[bytes]:
+    message = anthropic_message(model, text)
+    start = dict(message, content=[], stop_reason=None, usage=dict(message["usage"], output_tokens=1))
+    return [
+        _sse("message_start", {"type": "message_start", "message": start}),
+        _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        _sse("ping", {"type": "ping"}),
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": text}}),
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": 1}}),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def responses_object(model: str, text: str, status: str, response_id: str, item_id: str) -> dict[str, Any]:
+    done = status == "completed"
+    item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {
+        "id": response_id, "object": "response", "created_at": int(time.time()), "status": status,
+        "model": model, "output": [item] if done else [], "parallel_tool_calls": True, "tool_choice": "auto",
+        "tools": [], "error": None, "incomplete_details": None,
+        "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 1,
+                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 13} if done else None,
+    }
+
+
+def responses_events(model: str, text: str) -> list[bytes]:
+    response_id, item_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+    sequence = itertools.count()
+    part = {"type": "output_text", "text": "", "annotations": []}
+    item = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return _sse(kind, {"type": kind, "sequence_number": next(sequence), **fields})
+
+    final = responses_object(model, text, "completed", response_id, item_id)
+    return [
+        event("response.created", response=responses_object(model, text, "in_progress", response_id, item_id)),
+        event("response.in_progress", response=responses_object(model, text, "in_progress", response_id, item_id)),
+        event("response.output_item.added", output_index=0, item=item),
+        event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=part),
+        event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=text,
+              logprobs=[]),
+        event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
+              logprobs=[]),
+        event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+              part=dict(part, text=text)),
+        event("response.output_item.done", output_index=0, item=final["output"][0]),
+        event("response.completed", response=final),
+    ]
+
+
+# -- the server --------------------------------------------------------------------------------------
+class CaptureServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, out: Path, text: str, status: int | None) -> None:
+        super().__init__(("127.0.0.1", port), Handler)
+        self.out, self.text, self.status = out, text, status
+        self._lock = threading.Lock()
+        self._count = 0
+        out.mkdir(parents=True, exist_ok=True)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._count += 1
+            entry["seq"] = self._count
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", entry["path"]).strip("_") or "root"
+            name = f"{self._count:03d}-{entry['method']}-{slug}.json"
+        (self.out / name).write_text(json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: CaptureServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        sys.stderr.write(f"capture: {self.command} {self.path} -> {format % args}\n")
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
+        self._handle()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle()
+
+    def _handle(self) -> None:
+        url = urlsplit(self.path)
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        entry: dict[str, Any] = {"method": self.command, "path": url.path, "query": parse_qs(url.query),
+                                 "raw_query": url.query, "headers": redact_headers(dict(self.headers.items())),
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(_decode_body(raw, self.headers.get("content-encoding", "")))
+                entry["body"] = body
+            except Exception as exc:  # keep what came, whatever it was
+                entry["body_error"] = repr(exc)
+                entry["body_base64"] = b64encode(raw).decode()
+        self.server.record(entry)
+        self._answer(url.path, body if isinstance(body, dict) else {})
+
+    def _answer(self, path: str, body: dict[str, Any]) -> None:
+        anthropic = path.startswith("/v1/messages")
+        if self.command == "POST" and self.server.status is not None:
+            return self._error(self.server.status, anthropic, f"capture server answers {self.server.status}")
+        model, stream = str(body.get("model") or "unknown"), bool(body.get("stream"))
+        if self.command == "POST" and path == "/v1/messages":
+            if stream:
+                return self._stream(anthropic_events(model, self.server.text))
+            return self._json(200, anthropic_message(model, self.server.text))
+        if self.command == "POST" and path == "/v1/responses":
+            if stream:
+                return self._stream(responses_events(model, self.server.text))
+            rid, iid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+            return self._json(200, responses_object(model, self.server.text, "completed", rid, iid))
+        return self._error(404, anthropic, f"no route for {self.command} {path}")
+
+    def _error(self, status: int, anthropic: bool, message: str) -> None:
+        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+        kind = kinds.get(status, "api_error")
+        if anthropic:
+            return self._json(status, {"type": "error", "error": {"type": kind, "message": message}})
+        return self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _stream(self, events: list[bytes]) -> None:
+        """Each event in its own chunk (chunked transfer encoding), flushed: a real stream, not one body."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--out", type=Path, required=True, help="folder the requests are written to")
+    parser.add_argument("--text", default="ok", help="what every reply says")
+    parser.add_argument("--status", type=int, default=None, help="answer every POST with this error status")
+    args = parser.parse_args(argv)
+    server = CaptureServer(args.port, args.out, args.text, args.status)
+    print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
