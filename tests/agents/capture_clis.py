@@ -9,6 +9,8 @@ reach another host shows up as a refused CONNECT in the summary.
 
     npm ci --prefix tests/agents
     python tests/agents/capture_clis.py [--fixtures tests/fixtures/agents] [--status 500]
+    python tests/agents/capture_clis.py --only claude --status 400 \
+        --error-message "prompt is too long: 250000 tokens > 200000 maximum"
 
 `--status CODE` makes the capture server answer every POST with that error,
 to see how each CLI reacts (retries, exit code, message); fixtures are only
@@ -73,10 +75,10 @@ def codex_env(base: dict[str, str], codex_home: Path) -> dict[str, str]:
 
 
 class Capture:
-    def __init__(self, out: Path, status: int | None = None) -> None:
+    def __init__(self, out: Path, status: int | None = None, error_args: list[str] | None = None) -> None:
         command = [sys.executable, str(HERE / "capture_server.py"), "--port", "0", "--out", str(out)]
         if status is not None:
-            command += ["--status", str(status)]
+            command += ["--status", str(status), *(error_args or [])]
         self.out = out
         self.log = out.with_suffix(".log")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
@@ -120,14 +122,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", type=Path, default=None, help="write the first requests here")
     parser.add_argument("--status", type=int, default=None, help="answer every POST with this error")
+    parser.add_argument("--error-message", default=None, help="the message of those errors")
+    parser.add_argument("--error-code", default=None, help="the OpenAI-shaped `code` of those errors")
+    parser.add_argument("--only", choices=("claude", "codex"), default=None, help="run one CLI")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agents-capture-"))
     proxy = Capture(work / "proxy")
     summary: dict[str, Any] = {}
     try:
-        for name in ("claude", "codex"):
-            capture = Capture(work / name, args.status)
+        error_args = [*(["--error-message", args.error_message] if args.error_message else []),
+                      *(["--error-code", args.error_code] if args.error_code else [])]
+        for name in [args.only] if args.only else ["claude", "codex"]:
+            capture = Capture(work / name, args.status, error_args)
             home, cwd = work / f"{name}-home", work / f"{name}-cwd"
             home.mkdir()
             cwd.mkdir()

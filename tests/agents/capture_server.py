@@ -14,11 +14,14 @@ exist, this server shows what those clients really send: every request
   response.in_progress, output_item.added, content_part.added,
   output_text.delta, output_text.done, content_part.done, output_item.done,
   response.completed with usage), or the response object when not streaming;
+- `GET /v1/models`, with `--model ID` given: a list of those ids (else 404);
 - anything else: 404 with an Anthropic-shaped error for /v1/messages/* paths
   and an OpenAI-shaped one otherwise, so a CLI's reaction to a 404 shows too.
 
 `--status CODE` answers every POST with that error instead (to see how a CLI
-reacts to a 4xx/5xx). Stdlib only, so it runs under any Python 3.11:
+reacts to a 4xx/5xx), with `--error-message` / `--error-code` as its message
+and OpenAI `code` (e.g. Anthropic's "prompt is too long: 250000 tokens >
+200000 maximum", OpenAI's code "context_length_exceeded"). Stdlib only, so it runs under any Python 3.11:
 
     python tests/agents/capture_server.py --port 0 --out /tmp/captures
     # prints "listening on http://127.0.0.1:PORT" once it accepts connections
@@ -43,7 +46,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 # Header names whose values are credentials (or carry them); their values are never written.
-_SECRET_HEADER = re.compile(r"authorization|api[-_]?key|cookie|token|secret|session|auth", re.IGNORECASE)
+_SECRET_HEADER = re.compile(r"authorization|api[-_]?key|cookie|token|secret|password", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
@@ -135,13 +138,24 @@ def responses_events(model: str, text: str) -> list[bytes]:
     ]
 
 
+def models_list(ids: list[str]) -> dict[str, Any]:
+    """A model list both Anthropic clients (`type`, `display_name`, paging fields) and OpenAI ones read."""
+    data = [{"type": "model", "id": i, "display_name": i, "created_at": "2026-01-01T00:00:00Z",
+             "object": "model", "created": 1767225600, "owned_by": "flashserve", "max_input_tokens": 131072,
+             "max_tokens": 8192} for i in ids]
+    return {"object": "list", "data": data, "has_more": False, "first_id": ids[0], "last_id": ids[-1]}
+
+
 # -- the server --------------------------------------------------------------------------------------
 class CaptureServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, out: Path, text: str, status: int | None) -> None:
+    def __init__(self, port: int, out: Path, text: str, status: int | None, error_message: str | None = None,
+                 error_code: str | None = None) -> None:
         super().__init__(("127.0.0.1", port), Handler)
         self.out, self.text, self.status = out, text, status
+        self.error_message, self.error_code = error_message, error_code
+        self.models: list[str] = []
         self._lock = threading.Lock()
         self._count = 0
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +211,8 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, path: str, body: dict[str, Any]) -> None:
         anthropic = path.startswith("/v1/messages")
         if self.command == "POST" and self.server.status is not None:
-            return self._error(self.server.status, anthropic, f"capture server answers {self.server.status}")
+            message = self.server.error_message or f"capture server answers {self.server.status}"
+            return self._error(self.server.status, anthropic, message, self.server.error_code)
         model, stream = str(body.get("model") or "unknown"), bool(body.get("stream"))
         if self.command == "POST" and path == "/v1/messages":
             if stream:
@@ -208,15 +223,17 @@ class Handler(BaseHTTPRequestHandler):
                 return self._stream(responses_events(model, self.server.text))
             rid, iid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
             return self._json(200, responses_object(model, self.server.text, "completed", rid, iid))
+        if self.command == "GET" and path == "/v1/models" and self.server.models:
+            return self._json(200, models_list(self.server.models))
         return self._error(404, anthropic, f"no route for {self.command} {path}")
 
-    def _error(self, status: int, anthropic: bool, message: str) -> None:
+    def _error(self, status: int, anthropic: bool, message: str, code: str | None = None) -> None:
         kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
         kind = kinds.get(status, "api_error")
         if anthropic:
             return self._json(status, {"type": "error", "error": {"type": kind, "message": message}})
-        return self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+        return self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}})
 
     def _json(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
@@ -249,8 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder the requests are written to")
     parser.add_argument("--text", default="ok", help="what every reply says")
     parser.add_argument("--status", type=int, default=None, help="answer every POST with this error status")
+    parser.add_argument("--error-message", default=None, help="the message of those errors")
+    parser.add_argument("--error-code", default=None, help="the OpenAI-shaped `code` of those errors")
+    parser.add_argument("--model", action="append", default=[], help="answer GET /v1/models with these ids")
     args = parser.parse_args(argv)
-    server = CaptureServer(args.port, args.out, args.text, args.status)
+    server = CaptureServer(args.port, args.out, args.text, args.status, args.error_message, args.error_code)
+    server.models = args.model
     print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
