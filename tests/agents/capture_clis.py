@@ -9,6 +9,7 @@ reach another host shows up as a refused CONNECT in the summary.
 
     npm ci --prefix tests/agents
     python tests/agents/capture_clis.py [--fixtures tests/fixtures/agents] [--status 500]
+    python tests/agents/capture_clis.py --fixtures tests/fixtures/agents --tool-call
     python tests/agents/capture_clis.py --only claude --status 400 \
         --error-message "prompt is too long: 250000 tokens > 200000 maximum"
 
@@ -75,8 +76,11 @@ def codex_env(base: dict[str, str], codex_home: Path) -> dict[str, str]:
 
 
 class Capture:
-    def __init__(self, out: Path, status: int | None = None, error_args: list[str] | None = None) -> None:
+    def __init__(self, out: Path, status: int | None = None, error_args: list[str] | None = None,
+                 tool_call: bool = False) -> None:
         command = [sys.executable, str(HERE / "capture_server.py"), "--port", "0", "--out", str(out)]
+        if tool_call:
+            command.append("--tool-call")
         if status is not None:
             command += ["--status", str(status), *(error_args or [])]
         self.out = out
@@ -124,6 +128,9 @@ def main() -> None:
     parser.add_argument("--status", type=int, default=None, help="answer every POST with this error")
     parser.add_argument("--error-message", default=None, help="the message of those errors")
     parser.add_argument("--error-code", default=None, help="the OpenAI-shaped `code` of those errors")
+    parser.add_argument("--tool-call", action="store_true",
+                        help="first answer with reasoning + a call running `echo ok`; the fixture is then the "
+                             "request that carries the tool's result (*_tool_turn_request.json)")
     parser.add_argument("--only", choices=("claude", "codex"), default=None, help="run one CLI")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
@@ -134,13 +141,15 @@ def main() -> None:
         error_args = [*(["--error-message", args.error_message] if args.error_message else []),
                       *(["--error-code", args.error_code] if args.error_code else [])]
         for name in [args.only] if args.only else ["claude", "codex"]:
-            capture = Capture(work / name, args.status, error_args)
+            capture = Capture(work / name, args.status, error_args, args.tool_call)
             home, cwd = work / f"{name}-home", work / f"{name}-cwd"
             home.mkdir()
             cwd.mkdir()
             base = offline_env(home, proxy.url)
             if name == "claude":
-                result = run([str(BIN / "claude"), "-p", "say ok"], claude_env(base, capture.url), cwd, args.timeout)
+                allow = ["--allowedTools", "Bash(echo ok)"] if args.tool_call else []
+                result = run([str(BIN / "claude"), "-p", "say ok", *allow], claude_env(base, capture.url), cwd,
+                             args.timeout)
             else:
                 codex_home = home / ".codex"
                 codex_home.mkdir()
@@ -152,11 +161,12 @@ def main() -> None:
             result["requests"] = [f"{r['method']} {r['path']}{'?' + r['raw_query'] if r['raw_query'] else ''}"
                                   for r in requests]
             summary[name] = result
-            if args.fixtures and args.status is None and requests:
+            kept = requests[1:2] if args.tool_call else requests[:1]
+            if args.fixtures and args.status is None and kept:
                 args.fixtures.mkdir(parents=True, exist_ok=True)
-                target = args.fixtures / ("claude_code_first_request.json" if name == "claude"
-                                          else "codex_first_request.json")
-                target.write_text(json.dumps(scrub(requests[0]), indent=2, ensure_ascii=False) + "\n")
+                stem = "claude_code" if name == "claude" else "codex"
+                target = args.fixtures / f"{stem}_{'tool_turn' if args.tool_call else 'first'}_request.json"
+                target.write_text(json.dumps(scrub(kept[0]), indent=2, ensure_ascii=False) + "\n")
     finally:
         proxy.stop()
     summary["refused_connects"] = proxy.refused_hosts()

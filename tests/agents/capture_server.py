@@ -14,6 +14,11 @@ exist, this server shows what those clients really send: every request
   response.in_progress, output_item.added, content_part.added,
   output_text.delta, output_text.done, content_part.done, output_item.done,
   response.completed with usage), or the response object when not streaming;
+- with `--tool-call`, a streamed turn whose conversation holds no tool result
+  yet gets reasoning (a thinking block with a signature / a reasoning item
+  with a summary and encrypted_content) and a call of Bash / exec_command
+  running `echo ok`, so the next request shows how the CLI sends a tool's
+  result and replays reasoning;
 - `GET /v1/models`, with `--model ID` given: a list of those ids (else 404);
 - anything else: 404 with an Anthropic-shaped error for /v1/messages/* paths
   and an OpenAI-shaped one otherwise, so a CLI's reaction to a 404 shows too.
@@ -146,6 +151,92 @@ def models_list(ids: list[str]) -> dict[str, Any]:
     return {"object": "list", "data": data, "has_more": False, "first_id": ids[0], "last_id": ids[-1]}
 
 
+# -- a tool-calling first turn (--tool-call) --------------------------------------------------------
+ANTHROPIC_TOOL = ("Bash", {"command": "echo ok", "description": "Print ok"})
+RESPONSES_TOOL = ("exec_command", {"cmd": "echo ok"})
+THINKING = "The user wants ok. I will run echo."
+OPAQUE = "c2VhbGVkLXJlYXNvbmluZy1ieS1jYXB0dXJlLXNlcnZlcg"  # stands in for a signature / encrypted reasoning
+
+
+def anthropic_tool_events(model: str) -> list[bytes]:
+    """A thinking block (with its signature), then a tool_use block, ending with stop_reason tool_use."""
+    name, arguments = ANTHROPIC_TOOL
+    start = dict(anthropic_message(model, ""), content=[], stop_reason=None)
+    arguments_json = json.dumps(arguments)
+    return [
+        _sse("message_start", {"type": "message_start", "message": start}),
+        _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "thinking_delta", "thinking": THINKING}}),
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "signature_delta", "signature": OPAQUE}}),
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": name, "input": {}}}),
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                     "delta": {"type": "input_json_delta", "partial_json": arguments_json[:10]}}),
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                     "delta": {"type": "input_json_delta", "partial_json": arguments_json[10:]}}),
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                               "usage": {"output_tokens": 20}}),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def responses_tool_events(model: str) -> list[bytes]:
+    """A reasoning item (summary + encrypted_content), then a function_call item."""
+    name, arguments = RESPONSES_TOOL
+    response_id, reasoning_id = f"resp_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}"
+    call_item = f"fc_{uuid.uuid4().hex}"
+    call_id, arguments_json = f"call_{uuid.uuid4().hex[:24]}", json.dumps(arguments)
+    sequence = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return _sse(kind, {"type": kind, "sequence_number": next(sequence), **fields})
+
+    reasoning = {"id": reasoning_id, "type": "reasoning", "summary": [{"type": "summary_text", "text": THINKING}],
+                 "encrypted_content": OPAQUE}
+    call = {"id": call_item, "type": "function_call", "status": "completed", "call_id": call_id, "name": name,
+            "arguments": arguments_json}
+    shell = responses_object(model, "", "in_progress", response_id, "unused")
+    final = dict(shell, status="completed", output=[reasoning, call],
+                 usage={"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 20,
+                        "output_tokens_details": {"reasoning_tokens": 9}, "total_tokens": 32})
+    part = {"type": "summary_text", "text": THINKING}
+    return [
+        event("response.created", response=shell),
+        event("response.in_progress", response=shell),
+        event("response.output_item.added", output_index=0,
+              item=dict(reasoning, summary=[], encrypted_content=None)),
+        event("response.reasoning_summary_part.added", item_id=reasoning_id, output_index=0, summary_index=0,
+              part=dict(part, text="")),
+        event("response.reasoning_summary_text.delta", item_id=reasoning_id, output_index=0, summary_index=0,
+              delta=THINKING),
+        event("response.reasoning_summary_text.done", item_id=reasoning_id, output_index=0, summary_index=0,
+              text=THINKING),
+        event("response.reasoning_summary_part.done", item_id=reasoning_id, output_index=0, summary_index=0,
+              part=part),
+        event("response.output_item.done", output_index=0, item=reasoning),
+        event("response.output_item.added", output_index=1,
+              item=dict(call, status="in_progress", arguments="")),
+        event("response.function_call_arguments.delta", item_id=call_item, output_index=1, delta=arguments_json),
+        event("response.function_call_arguments.done", item_id=call_item, output_index=1, arguments=arguments_json),
+        event("response.output_item.done", output_index=1, item=call),
+        event("response.completed", response=final),
+    ]
+
+
+def has_tool_result(path: str, body: dict[str, Any]) -> bool:
+    """Whether the conversation already holds a tool's result (then the turn ends with text)."""
+    if path == "/v1/responses":
+        return any(isinstance(i, dict) and i.get("type") == "function_call_output" for i in body.get("input") or [])
+    return any(isinstance(block, dict) and block.get("type") == "tool_result"
+               for message in body.get("messages") or [] if isinstance(message.get("content"), list)
+               for block in message["content"])
+
+
 # -- the server --------------------------------------------------------------------------------------
 class CaptureServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -156,6 +247,7 @@ class CaptureServer(ThreadingHTTPServer):
         self.out, self.text, self.status = out, text, status
         self.error_message, self.error_code = error_message, error_code
         self.models: list[str] = []
+        self.tool_call = False
         self._lock = threading.Lock()
         self._count = 0
         out.mkdir(parents=True, exist_ok=True)
@@ -214,6 +306,11 @@ class Handler(BaseHTTPRequestHandler):
             message = self.server.error_message or f"capture server answers {self.server.status}"
             return self._error(self.server.status, anthropic, message, self.server.error_code)
         model, stream = str(body.get("model") or "unknown"), bool(body.get("stream"))
+        if self.command == "POST" and stream and self.server.tool_call and not has_tool_result(path, body):
+            if path == "/v1/messages":
+                return self._stream(anthropic_tool_events(model))
+            if path == "/v1/responses":
+                return self._stream(responses_tool_events(model))
         if self.command == "POST" and path == "/v1/messages":
             if stream:
                 return self._stream(anthropic_events(model, self.server.text))
@@ -268,10 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--status", type=int, default=None, help="answer every POST with this error status")
     parser.add_argument("--error-message", default=None, help="the message of those errors")
     parser.add_argument("--error-code", default=None, help="the OpenAI-shaped `code` of those errors")
+    parser.add_argument("--tool-call", action="store_true",
+                        help="answer a streamed turn without a tool result with reasoning + a tool call")
     parser.add_argument("--model", action="append", default=[], help="answer GET /v1/models with these ids")
     args = parser.parse_args(argv)
     server = CaptureServer(args.port, args.out, args.text, args.status, args.error_message, args.error_code)
     server.models = args.model
+    server.tool_call = args.tool_call
     print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
