@@ -179,7 +179,11 @@ def _derive(secret: bytes, info: str) -> bytes:
 
 # -- the key file ------------------------------------------------------------------------------------
 def _load_or_create(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ServerKeyError(f"cannot create the data directory {path.parent} ({exc.strerror or exc}); "
+                             f"set {ENV_VAR} or choose a writable data directory") from exc
     deadline = time.monotonic() + _READ_WAIT_S
     while True:
         try:
@@ -192,7 +196,12 @@ def _load_or_create(path: Path) -> bytes:
             time.sleep(0.01)
             continue
         text = _b64encode(secrets.token_bytes(GENERATED_KEY_BYTES)) + "\n"
-        if _publish(path, text):
+        try:
+            published = _publish(path, text)
+        except OSError as exc:
+            raise ServerKeyError(f"cannot create the key file {path} ({exc.strerror or exc}); make its directory "
+                                 f"writable or set {ENV_VAR}") from exc
+        if published:
             return text.strip().encode()
         # Another process published first: loop and read its key.
 

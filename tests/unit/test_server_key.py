@@ -232,3 +232,17 @@ def test_the_exclusive_create_fallback_without_hard_links(tmp_path: Path, monkey
     assert stat.S_IMODE((tmp_path / KEY_FILE_NAME).stat().st_mode) == 0o600
     assert ServerKey.load(tmp_path, {}).key_id == first.key_id
     assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE_NAME]
+
+
+def test_an_unwritable_data_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    def refuse(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ServerKeyError, match=f"cannot create the key file .*{ENV_VAR}"):
+        ServerKey.load(tmp_path, {})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ServerKeyError, match="cannot create the data directory"):
+        ServerKey.load(tmp_path / "file" / "data", {})
