@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-# Until pyproject.toml pins cryptography (50.0.2 tested), a venv without it skips this file (shown by -ra)
-# rather than failing the whole run at collection.
-pytest.importorskip("cryptography", reason="flashserve.server_key needs the cryptography package")
-
-from flashserve.server_key import (  # noqa: E402 - after the skip above
+from flashserve.server_key import (
     ENV_VAR,
     KEY_FILE_NAME,
     SealError,
