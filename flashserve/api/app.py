@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
 from flashserve.errors import FlashserveError
+from flashserve.server_key import ServerKey
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 
 
 def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
-               max_body_bytes: int = 8 << 20) -> FastAPI:
+               max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
@@ -134,7 +136,9 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 await c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=...)
 
-    `sse_keepalive_s` and `max_body_bytes` are the settings of the same names.
+    `sse_keepalive_s` and `max_body_bytes` are the settings of the same names. `server_key` is the
+    deployment secret (`server_key.py`); without one the app makes a random key of its own, which is right
+    for a test but not for gateways that must open each other's sealed data.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -147,7 +151,8 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
             await accounts.close()
 
     app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan)
-    app.state.flashserve = AppState(catalog, accounts, sse_keepalive_s=sse_keepalive_s,
+    key = server_key if server_key is not None else ServerKey(os.urandom(32), "ephemeral")
+    app.state.flashserve = AppState(catalog, accounts, key, sse_keepalive_s=sse_keepalive_s,
                                     max_body_bytes=max_body_bytes)
     app.add_middleware(_Admission)
     install_error_handlers(app)

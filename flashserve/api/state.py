@@ -14,12 +14,14 @@ from starlette.requests import HTTPConnection
 from flashserve.accounts.service import Accounts
 from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
+from flashserve.server_key import ServerKey
 
 
 @dataclass(slots=True)
 class AppState:
     catalog: Catalog[Backend]  # model ids -> ModelCard + the Backend serving it
     accounts: Accounts  # keys, ledger, limits
+    server_key: ServerKey  # the deployment secret: seals reasoning, signs sessions, keys the cache-salt hash
     sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
     max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is parsed
     draining: bool = False  # set by `api/app.py: drain`: new requests get 503
