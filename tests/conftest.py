@@ -74,3 +74,23 @@ def ops() -> CpuOps:
             pytest.skip("FLASHSERVE_NATIVE_KERNELS=0: the native CPU operators are switched off")
         pytest.fail("the native CPU operators did not build (see the flashserve.kernels warning)")
     return native
+
+
+# -- tier times ------------------------------------------------------------------------------------------
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Adds each test's setup, call and teardown time to its tier (tests/unit, tests/api, tests/e2e, ...)."""
+    parts = report.nodeid.split("/")
+    tier = "/".join(parts[:2]) if len(parts) > 2 and parts[0] == "tests" else "other"
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """`make test` reports each tier's time (the sum of its tests' phases; a session fixture such as the
+    e2e server counts in the tier of the first test that used it)."""
+    if _TIER_SECONDS:
+        terminalreporter.section("tier times")
+        for tier, seconds in sorted(_TIER_SECONDS.items()):
+            terminalreporter.write_line(f"{tier:<14} {seconds:8.1f} s")

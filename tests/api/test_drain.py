@@ -48,7 +48,12 @@ async def test_new_requests_get_503_while_in_flight_work_finishes(api: Api) -> N
 
 
 async def read_to_the_end(lines: Any) -> list[str]:
-    return [line async for line in lines if line]
+    """The rest of a stream; bounded, so a drain that never aborts fails instead of hanging."""
+
+    async def rest() -> list[str]:
+        return [line async for line in lines if line]
+
+    return await asyncio.wait_for(rest(), 15)
 
 
 def assert_aborted_in_band(rest: list[str]) -> None:
