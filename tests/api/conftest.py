@@ -11,6 +11,8 @@ Models in the catalog:
   its queue is bounded (`LOCAL_MAX_ACTIVE`) for the 503 `overloaded` path.
 - `scripted`: `fakes.py: ScriptedBackend`, which plays the request's script (hold, fail, refuse).
 - `remote`: the real `RemoteBackend` against `fakes.py: FakeUpstream` "up-a" (DeepSeek's dialect).
+- `remote-impatient` (a 0.2 s timeout, 2 retries) and `remote-wrong-key` (a key "up-a" refuses): the same
+  upstream, for timeouts and credentials.
 - `routed`: the real `Router` (round robin) over two `RemoteBackend`s against "up-b" and "up-c".
 
 Requests go through `transport.py: StreamingASGITransport`, which streams (httpx's own ASGITransport
@@ -125,10 +127,10 @@ def _local_backend(model: PacedCountingModel) -> LocalBackend:
     return LocalBackend(engine, card, max_active=LOCAL_MAX_ACTIVE)
 
 
-def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: int) -> RemoteBackend:
-    spec = RemoteSpec(f"http://{upstream.name}/v1", "up-model", "deepseek", UPSTREAM_KEY, timeout_s=10.0,
-                      retries=retries)
-    return RemoteBackend(spec, httpx.AsyncClient(transport=transport, timeout=10.0))
+def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: int, timeout_s: float = 10.0,
+            key: str = UPSTREAM_KEY) -> RemoteBackend:
+    spec = RemoteSpec(f"http://{upstream.name}/v1", "up-model", "deepseek", key, timeout_s=timeout_s, retries=retries)
+    return RemoteBackend(spec, httpx.AsyncClient(transport=transport, timeout=timeout_s))
 
 
 @pytest.fixture
@@ -137,14 +139,18 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     scripted = ScriptedBackend()
     model = PacedCountingModel()
     local = _local_backend(model)
-    remote = _remote(upstreams["up-a"], StreamingASGITransport(upstreams["up-a"].app), retries=1)
+    to_a = StreamingASGITransport(upstreams["up-a"].app)
+    remote = _remote(upstreams["up-a"], to_a, retries=1)
+    impatient = _remote(upstreams["up-a"], to_a, retries=2, timeout_s=0.2)
+    wrong_key = _remote(upstreams["up-a"], to_a, retries=0, key="not-the-upstream-key")
     # No health URLs: the router's health loop would poll over the network. Failover still ejects.
     router = Router([Replica(name, _remote(upstreams[name], StreamingASGITransport(upstreams[name].app), 0))
                      for name in ("up-b", "up-c")], policy="round_robin")
     catalog: Catalog[Backend] = Catalog()
     created = int(time.time())
     for model_id, backend, context in (("fake-local", local, LOCAL_CONTEXT), ("scripted", scripted, 4096),
-                                       ("remote", remote, 4096), ("routed", router, 4096)):
+                                       ("remote", remote, 4096), ("routed", router, 4096),
+                                       ("remote-impatient", impatient, 4096), ("remote-wrong-key", wrong_key, 4096)):
         catalog.add(make_card(model_id, context_length=context, reasoning=ReasoningSpec(), weights="none",
                               description=f"{model_id} (api tier)", created=created), backend)
     accounts = Accounts(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",

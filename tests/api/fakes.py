@@ -9,7 +9,10 @@ the last user message is a script of space-separated words. Ordinary words come 
   (the drain's abort, or the client's disconnect);
 - `@fail`  fail mid-stream (after the headers: the error goes in-band);
 - `@cut`   (upstream only) the connection breaks mid-stream;
-- `@refuse` refuse to open (scripted backend: 503 overloaded; upstream: HTTP 503).
+- `@refuse` refuse to open (scripted backend: 503 overloaded; upstream: HTTP 503);
+- `@refuse-once` (upstream only) HTTP 503 the first time this exact script is sent, then serve it;
+- `@reject` (upstream only) HTTP 400 naming `max_tokens`;
+- `@stall` (upstream only) send nothing until released.
 
 Nothing here knows about HTTP routes or the app: `tests/api/conftest.py` builds everything.
 """
@@ -197,6 +200,7 @@ class FakeUpstream:
         self.key = key
         self.down = False  # every request answers 503 (a replica that is failing)
         self.seen: list[dict[str, Any]] = []
+        self._refused_once: set[str] = set()
         self.streams_started = 0
         self.streams_closed_by_client = 0
         self.released = asyncio.Event()
@@ -217,6 +221,14 @@ class FakeUpstream:
         script = [w for m in body["messages"] if m["role"] == "user" for w in [m.get("content") or ""]][-1].split()
         if self.down or "@refuse" in script:
             return JSONResponse({"error": {"message": f"{self.name} is overloaded"}}, 503)
+        if "@refuse-once" in script and " ".join(script) not in self._refused_once:
+            self._refused_once.add(" ".join(script))
+            return JSONResponse({"error": {"message": f"{self.name} is overloaded"}}, 503)
+        if "@reject" in script:
+            return JSONResponse({"error": {"message": "Invalid max_tokens value", "type": "invalid_request_error",
+                                           "param": "max_tokens"}}, 400)
+        if "@stall" in script:
+            await self.released.wait()
         return StreamingResponse(self._events(script), media_type="text/event-stream")
 
     async def _events(self, script: list[str]) -> AsyncIterator[str]:

@@ -208,3 +208,30 @@ async def test_a_full_engine_queue_is_503_overloaded_and_queued_streams_keep_ali
     api.model.delay_s = 0.0
     assert (await api.client.post("/v1/chat/completions", json=body("fake-local", "again", max_tokens=2))
             ).status_code == 200
+
+
+async def test_two_simultaneous_streams_on_a_one_at_a_time_key_one_is_429(api: Api) -> None:
+    account, key = await api.new_account("simultaneous", max_concurrent=1)
+    client = api.http(key)
+    request = body("scripted", "a @hold b", stream=True)
+    tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=request)) for _ in range(2)]
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    [refused] = [t.result() for t in done]
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "retry-after" in refused.headers
+    api.scripted.release()
+    results = await asyncio.gather(*tasks)
+    assert sorted(r.status_code for r in results) == [200, 429]
+    [row] = await api.records(account)
+    assert row["status"] == "ok" and row["completion_tokens"] == 2
+
+
+async def test_admin_engine_report_shows_the_block_pool_sound(api: Api) -> None:
+    assert (await api.client.get("/admin/engine")).status_code in (401, 403)  # an API key is not enough
+    for i in range(3):
+        r = await api.client.post("/v1/chat/completions", json=body("fake-local", f"prompt number {i}", max_tokens=8))
+        assert r.status_code == 200
+    report = (await engine_report(api))["fake-local"]
+    assert report["invariants_ok"] and report["leaked_blocks"] == 0 and report["active_requests"] == 0
+    assert report["free_blocks"] + report["used_blocks"] == report["total_blocks"]
+    assert report["cached_blocks"] > 0  # the finished prompts stay in the prefix cache, free but kept

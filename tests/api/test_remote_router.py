@@ -136,3 +136,31 @@ async def test_a_non_streaming_client_leaving_a_remote_request_closes_the_upstre
     assert api.remote.load == 0 and api.router.load == 0
     [row] = await api.records()
     assert row["status"] == "cancelled"
+
+
+async def test_remote_refused_once_is_retried_and_a_4xx_is_the_clients_400(api: Api) -> None:
+    r = await api.client.post("/v1/chat/completions", json=body("remote", "@refuse-once then fine"))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "then fine "
+    assert len(api.upstreams["up-a"].seen) == 2  # retried: nothing had reached the client
+    r = await api.client.post("/v1/chat/completions", json=body("remote", "@reject"))
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "Invalid max_tokens value" in error["message"] and error["code"] == "upstream_invalid_request"
+    assert error["param"] == "max_tokens"
+    assert [row["status"] for row in await api.records()] == ["ok"]
+
+
+async def test_a_wrong_upstream_key_is_a_502_not_the_clients_fault(api: Api) -> None:
+    r = await api.client.post("/v1/chat/completions", json=body("remote-wrong-key", "hi"))
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"
+    assert await api.records() == []
+
+
+async def test_an_upstream_that_stalls_times_out_with_504(api: Api) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    r = await api.client.post("/v1/chat/completions", json=body("remote-impatient", "@stall"))
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert len(api.upstreams["up-a"].seen) == 3  # the first try and its 2 retries, each bounded by 0.2 s
+    assert loop.time() - started < 5
+    assert await api.records() == []

@@ -9,7 +9,7 @@ disconnect: the app's next `receive()` answers `http.disconnect`, as a real serv
 
 `idle()` waits until every app call this transport started has returned, so a test can check the ledger
 right after a disconnect without sleeping. The same transport serves fake upstreams to
-`backends/remote.py: RemoteBackend` (its `client` parameter) and to the router's health checks.
+`backends/remote.py: RemoteBackend` (its `client` parameter), with the client's read timeout enforced as over a socket.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ _CLOSED = object()  # the client closed the response: a read still waiting fails
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, chunks: asyncio.Queue[Any], call: _Call) -> None:
+    def __init__(self, chunks: asyncio.Queue[Any], call: _Call, read_timeout: float | None) -> None:
         self._chunks = chunks
         self._call = call
+        self._read_timeout = read_timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
-            chunk = await self._chunks.get()
+            try:
+                chunk = await asyncio.wait_for(self._chunks.get(), self._read_timeout)
+            except TimeoutError:
+                raise httpx.ReadTimeout("no body chunk within the read timeout") from None
             if chunk is _END:
                 return
             if chunk is _CLOSED:
@@ -132,10 +136,15 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
         self.tasks.add(call.task)
         call.task.add_done_callback(self.tasks.discard)
         call.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        # The client's read timeout holds here as over a socket: for the headers, then between body chunks.
+        read_timeout = (request.extensions.get("timeout") or {}).get("read")
         try:
-            status, headers = await asyncio.shield(started)
+            status, headers = await asyncio.wait_for(asyncio.shield(started), read_timeout)
+        except TimeoutError:
+            call.disconnected.set()
+            raise httpx.ReadTimeout("no response headers within the read timeout", request=request) from None
         except asyncio.CancelledError:
             # The client gave up before the headers (a non-streaming request abandoned): that is a disconnect.
             call.disconnected.set()
             raise
-        return httpx.Response(status, headers=headers, stream=_Body(chunks, call), request=request)
+        return httpx.Response(status, headers=headers, stream=_Body(chunks, call, read_timeout), request=request)
