@@ -29,6 +29,7 @@ import torch
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from flashserve.engine.request import SamplingParams
 from flashserve.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM
+from flashserve.models.registry import DEEPSEEK_V4
 from flashserve.models.tiny_v4 import TINY_CONFIG, random_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,7 +52,7 @@ CONFIGS = {"tiny": TINY_CONFIG, "mid": MID_CONFIG}
 def engine_for(model: DeepseekV4ForCausalLM, max_len: int) -> LLMEngine:
     config = EngineConfig(max_model_len=max_len, num_kv_blocks=max_len // model.prefix_unit * 8,
                           block_size=model.prefix_unit, max_num_batched_tokens=512)
-    return LLMEngine(model, config, model.config.vocab_size, runner="sequence_state")
+    return LLMEngine(model, config, model.config.vocab_size, runner=DEEPSEEK_V4.runner)
 
 
 def drain(engine: LLMEngine) -> tuple[float, dict[str, float]]:

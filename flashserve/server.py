@@ -39,16 +39,15 @@ from flashserve.catalog import (
     load_catalog_file,
     make_card,
 )
-from flashserve.chat.deepseek_v4 import THINK_END, DeepseekV4Template
+from flashserve.chat.formats import chat_format
 from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.structured import GrammarBackend
-from flashserve.chat.template import ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from flashserve.kernels import cpu_ops
 from flashserve.memory import off_main_thread, return_freed_memory
 from flashserve.models.loading import Checkpoint, embedded_model_path, load_checkpoint
-from flashserve.models.registry import build_model
+from flashserve.models.registry import MemorySetting, build_model, model_family
 from flashserve.settings import Settings
 
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
@@ -65,43 +64,45 @@ class Server:
 
 
 def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
+    """The checkpoint's engine and what the local backend needs to know of its model, each piece as the
+    checkpoint's `ModelFamily` says (`models/registry.py`): runner, memory, template, tools, reasoning."""
+    family = model_family(checkpoint.architecture)
     dtype = _DTYPES[settings.dtype]
     model = build_model(checkpoint, dtype, settings.weight_quant, _DTYPES[settings.weight_dtype], consume=True)
     cpu_ops()  # compile (or load) the native operators now, not inside the first request's step
     max_len = int(checkpoint.config["max_position_embeddings"])
     if settings.max_context_tokens:
         max_len = min(max_len, settings.max_context_tokens)
-    # A model that caches prefixes in units of its own (DeepSeek-V4: 128 tokens) gets blocks of that size.
-    block_size = getattr(model, "prefix_unit", settings.block_size)
-    num_blocks = max(-(-settings.kv_cache_tokens // block_size), -(-max_len // block_size))
-    config = EngineConfig(max_model_len=max_len, num_kv_blocks=num_blocks, block_size=block_size,
+    memory = family.memory(model, MemorySetting(settings.kv_cache_tokens, max_len, settings.block_size,
+                                                _DTYPES[settings.kv_cache_dtype]))
+    config = EngineConfig(max_model_len=max_len, num_kv_blocks=memory.num_blocks, block_size=memory.block_size,
                           max_num_seqs=settings.max_num_seqs,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype,
-                          kv_cache_dtype=_DTYPES[settings.kv_cache_dtype])
+                          kv_cache_dtype=_DTYPES[settings.kv_cache_dtype], snapshot_bytes=memory.snapshot_bytes)
     vocab = int(checkpoint.config["vocab_size"])
-    v4 = checkpoint.architecture == "deepseek_v4"  # DeepSeek's own encoding, thinking modes and DSML calls
-    engine = AsyncEngine(LLMEngine(model, config, vocab, runner="sequence_state" if v4 else "paged"))
+    engine = AsyncEngine(LLMEngine(model, config, vocab, runner=family.runner))
     tokens = checkpoint.tokenizer.get_vocab(with_added_tokens=True)
     by_id = [""] * max(len(tokens), 1)
     for text, token_id in tokens.items():
         if token_id < len(by_id):
             by_id[token_id] = text
     special = {i for i, t in checkpoint.tokenizer.get_added_tokens_decoder().items() if t.special}
+    chat = chat_format(family, checkpoint)
     grammars = GrammarBackend(by_id, special, list(checkpoint.stop_token_ids), vocab,
-                              tool_format="dsml" if v4 else "json")
+                              tool_format=chat.grammar_format)
     local = LocalModel(
         tokenizer=checkpoint.tokenizer,
-        template=DeepseekV4Template() if v4 else ChatTemplate.from_checkpoint(checkpoint),
+        template=chat.template,
         stop_token_ids=tuple(checkpoint.stop_token_ids),
         max_model_len=max_len,
         vocab_size=vocab,
         fingerprint=checkpoint.fingerprint,
         dtype=settings.dtype,
         grammars=grammars,
-        reasoning=ReasoningSpec(can_think=True) if v4 else ReasoningSpec(),
-        think_end_ids=tuple(checkpoint.tokenizer.encode(THINK_END, add_special_tokens=False).ids) if v4 else (),
-        tool_format="dsml" if v4 else "json",
+        reasoning=chat.reasoning,
+        think_end_ids=chat.think_end_ids,
+        tool_parser=chat.tool_parser,
     )
     return engine, local
 

@@ -17,12 +17,11 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from flashserve import __version__
-from flashserve.chat.deepseek_v4 import DeepseekV4Template
-from flashserve.chat.dsml import DsmlToolCallParser
+from flashserve.chat.formats import Template, ToolParser
 from flashserve.chat.output import ChoiceOutput
 from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
-from flashserve.chat.template import ChatTemplate, TemplateError
+from flashserve.chat.template import TemplateError
 from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, tool_dict, with_tools_in_system_prompt
 from flashserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from flashserve.engine.request import FinishReason, RequestOutput, SamplingParams, ThinkingControl
@@ -38,7 +37,7 @@ class LocalModel:
     """What the backend needs to know about the loaded model."""
 
     tokenizer: Tokenizer
-    template: ChatTemplate | DeepseekV4Template
+    template: Template
     stop_token_ids: tuple[int, ...]
     max_model_len: int
     vocab_size: int
@@ -47,7 +46,7 @@ class LocalModel:
     grammars: GrammarBackend | None = None  # structured output; None: JSON formats are refused
     reasoning: ReasoningSpec = ReasoningSpec()
     think_end_ids: tuple[int, ...] = ()  # tokens of the end-of-thinking marker, for thinking models
-    tool_format: str = "json"  # how the model writes calls: "json" (tools.py) or "dsml" (DeepSeek-V4)
+    tool_parser: ToolParser = ToolCallParser  # parses the calls the model writes (its family's format)
 
 
 class LocalBackend:
@@ -134,7 +133,8 @@ class LocalBackend:
             raise unsupported_parameter("top_logprobs", "is not supported yet.")
 
     # -- Backend -----------------------------------------------------------------
-    async def open(self, request: GenerationRequest, ctx: RequestContext) -> LocalGeneration:
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], ToolPlan, Any | None, Thinking]:
+        """The prompt's token ids, the tool plan, the grammar and the thinking mode of a request."""
         self.check_supported(request)
         plan = plan_tools(request)
         grammar = self._grammar(request, plan)
@@ -142,7 +142,14 @@ class LocalBackend:
         thinking = self._thinking(request)
         if grammar is not None or not self.model.think_end_ids:
             thinking = Thinking(False)
-        prompt = self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode)
+        return self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode), plan, grammar, thinking
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """Exact: the prompt rendered and tokenized as `open` would; nothing reaches the engine."""
+        return len(self._prepare(request)[0])
+
+    async def open(self, request: GenerationRequest, ctx: RequestContext) -> LocalGeneration:
+        prompt, plan, grammar, thinking = self._prepare(request)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
             raise invalid_request(
@@ -169,7 +176,7 @@ class LocalBackend:
         names = [t.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, list(request.sampling.stop), len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
-                               tool_format=self.model.tool_format)
+                               tool_parser=self.model.tool_parser)
 
     def _admit(self, ids: list[str]) -> None:
         """Bound the engine's queue: past it, 503 before any model work (checked and counted without an
@@ -227,12 +234,11 @@ class LocalBackend:
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
                  prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
-                 max_calls: int | None = None, tool_format: str = "json") -> None:
+                 max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
-        parser = DsmlToolCallParser if tool_format == "dsml" else ToolCallParser
-        self._parsers = [None if tool_names is None else parser(tool_names, max_calls) for _ in streams]
+        self._parsers = [None if tool_names is None else tool_parser(tool_names, max_calls) for _ in streams]
         self._splitters = [ReasoningSplitter(thinking) for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)

@@ -608,10 +608,9 @@ class MTPBlock(Block):
 
 class DeepseekV4ForCausalLM(nn.Module):
     config_class = DeepseekV4Config
-    # The engine runs this model per sequence over a `SequenceState` (engine/state_runner.py), and caches
-    # prefixes in whole units of 128 tokens: the longest compressor window, so a snapshot at a unit's end
-    # has no compressed entry half made.
-    sequence_state = True
+    # The engine runs this model per sequence over a `SequenceState` (engine/state_runner.py: its family in
+    # models/registry.py names that runner), and caches prefixes in whole units of 128 tokens: the longest
+    # compressor window, so a snapshot at a unit's end has no compressed entry half made.
     prefix_unit = 128
 
     def __init__(self, cfg: DeepseekV4Config) -> None:
@@ -630,6 +629,22 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def new_state(self) -> SequenceState:
         return SequenceState.empty(self.config.num_layers)
+
+    def snapshot_bytes_per_token(self) -> int:
+        """What prefix-state copies cost per cached token, one copy every `prefix_unit` tokens: each copy
+        holds every layer's window and the compressors' overlap rows of its own, and shares the compressed
+        entries (one row per `ratio` tokens, plus the indexer's on CSA layers) with the copies before it."""
+        cfg = self.config
+        itemsize = self.embed.weight.element_size()
+        per_copy = per_token = 0.0
+        for kind, ratio in zip(cfg.layer_kinds, cfg.compress_ratios, strict=True):
+            per_copy += cfg.window * cfg.head_dim * itemsize
+            if ratio:
+                per_token += cfg.head_dim * itemsize / ratio
+                if kind == CSA:  # overlapping windows: the last window's kv and gate rows, both widths
+                    per_token += cfg.index_head_dim * itemsize / ratio
+                    per_copy += 2 * ratio * 2 * (cfg.head_dim + cfg.index_head_dim) * itemsize
+        return max(1, math.ceil(per_token + per_copy / self.prefix_unit))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, state: SequenceState | None = None, last_only: bool = False) -> torch.Tensor:

@@ -14,7 +14,7 @@ from flashserve.engine.request import Request, SamplingParams
 from flashserve.engine.state_runner import SequenceStateRunner, SnapshotPool
 from flashserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from flashserve.models.loading import Checkpoint, load_checkpoint
-from flashserve.models.registry import build_model
+from flashserve.models.registry import MemorySetting, build_model, model_family
 from flashserve.models.tiny_v4 import make_tiny_v4
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -158,6 +158,19 @@ def test_prefix_copies_stay_within_their_byte_bound(model: DeepseekV4ForCausalLM
     assert cached["warm"] == 512 and tokens["warm"] == reference(model, shared[:-1])
     p.check_invariants()
     eng.kv.check_invariants()
+
+
+def test_the_family_sizes_the_pool_from_the_memory_setting(model: DeepseekV4ForCausalLM) -> None:
+    family = model_family("deepseek_v4")
+    plan = family.memory(model, MemorySetting(kv_cache_tokens=1024, max_model_len=1024, block_size=16,
+                                              kv_cache_dtype=torch.bfloat16))
+    assert plan.block_size == 128 and plan.num_blocks == 8
+    assert plan.snapshot_bytes == 1024 * model.snapshot_bytes_per_token()
+    config = EngineConfig(max_model_len=1024, num_kv_blocks=plan.num_blocks, block_size=plan.block_size,
+                          max_num_batched_tokens=64, snapshot_bytes=plan.snapshot_bytes)
+    eng = LLMEngine(model, config, model.config.vocab_size, runner=family.runner)
+    run(eng, {"cold": prompt(35, 520)})
+    assert len(pool(eng)) == 4 and pool(eng).used_bytes <= plan.snapshot_bytes  # 1024 tokens hold 512 cached
 
 
 def test_no_prefix_caching_keeps_no_copies(model: DeepseekV4ForCausalLM) -> None:
