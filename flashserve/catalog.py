@@ -134,6 +134,7 @@ class Catalog(Generic[B]):
 
 # -- backend specs: plain data, built into backends by server.py ----------------------------------------
 KINDS = ("openai", "deepseek", "vllm", "sglang")
+RAW_TEXT_FORMATS = ("deepseek_v4",)  # model output syntaxes a raw-text upstream's content is parsed from
 POLICIES = ("round_robin", "least_load", "prefix_aware")
 
 
@@ -153,10 +154,15 @@ class RemoteSpec:
     timeout_s: float = 600.0  # the whole request
     connect_timeout_s: float = 10.0
     retries: int = 2  # extra attempts before the first byte
+    # None: the upstream parses its model's output (reasoning_content, tool_calls). "deepseek_v4": its
+    # `content` is the model's raw text, which flashserve splits and parses itself (chat/model_output.py).
+    raw_text: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"upstream kind must be one of {KINDS}, not {self.kind!r}")
+        if self.raw_text is not None and self.raw_text not in RAW_TEXT_FORMATS:
+            raise ValueError(f"raw_text must be one of {RAW_TEXT_FORMATS}, not {self.raw_text!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,14 +245,16 @@ def _card_value(path: Path, line: int, where: str, value: Any) -> int | bool:
     return value
 
 
-_BACKEND_KEYS = {"type", "url", "replicas", "policy", "model", "kind", "api_key_env", "timeout_s", "retries"}
+_BACKEND_KEYS = {"type", "url", "replicas", "policy", "model", "kind", "api_key_env", "timeout_s", "retries",
+                 "raw_text"}
 
 
 def _backend(path: Path, text: str, model_id: str, table: Any) -> RemoteSpec | ReplicaSetSpec:
     """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1) or a list of them as
     `replicas` (with a routing `policy`), the upstream's `model` name, its `kind` (openai, deepseek, vllm,
     sglang), the environment variable holding its key (`api_key_env`: the key never sits in the file),
-    `timeout_s` and `retries`."""
+    `timeout_s`, `retries`, and `raw_text = "deepseek_v4"` for an upstream whose content is the model's raw
+    text (flashserve splits the thinking and parses the DSML calls itself)."""
     where = f'models."{model_id}".backend'
     line = _line_of(text, "backend", after=model_id)
     if not isinstance(table, dict):
@@ -280,11 +288,18 @@ def _backend(path: Path, text: str, model_id: str, table: Any) -> RemoteSpec | R
     try:
         upstreams = tuple(RemoteSpec(url=url, model=table["model"], kind=str(table.get("kind", "openai")),
                                    api_key=api_key, timeout_s=float(table.get("timeout_s", 600.0)),
-                                   retries=int(table.get("retries", 2 if replicas is None else 0)))
+                                   retries=int(table.get("retries", 2 if replicas is None else 0)),
+                                   raw_text=_raw_text(table.get("raw_text")))
                           for url in (replicas or [table["url"]]))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"{path}:{line}: {where}: {exc}") from None
     return upstreams[0] if replicas is None else ReplicaSetSpec(upstreams, policy)
+
+
+def _raw_text(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"raw_text must be one of {RAW_TEXT_FORMATS}")
+    return value
 
 
 def _prices(path: Path, text: str, model_id: str, table: Any) -> Prices:

@@ -13,6 +13,13 @@ Usage is normalized into ours: DeepSeek's `prompt_cache_hit_tokens`, or `prompt_
 (vLLM, SGLang, OpenAI); reasoning tokens from `completion_tokens_details.reasoning_tokens` or SGLang's
 top-level `reasoning_tokens`. vLLM's `reasoning` delta field becomes `reasoning_content`.
 
+Raw text (`raw_text = "deepseek_v4"` in the catalog's backend table): the upstream's `content` is the
+model's own text (thinking, `</think>`, the answer and DSML call blocks), as from an engine run without
+reasoning and tool parsers. It goes through the stage the local engine uses (`chat/model_output.py`), so
+reasoning_content, content and tool_calls (finish_reason `tool_calls`) come out as they would locally.
+Such an upstream is always told whether to think, and thinks unless the request turns it off (effort
+`none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts.
+
 Errors: an upstream answer other than 200 becomes our error object (its 4xx as a 400 with the upstream's
 message, 429 as 429 with its retry-after, its auth failure and 5xx as 502, a timeout as 504). Connection
 failures, 5xx and timeouts are retried, with backoff, only before anything has been returned to the caller,
@@ -31,6 +38,7 @@ from typing import Any
 import httpx
 
 from flashserve.catalog import RemoteSpec
+from flashserve.chat.model_output import RAW_TEXT_PARSERS, ModelOutputParser
 from flashserve.chat.reasoning import EFFORT_MODE
 from flashserve.errors import INVALID_REQUEST, SERVER_ERROR, FlashserveError, unsupported_parameter
 from flashserve.generation import (
@@ -78,6 +86,8 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     effort, switch = request.reasoning.effort, request.reasoning.thinking
+    if upstream.raw_text is not None and effort is None and switch is None:
+        effort = "high"  # a raw-text upstream is told explicitly: raw_thinking() reads the same default
     if effort is None and switch is None:
         return body
     mode = EFFORT_MODE.get(effort) if effort is not None else ("high" if switch else None)
@@ -96,6 +106,16 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     elif effort is not None:
         body["reasoning_effort"] = effort if switch is not False else "none"
     return body
+
+
+def raw_thinking(request: GenerationRequest) -> bool:
+    """Whether a raw-text upstream's answer opens in thinking: unless turned off, as `upstream_body` asks."""
+    effort, switch = request.reasoning.effort, request.reasoning.thinking
+    if switch is False:
+        return False
+    if effort is not None:
+        return EFFORT_MODE.get(effort) is not None
+    return True
 
 
 def _message_body(message: Message) -> dict[str, Any]:
@@ -223,7 +243,7 @@ class RemoteBackend:
                                       "upstream_unavailable") from exc
             else:
                 if response.status_code == 200:
-                    return RemoteGeneration(response, self)
+                    return RemoteGeneration(response, self, request)
                 try:  # the refusal's text, for our error; the response is closed whatever happens here
                     text = (await response.aread()).decode(errors="replace")
                 except httpx.HTTPError:
@@ -248,13 +268,24 @@ class RemoteBackend:
 
 class RemoteGeneration:
     """The upstream's event stream as our deltas. Tool calls arrive in pieces per (choice, call index) and
-    are handed on whole when their choice finishes."""
+    are handed on whole when their choice finishes. From a raw-text upstream, `content` is parsed per
+    choice (`ModelOutputParser`)."""
 
-    def __init__(self, response: httpx.Response, backend: RemoteBackend) -> None:
+    _raw: str | None = None
+
+    def __init__(self, response: httpx.Response, backend: RemoteBackend,
+                 request: GenerationRequest | None = None) -> None:
         self.usage = Usage()
         self._response = response
         self._backend = backend
         self._calls: dict[tuple[int, int], dict[str, str]] = {}
+        self._raw = backend.upstream.raw_text
+        self._raw_parsers: dict[int, ModelOutputParser] = {}  # per choice, for a raw-text upstream
+        self._thinking = request is not None and raw_thinking(request)
+        parses_calls = request is not None and bool(request.tools) and (
+            request.tool_choice is None or request.tool_choice.mode != "none")
+        self._tool_names = [t.name for t in request.tools] if request is not None and parses_calls else None
+        self._max_calls = 1 if request is not None and request.parallel_tool_calls is False else None
         self._closed = False
         backend._open.add(self)
 
@@ -309,9 +340,29 @@ class RemoteGeneration:
                 del self._calls[k]
         content = raw.get("content") or ""
         reasoning = raw.get("reasoning_content") or raw.get("reasoning") or ""  # vLLM calls it `reasoning`
+        if self._raw is not None:
+            parser = self._raw_parser(index)
+            pieces = parser.feed(content)
+            if reason:
+                rest, reason = parser.finish(reason)
+                pieces.add(rest)
+                if calls and reason == "stop":
+                    reason = "tool_calls"
+            reasoning += pieces.reasoning
+            content = pieces.content
+            calls = pieces.calls + calls
         if not (content or reasoning or calls or reason):
             return None
         return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason)
+
+    def _raw_parser(self, index: int) -> ModelOutputParser:
+        parser = self._raw_parsers.get(index)
+        if parser is None:
+            assert self._raw is not None
+            parser = ModelOutputParser(self._thinking, self._tool_names, self._max_calls,
+                                       RAW_TEXT_PARSERS[self._raw])
+            self._raw_parsers[index] = parser
+        return parser
 
     async def abort(self) -> None:
         if not self._closed:

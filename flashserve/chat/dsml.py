@@ -79,10 +79,16 @@ class DsmlToolCallParser:
             pass
         return "".join(content), calls
 
-    def finish(self) -> str:
-        """Whatever is left: held-back text, and an unfinished block as the text it was."""
+    def finish(self, *, drop_unfinished: bool = False) -> str:
+        """Whatever is left: held-back text, and an unfinished block as the text it was.
+
+        `drop_unfinished`: the stream was cut (`chat/model_output.py`): an unfinished block, and a held-back
+        piece of an opening tag (`<｜...`), are dropped with the blank line before them, never content.
+        """
         self._buffer += self._decoder.decode(b"", final=True)
         rest = (self._separator if self._block is not None else "") + self._buffer
+        if drop_unfinished and (self._block is not None or rest.lstrip(_WHITESPACE).startswith("<" + DSML[:1])):
+            rest = ""
         self._buffer, self._block, self._separator, self._after_block = "", None, "", False
         return rest
 

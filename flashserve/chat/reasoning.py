@@ -50,15 +50,21 @@ class ReasoningSplitter:
     A thinking request starts inside the thinking block (the prompt opened
     it); a leading `<think>` the model writes itself is dropped. Text that
     could be the start of `</think>` is held back until it proves otherwise.
+    The line breaks right after `</think>` are dropped, also those that come
+    in later pieces than the marker itself.
     """
 
     def __init__(self, thinking: bool) -> None:
         self.thinking = thinking
         self._buffer = ""
         self._started = False
+        self._after_end = False  # thinking ended and no answer text has come yet
 
     def feed(self, text: str) -> tuple[str, str]:
         if not self.thinking:
+            if self._after_end:
+                text = text.lstrip("\n")
+                self._after_end = not text
             return "", text
         self._buffer += text
         if not self._started:
@@ -71,7 +77,7 @@ class ReasoningSplitter:
         end = self._buffer.find(THINK_END)
         if end >= 0:
             reasoning, content = self._buffer[:end], self._buffer[end + len(THINK_END):].lstrip("\n")
-            self._buffer, self.thinking = "", False
+            self._buffer, self.thinking, self._after_end = "", False, not content
             return reasoning, content
         hold = next((k for k in range(min(len(THINK_END) - 1, len(self._buffer)), 0, -1)
                      if THINK_END.startswith(self._buffer[-k:])), 0)

@@ -184,9 +184,9 @@ class ToolCallParser:
                 self._in_call = True
         return content, calls
 
-    def finish(self) -> str:
-        """Whatever is left: an unfinished call is returned as text."""
-        rest = (OPEN if self._in_call else "") + self._buffer
+    def finish(self, *, drop_unfinished: bool = False) -> str:
+        """Whatever is left: an unfinished call is returned as text (dropped with `drop_unfinished`)."""
+        rest = "" if self._in_call and drop_unfinished else (OPEN if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
         return rest
 

@@ -121,18 +121,18 @@ def test_the_stream_cuts_through_dsml_markers_and_still_parses_from_bytes_split_
             except UnicodeDecodeError:
                 continue
         _, content, calls = parse(decoded, ["shell"])
-        # Only whitespace may leak: see test_a_newline_split_from_its_twin_after_think_end_leaks below.
-        assert content.strip() == "" and [c.name for c in calls] == ["shell"]
+        assert content == "" and [c.name for c in calls] == ["shell"]
 
 
-@pytest.mark.xfail(strict=True, reason="ReasoningSplitter strips the newlines after </think> only within the "
-                   "feed that holds </think>, and DsmlToolCallParser drops the blank line before a block only "
-                   "when both newlines reach it: one newline on each side leaks as content")
-def test_a_newline_split_from_its_twin_after_think_end_leaks() -> None:
+def test_a_newline_split_from_its_twin_after_think_end_does_not_leak() -> None:
+    # It did: ReasoningSplitter stripped the newlines after </think> only within the feed that held the
+    # marker, and the DSML parser drops the blank line before a block only when both newlines reach it.
     block = '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="other">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
-    _, content, calls = parse(["Plan.</think>\n", "\n" + block], ["other"])
-    assert [c.name for c in calls] == ["other"]
-    assert content == ""
+    for pieces in (["Plan.</think>\n", "\n" + block], ["Plan.</think>", "\n", "\n", block],
+                   ["Plan.</", "think>\n", "\n" + block]):
+        reasoning, content, calls = parse(pieces, ["other"])
+        assert [c.name for c in calls] == ["other"]
+        assert (reasoning, content) == ("Plan.", "")
 
 
 def test_a_tool_result_gets_a_final_answer_without_a_call(client: TestClient) -> None:

@@ -1,0 +1,148 @@
+"""A remote upstream that streams raw DeepSeek-V4 text (`raw_text = "deepseek_v4"` in the catalog), end to end.
+
+The upstream is the scripted V4 stand-in (tests/e2e/scripted_v4_upstream.py) as a real process: its
+`content` is the model's own text (thinking, `</think>`, a DSML block), cut every few characters through
+the markers. flashserve, started with a catalog pointing a model at it, must turn that into what the
+`openai` client expects of V4: `reasoning_content`, `content` free of markup, `tool_calls` with
+finish_reason `tool_calls`, streamed and not; and a second turn sending the reasoning and the calls back
+must be accepted (issue 16 §3).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+
+KEY = "sk-fs-raw-v4-e2e"
+MODEL = "v4-raw"
+SHELL = {"type": "function", "function": {"name": "shell", "description": "Run a command", "parameters": {
+    "type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
+    "required": ["command", "timeout"]}}}
+SCRIPT = {"chunk_chars": 3,
+          "user": {"reasoning": "I should list the files.", "content": "",
+                   "arguments": {"command": "ls -la", "timeout": 5}},
+          "tool": {"reasoning": "Two files.", "content": "There are two files."},
+          "no_tools": {"reasoning": "Easy.", "content": "Hello!"}}
+
+
+@pytest.fixture(scope="module")
+def raw_v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str]]:
+    folder = tmp_path_factory.mktemp("raw-v4")
+    script = folder / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    port = _free_port()
+    upstream_url = f"http://127.0.0.1:{port}"
+    upstream = subprocess.Popen([_python(), "tests/e2e/scripted_v4_upstream.py", "--port", str(port),
+                                 "--script", str(script)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    catalog = folder / "catalog.toml"
+    catalog.write_text(f'''
+[models."{MODEL}"]
+context_length = 131072
+reasoning = true
+
+[models."{MODEL}".backend]
+type = "remote"
+url = "{upstream_url}/v1"
+model = "deepseek-v4-flash"
+kind = "vllm"
+raw_text = "deepseek_v4"
+''')
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{upstream_url}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the scripted upstream did not start"
+                time.sleep(0.2)
+        process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": KEY,
+                                                             "FLASHSERVE_CATALOG": str(catalog)},
+                                          unset=("FLASHSERVE_DATABASE_URL",))
+        try:
+            _wait_ready(base, process, log)
+            with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+                yield client, upstream_url
+        finally:
+            _stop(process, log)
+    finally:
+        upstream.kill()
+
+
+def ask(client: openai.OpenAI, **kwargs: object) -> object:
+    args: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "list the files"}],
+                               "tools": [SHELL]}
+    args.update(kwargs)
+    return client.chat.completions.create(**args)  # type: ignore[call-overload]
+
+
+def test_a_tool_call_turn(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, upstream = raw_v4
+    r = ask(client)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert getattr(choice.message, "reasoning_content", None) == "I should list the files."
+    assert not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "shell" and call.id
+    assert json.loads(call.function.arguments) == {"command": "ls -la", "timeout": 5}
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    sent = httpx.get(f"{upstream}/requests").json()[-1]
+    assert sent["chat_template_kwargs"] == {"thinking": True, "reasoning_effort": "high"} and sent["tools"]
+
+
+def test_a_streamed_tool_call_turn(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, _ = raw_v4
+    reasoning, content, names, arguments, finish = "", "", [], "", None
+    for chunk in ask(client, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+            for piece in delta.tool_calls or []:
+                if piece.function and piece.function.name:
+                    names.append(piece.function.name)
+                if piece.function and piece.function.arguments:
+                    arguments += piece.function.arguments
+            finish = choice.finish_reason or finish
+    assert (reasoning, content, names, finish) == ("I should list the files.", "", ["shell"], "tool_calls")
+    assert json.loads(arguments) == {"command": "ls -la", "timeout": 5}
+
+
+def test_the_next_turn_sends_reasoning_and_calls_back(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, upstream = raw_v4
+    first = ask(client).choices[0].message
+    messages = [{"role": "user", "content": "list the files"},
+                {"role": "assistant", "content": None, "reasoning_content": first.reasoning_content,
+                 "tool_calls": [c.model_dump() for c in first.tool_calls]},
+                {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "a.txt b.txt"}]
+    for stream in (False, True):
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in ask(client, messages=messages, stream=True)
+                           if c.choices)
+        else:
+            r = ask(client, messages=messages)
+            assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+            assert r.choices[0].message.reasoning_content == "Two files."
+            text = r.choices[0].message.content
+        assert text == "There are two files."
+    sent = httpx.get(f"{upstream}/requests").json()[-1]
+    assert sent["messages"][1]["reasoning_content"] == "I should list the files."
+
+
+def test_without_tools_and_with_thinking_off(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, upstream = raw_v4
+    r = ask(client, tools=None, messages=[{"role": "user", "content": "hi"}])
+    assert (r.choices[0].message.content, r.choices[0].message.reasoning_content) == ("Hello!", "Easy.")
+    ask(client, tools=None, messages=[{"role": "user", "content": "hi"}], reasoning_effort="none")
+    assert httpx.get(f"{upstream}/requests").json()[-1]["chat_template_kwargs"] == {"thinking": False}
