@@ -22,8 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
-from flashserve.api import admin, chat, models, usage
-from flashserve.api.errors import install_error_handlers, openai_response
+from flashserve.api import admin, anthropic, chat, models, usage
+from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
@@ -49,7 +49,7 @@ class _Admission:
         if state.draining and scope["path"] != "/health":
             error = FlashserveError(503, "The server is shutting down; retry shortly.", "server_error", None,
                                 "shutting_down", headers={"retry-after": "5"})
-            await openai_response(error)(scope, receive, send)
+            await error_response(error, scope["path"])(scope, receive, send)
             return
         state.inflight += 1
         try:
@@ -57,7 +57,7 @@ class _Admission:
             if body is None:
                 error = FlashserveError(413, f"The request body is larger than {state.max_body_bytes} bytes.",
                                     "invalid_request_error", None, "request_too_large")
-                await openai_response(error)(scope, receive, send)
+                await error_response(error, scope["path"])(scope, receive, send)
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -120,7 +120,8 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 
 
 def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
-               max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None) -> FastAPI:
+               max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None,
+               anthropic_models: dict[str, str] | None = None) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
@@ -138,7 +139,9 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
 
     `sse_keepalive_s` and `max_body_bytes` are the settings of the same names. `server_key` is the
     deployment secret (`server_key.py`); without one the app makes a random key of its own, which is right
-    for a test but not for gateways that must open each other's sealed data.
+    for a test but not for gateways that must open each other's sealed data. `anthropic_models` maps the
+    Anthropic surface's model names (glob patterns, e.g. "claude-*") to catalog ids; default: every
+    `claude-*` -> deepseek/deepseek-v4-flash.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -154,9 +157,12 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     key = server_key if server_key is not None else ServerKey(os.urandom(32), "ephemeral")
     app.state.flashserve = AppState(catalog, accounts, key, sse_keepalive_s=sse_keepalive_s,
                                     max_body_bytes=max_body_bytes)
+    if anthropic_models is not None:
+        app.state.flashserve.anthropic_models = dict(anthropic_models)
     app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)
+    app.include_router(anthropic.router)
     app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(admin.router)

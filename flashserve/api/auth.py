@@ -1,5 +1,7 @@
 """Bearer authentication: API keys for `/v1/*`, the admin key for `/admin/*`.
 
+An API key may also come as `x-api-key` (Anthropic's header: its SDKs and Claude Code send it).
+
 Neither the presented key nor any hash of it appears in an error message or a log line.
 """
 
@@ -23,7 +25,8 @@ def _bearer(request: Request) -> str:
 
 async def require_api_key(request: Request) -> Principal:
     """The caller's principal; 401 for a missing, unknown, revoked or expired key."""
-    principal = await app_state(request).accounts.keys.verify(_bearer(request))
+    token = request.headers.get("x-api-key", "").strip() or _bearer(request)
+    principal = await app_state(request).accounts.keys.verify(token)
     if principal is None:
         raise FlashserveError(401, "Incorrect API key provided, or the key was revoked or has expired.",
                           INVALID_REQUEST, None, "invalid_api_key")

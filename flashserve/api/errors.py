@@ -48,6 +48,42 @@ def openai_response(error: FlashserveError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# -- Anthropic's rendering (the Messages API: /v1/messages..., /anthropic/...) -----------------------------
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+_CONTEXT = re.compile(r"maximum context length is (\d+) tokens\. However, your messages resulted in (\d+) tokens")
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith(("/anthropic/", "/v1/messages"))
+
+
+def anthropic_body(error: FlashserveError) -> dict[str, Any]:
+    """The error as Anthropic's object (also the in-band `error` event of a stream). A context overflow
+    reads "prompt is too long: N tokens > M maximum", which Claude Code parses."""
+    message = error.message
+    match = _CONTEXT.search(message) if error.code == "context_length_exceeded" else None
+    if match:
+        message = f"prompt is too long: {match.group(2)} tokens > {match.group(1)} maximum"
+    kind = _ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def render_anthropic(error: FlashserveError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Anthropic's rendering: its error types, and 503 (overloaded, draining) as its 529 `overloaded_error`,
+    which Anthropic's clients retry as overload."""
+    status = 529 if error.status == 503 else error.status
+    return status, anthropic_body(error), error.headers
+
+
+def error_response(error: FlashserveError, path: str) -> JSONResponse:
+    """The error in the shape of the surface that `path` belongs to."""
+    render = render_anthropic if is_anthropic_path(path) else render_openai
+    status, body, headers = render(error)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 # -- pydantic validation errors -> one 400 ---------------------------------------
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|tagged-union.*|literal.*|[A-Z]\w*)$|[\[(]")
 _CODE_BY_KIND = {
@@ -106,15 +142,15 @@ def validation_error(errors: list[dict[str, Any]]) -> FlashserveError:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FlashserveError)
-    async def _domain_error(_: Request, exc: FlashserveError) -> JSONResponse:
-        return openai_response(exc)
+    async def _domain_error(request: Request, exc: FlashserveError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return openai_response(validation_error(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(exc.errors())), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: NOT_FOUND, 401: AUTHENTICATION, 429: RATE_LIMIT}
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
@@ -123,10 +159,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             code = "method_not_allowed"
         error = FlashserveError(exc.status_code, message, kinds.get(exc.status_code, INVALID_REQUEST), None, code)
-        return JSONResponse(openai_body(error), status_code=exc.status_code, headers=exc.headers)
+        error.headers = dict(exc.headers or {})
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return openai_response(FlashserveError(500, "The server had an error while processing your request.",
-                                               SERVER_ERROR))
+        return error_response(FlashserveError(500, "The server had an error while processing your request.",
+                                              SERVER_ERROR), request.url.path)

@@ -6,7 +6,7 @@ Routes and middleware never reach into `app.state` by attribute name: `app_state
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -26,6 +26,11 @@ class AppState:
     max_body_bytes: int = 8 << 20  # a larger request body gets 413 before it is parsed
     draining: bool = False  # set by `api/app.py: drain`: new requests get 503
     inflight: int = 0  # requests in flight (a streamed response until its last byte), for the drain
+    # The Anthropic surface's model names: glob pattern -> catalog model id (api/anthropic.py: catalog_model)
+    anthropic_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ANTHROPIC_MODELS))
+
+
+DEFAULT_ANTHROPIC_MODELS = {"claude-*": "deepseek/deepseek-v4-flash"}  # as DeepSeek's own Anthropic endpoint
 
 
 def app_state(where: HTTPConnection | Starlette) -> AppState:

@@ -25,6 +25,11 @@ class Backend(Protocol):
         """
         ...
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens `open` would send the model for this request (Anthropic's count_tokens):
+        exact for the local engine, a documented estimate where the tokenizer is not ours."""
+        ...
+
     @property
     def load(self) -> int:
         """Requests in flight through this backend now (a router balances on it)."""

@@ -124,6 +124,11 @@ class Router:
                 self._open.add(routed)
                 return routed
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The replicas serve one model: the first healthy one counts (any one when none is)."""
+        replica = next((r for r in self.replicas if r.healthy), self.replicas[0])
+        return await replica.backend.count_tokens(request)
+
     @property
     def load(self) -> int:
         return sum(r.active for r in self.replicas)
