@@ -632,18 +632,24 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     def snapshot_bytes_per_token(self) -> int:
         """What prefix-state copies cost per cached token, one copy every `prefix_unit` tokens: each copy
-        holds every layer's window and the compressors' overlap rows of its own, and shares the compressed
-        entries (one row per `ratio` tokens, plus the indexer's on CSA layers) with the copies before it."""
+        holds every layer's window, the compressors' overlap rows and its partial last entry page of its
+        own, and shares the full entry pages (one row per `ratio` tokens, plus the indexer's on CSA layers)
+        with the copies before it."""
         cfg = self.config
         itemsize = self.embed.weight.element_size()
         per_copy = per_token = 0.0
         for kind, ratio in zip(cfg.layer_kinds, cfg.compress_ratios, strict=True):
             per_copy += cfg.window * cfg.head_dim * itemsize
-            if ratio:
-                per_token += cfg.head_dim * itemsize / ratio
-                if kind == CSA:  # overlapping windows: the last window's kv and gate rows, both widths
-                    per_token += cfg.index_head_dim * itemsize / ratio
-                    per_copy += 2 * ratio * 2 * (cfg.head_dim + cfg.index_head_dim) * itemsize
+            if not ratio:
+                continue
+            dims = (cfg.head_dim, cfg.index_head_dim) if kind == CSA else (cfg.head_dim,)
+            entries = self.prefix_unit // ratio  # per unit
+            partial = sum(k * entries % PAGE_ENTRIES for k in range(PAGE_ENTRIES)) / PAGE_ENTRIES  # mean rows
+            for dim in dims:
+                per_token += dim * itemsize / ratio
+                per_copy += partial * dim * itemsize
+                if kind == CSA:  # overlapping windows: the last window's first-half kv and gate rows
+                    per_copy += 2 * ratio * dim * itemsize
         return max(1, math.ceil(per_token + per_copy / self.prefix_unit))
 
     @torch.inference_mode()
