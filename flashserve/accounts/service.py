@@ -15,6 +15,7 @@ from flashserve.accounts.db import create_engine, migrate
 from flashserve.accounts.keys import KeyStore
 from flashserve.accounts.ledger import Ledger
 from flashserve.accounts.limits import RateLimiter
+from flashserve.accounts.stored_responses import ResponseStore
 
 log = logging.getLogger(__name__)
 DEFAULT_ACCOUNT = "default"
@@ -45,6 +46,11 @@ class Accounts:
     @property
     def ledger(self) -> Ledger:
         return Ledger(self._started())
+
+    @property
+    def responses(self) -> ResponseStore:
+        """The Responses API's stored responses (`store: true`)."""
+        return ResponseStore(self._started())
 
     def _started(self) -> AsyncEngine:
         if self.engine is None:

@@ -64,3 +64,18 @@ usage_records = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Index("ix_usage_account_created", "account_id", "created_at"),
 )
+
+# The Responses API's stored responses (migration 0002): the response object as returned, the request's input
+# items (GET .../input_items) and the whole conversation so far (what `previous_response_id` continues), as
+# JSON text. ON DELETE CASCADE: an account's stored responses go with it.
+stored_responses = sa.Table(
+    "stored_responses", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(40), sa.ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False, index=True),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("input_items", sa.Text, nullable=False),
+    sa.Column("conversation", sa.Text, nullable=False),
+)
