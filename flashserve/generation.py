@@ -132,6 +132,7 @@ class ChoiceDelta:
     reasoning_content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls, in order
     finish_reason: str | None = None  # set on a choice's last delta
+    stop_sequence: str | None = None  # the stop string that ended the choice (finish_reason "stop"), if one did
 
 
 @dataclass(slots=True)

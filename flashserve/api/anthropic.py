@@ -290,6 +290,7 @@ class _View:
         self.omit_thinking = omit_thinking
         self.id = "msg_" + call.id.removeprefix("msg-")
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the answer (backends/ say which)
         self.has_calls = False
 
     def signature(self, thinking: str) -> str:
@@ -298,11 +299,14 @@ class _View:
     def stop_reason(self) -> str:
         if self.has_calls:
             return "tool_use"
+        if self.stop_sequence is not None:
+            return "stop_sequence"
         return STOP_REASONS.get(self.finish_reason or "stop", "end_turn")
 
     def message(self, content: list[dict[str, Any]], usage: Usage | None, stop: bool) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": self.stop_reason() if stop else None, "stop_sequence": None,
+                "stop_reason": self.stop_reason() if stop else None,
+                "stop_sequence": self.stop_sequence if stop and not self.has_calls else None,
                 "usage": usage_dict(usage or Usage())}
 
     # -- not streaming ---------------------------------------------------------------------------------
@@ -317,6 +321,7 @@ class _View:
             calls.extend(delta.tool_calls)
             if delta.finish_reason:
                 self.finish_reason = delta.finish_reason
+                self.stop_sequence = delta.stop_sequence
 
         cost = await self.call.collect(add, request)
         if cost is None:
@@ -374,7 +379,9 @@ class _View:
                     for chunk in close():
                         yield chunk
                     yield _sse("message_delta", {"type": "message_delta",
-                                                 "delta": {"stop_reason": self.stop_reason(), "stop_sequence": None},
+                                                 "delta": {"stop_reason": self.stop_reason(),
+                                                           "stop_sequence": self.stop_sequence
+                                                           if not self.has_calls else None},
                                                  "usage": usage_dict(event.usage)})
                     yield _sse("message_stop", {"type": "message_stop"})
                 else:
@@ -404,3 +411,4 @@ class _View:
                             yield chunk
                     if event.finish_reason:
                         self.finish_reason = event.finish_reason
+                        self.stop_sequence = event.stop_sequence

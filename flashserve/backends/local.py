@@ -263,7 +263,9 @@ class LocalGeneration:
                 else:
                     text += choice.finish()
                 reason = "stop" if choice.stopped else str(out.finish_reason)
-                yield self._delta(index, text, final=True, reason=reason)
+                delta = self._delta(index, text, final=True, reason=reason)
+                delta.stop_sequence = choice.matcher.matched
+                yield delta
             elif text:
                 delta = self._delta(index, text)
                 if delta.content or delta.reasoning_content or delta.tool_calls:

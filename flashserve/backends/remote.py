@@ -369,7 +369,10 @@ class RemoteGeneration:
             calls = pieces.calls + calls
         if not (content or reasoning or calls or reason):
             return None
-        return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason)
+        # vLLM and SGLang name the stop string that matched in `stop_reason` (a token id when a stop token did)
+        matched = choice.get("stop_reason") if reason == "stop" else None
+        return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason,
+                           stop_sequence=matched if isinstance(matched, str) else None)
 
     def _raw_parser(self, index: int) -> ModelOutputParser:
         parser = self._raw_parsers.get(index)

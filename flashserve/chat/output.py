@@ -55,6 +55,7 @@ class StopStringMatcher:
         self.stops = list(stops)
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that matched (the earliest in the text)
 
     def feed(self, text: str) -> str:
         """Returns the text that is safe to emit. Sets `stopped` on a match."""
@@ -64,7 +65,8 @@ class StopStringMatcher:
         if not self.stops:
             self._pending = ""
             return buffer
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut, self.matched = min(((i, s) for s, i in ((s, buffer.find(s)) for s in self.stops) if i >= 0),
+                                default=(-1, None))
         if cut >= 0:
             self.stopped = True
             self._pending = ""

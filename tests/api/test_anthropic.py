@@ -45,7 +45,7 @@ class AgentGeneration:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[ChoiceDelta]:
-        reason = "stop"
+        reason, stop = "stop", None
         for word in self.script:
             kind, _, arg = word.partition(":")
             delta = None
@@ -60,7 +60,7 @@ class AgentGeneration:
             elif kind == "@length":
                 reason = "length"
             elif kind == "@stop":
-                reason = "stop"
+                stop = arg
             elif kind == "@sleep":
                 await asyncio.sleep(0.5)
             elif kind == "@fail":
@@ -71,7 +71,7 @@ class AgentGeneration:
                 self.usage.completion_tokens += 1
                 yield delta
                 await asyncio.sleep(0)
-        yield ChoiceDelta(0, finish_reason=reason)
+        yield ChoiceDelta(0, finish_reason=reason, stop_sequence=stop)
 
     async def abort(self) -> None:
         self.aborted = True
@@ -204,6 +204,23 @@ async def test_thinking_and_tool_use_blocks(api: Api, agent: AgentBackend) -> No
 
 async def test_max_tokens_stop_reason(api: Api, agent: AgentBackend) -> None:
     assert (await post(api, msg("a b @length"))).json()["stop_reason"] == "max_tokens"
+
+
+async def test_stop_sequence_names_the_match(api: Api, agent: AgentBackend) -> None:
+    body = (await post(api, msg("a @stop:END", stop_sequences=["STOP", "END"]))).json()
+    assert (body["stop_reason"], body["stop_sequence"]) == ("stop_sequence", "END")
+    got = await events(api, msg("a @stop:END", stop_sequences=["END"]))
+    assert got[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+async def test_stop_sequence_from_the_local_engine(api: Api) -> None:
+    # fake-local's CountingModel writes consecutive characters: stop on one it will write, and on another
+    first = (await post(api, {**msg("go"), "model": "fake-local", "max_tokens": 40})).json()["content"][0]["text"]
+    stop = first[5:7]
+    body = (await post(api, {**msg("go"), "model": "fake-local", "max_tokens": 40,
+                             "stop_sequences": ["@@never", stop]})).json()
+    assert (body["stop_reason"], body["stop_sequence"]) == ("stop_sequence", stop)
+    assert body["content"][0]["text"] == first[:first.index(stop)]
 
 
 # -- thinking signatures -----------------------------------------------------------------------------------
