@@ -56,6 +56,9 @@ class Settings:
     max_context_tokens: int | None = None  # cap below the checkpoint's own context
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
     log_level: str = "info"
+    # The Anthropic surface's model names: "pattern=catalog model id" pairs (glob patterns, first match wins;
+    # env: comma-separated). Claude Code sends claude-* names; DeepSeek's own endpoint maps them the same way.
+    anthropic_model_map: tuple[str, ...] = ("claude-*=deepseek/deepseek-v4-flash",)
     # Scale-out on this machine: N engine worker processes behind one router (0: the engine in-process).
     workers: int = 0
     routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
@@ -76,6 +79,8 @@ class Settings:
         _check(self.sse_keepalive_s > 0, "sse_keepalive_s", self.sse_keepalive_s, "must be positive")
         _check(self.shutdown_drain_s >= 0, "shutdown_drain_s", self.shutdown_drain_s, "must be >= 0")
         _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        _check(all("=" in pair for pair in self.anthropic_model_map), "anthropic_model_map",
+               self.anthropic_model_map, "must be 'pattern=model id' pairs")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 
@@ -92,6 +97,12 @@ class Settings:
                 values[f.name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    @property
+    def anthropic_models(self) -> dict[str, str]:
+        """`anthropic_model_map` as {pattern: catalog model id}, in order."""
+        pairs = (pair.split("=", 1) for pair in self.anthropic_model_map)
+        return {pattern.strip(): model.strip() for pattern, model in pairs}
 
     @property
     def resolved_database_url(self) -> str:
