@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 
 from flashserve import __version__
 from flashserve.chat.formats import Template, ToolParser
+from flashserve.chat.model_output import ModelOutputParser
 from flashserve.chat.output import ChoiceOutput
-from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, Thinking, resolve_thinking
+from flashserve.chat.reasoning import ReasoningSpec, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import TemplateError
 from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, tool_dict, with_tools_in_system_prompt
@@ -238,8 +239,8 @@ class LocalGeneration:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
-        self._parsers = [None if tool_names is None else tool_parser(tool_names, max_calls) for _ in streams]
-        self._splitters = [ReasoningSplitter(thinking) for _ in streams]
+        # Text -> reasoning, content and calls: the stage a raw-text remote upstream shares (chat/model_output.py).
+        self._outputs = [ModelOutputParser(thinking, tool_names, max_calls, tool_parser) for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)
         self._completion = [0] * len(streams)
@@ -272,20 +273,12 @@ class LocalGeneration:
                     yield delta
 
     def _delta(self, index: int, text: str, final: bool = False, reason: str | None = None) -> ChoiceDelta:
-        splitter = self._splitters[index]
-        reasoning, text = splitter.feed(text)
+        output = self._outputs[index]
+        pieces = output.feed(text)
         if final:
-            more_reasoning, more_text = splitter.finish()
-            reasoning, text = reasoning + more_reasoning, text + more_text
-        parser = self._parsers[index]
-        if parser is None:
-            return ChoiceDelta(index, text, reasoning, finish_reason=reason)
-        content, calls = parser.feed(text)
-        if final:
-            content += parser.finish()
-            if parser.calls and reason == "stop":
-                reason = "tool_calls"
-        return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason)
+            rest, reason = output.finish(reason)
+            pieces.add(rest)
+        return ChoiceDelta(index, pieces.content, pieces.reasoning, tool_calls=pieces.calls, finish_reason=reason)
 
     def _account(self, index: int, out: RequestOutput) -> None:
         self._completion[index] = out.num_output_tokens
