@@ -23,6 +23,7 @@ asyncio (each module sets `pytestmark = pytest.mark.anyio`).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from tests.api.fakes import VOCAB_WORDS, FakeUpstream, PacedCountingModel, ScriptedBackend, char_tokenizer
 from tests.api.transport import StreamingASGITransport
+from tests.conftest import postgres_url
 
 API_KEY = "sk-flashserve-api-tier-0123456789"
 ADMIN_KEY = "sk-flashserve-api-tier-admin-0123456789"
@@ -108,7 +110,9 @@ class Api:
         return await self.accounts.ledger.audit(account_id)
 
     async def new_account(self, name: str, balance_usd: str = "1", **limits: int) -> tuple[str, str]:
-        """A fresh account with one key (limits: max_concurrent, rpm, tpm); returns (account id, key)."""
+        """A fresh account with one key (limits: max_concurrent, rpm, tpm); returns (account id, key). The name
+        gets a random suffix: a PostgreSQL database keeps the accounts of earlier runs."""
+        name = f"{name}-{uuid.uuid4().hex[:8]}"
         r = await self.admin.post("/admin/accounts", json={"name": name, "balance_usd": balance_usd})
         assert r.status_code == 201, r.text
         account = r.json()["id"]
@@ -134,7 +138,12 @@ def _remote(upstream: FakeUpstream, transport: StreamingASGITransport, retries: 
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
+async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
+    """The app on a fresh SQLite file; a test parametrized `@pytest.mark.parametrize("api", ["sqlite",
+    "postgresql"], indirect=True)` runs on PostgreSQL too (`tests/conftest.py: postgres_url`: required in CI,
+    skipped locally without one; that database outlives the test, so such a test works in its own account)."""
+    database = getattr(request, "param", "sqlite")
+    url = postgres_url() if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
     upstreams = {name: FakeUpstream(name, UPSTREAM_KEY) for name in ("up-a", "up-b", "up-c")}
     scripted = ScriptedBackend()
     model = PacedCountingModel()
@@ -153,8 +162,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
                                        ("remote-impatient", impatient, 4096), ("remote-wrong-key", wrong_key, 4096)):
         catalog.add(make_card(model_id, context_length=context, reasoning=ReasoningSpec(), weights="none",
                               description=f"{model_id} (api tier)", created=created), backend)
-    accounts = Accounts(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
-                        Bootstrap(api_key=API_KEY, admin_key=ADMIN_KEY, default_balance_pusd=DEFAULT_BALANCE_PUSD))
+    accounts = Accounts(url, Bootstrap(api_key=API_KEY, admin_key=ADMIN_KEY, default_balance_pusd=DEFAULT_BALANCE_PUSD))
     app = create_app(catalog, accounts, sse_keepalive_s=0.2)
     transport = StreamingASGITransport(app)
     async with app.router.lifespan_context(app):

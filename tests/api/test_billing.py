@@ -67,14 +67,17 @@ async def test_disconnect_mid_stream_aborts_and_records_one_cancelled_row(api: A
     assert await api.balance(account) == DEFAULT_BALANCE_PUSD - row["cost_pusd"]
 
 
+@pytest.mark.parametrize("api", ["sqlite", "postgresql"], indirect=True)
 async def test_disconnect_mid_stream_frees_the_real_engine(api: Api) -> None:
+    account, key = await api.new_account("leaves")
     api.model.delay_s = 0.01  # 400 tokens would take 4 s: the client leaves long before
-    async with api.client.stream("POST", "/v1/chat/completions",
-                                 json=body("fake-local", "hello", stream=True, max_tokens=400)) as r:
+    async with api.http(key).stream("POST", "/v1/chat/completions",
+                                    json=body("fake-local", "hello", stream=True, max_tokens=400)) as r:
         await first_content(r)
     await api.transport.idle()
-    [row] = await api.records()
+    [row] = await api.records(account)
     assert row["status"] == "cancelled" and 0 < row["completion_tokens"] < 400 and row["cost_pusd"] > 0
+    assert await api.balance(account) == 10**12 - row["cost_pusd"]
     report = (await engine_report(api))["fake-local"]
     assert report["invariants_ok"] and report["leaked_blocks"] == 0
     assert api.local.num_active == 0
@@ -111,6 +114,7 @@ async def test_a_non_streaming_client_that_leaves_frees_the_real_engine(api: Api
 
 
 # -- exactly once ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("api", ["sqlite", "postgresql"], indirect=True)
 async def test_concurrent_requests_write_one_row_each_and_debit_exactly_their_costs(api: Api) -> None:
     account, key = await api.new_account("busy", balance_usd="5")
     client = api.http(key)
@@ -139,6 +143,9 @@ async def test_concurrent_requests_write_one_row_each_and_debit_exactly_their_co
     assert sum(costs) == pytest.approx(spent / 1e12)
     audit = await api.audit(account)
     assert audit["spent_pusd"] == spent and audit["balance_pusd"] == before - spent
+    r = await api.admin.get("/admin/usage", params={"account_id": account, "group_by": "key"})
+    [group] = r.json()["data"]
+    assert (group["requests"], group["cost_pusd"]) == (n, spent)
 
 
 # -- admission: 402, 429, 503 ----------------------------------------------------------------------------
