@@ -53,6 +53,13 @@ class ModelCard:
     # Whether the model can think, whether it does by default, and the thinking-token budget of each
     # effort mode; a model that cannot think ignores reasoning_effort.
     reasoning: ReasoningSpec = field(default_factory=ReasoningSpec)
+    # Most tokens one completion may generate: a larger max_tokens is clamped to it (api/core.py), and a
+    # request without max_tokens gets it. None: no cap.
+    max_output_tokens: int | None = None
+
+    def clamp_max_tokens(self, max_tokens: int | None) -> int | None:
+        cap = self.max_output_tokens
+        return max_tokens if cap is None else min(max_tokens or cap, cap)
 
     @property
     def token_prices(self) -> TokenPrices:
@@ -83,18 +90,22 @@ class ModelCard:
 
 
 def make_card(model_id: str, *, context_length: int, reasoning: ReasoningSpec, weights: str, description: str,
-              created: int, entry: CatalogEntry | None = None) -> ModelCard:
+              created: int, entry: CatalogEntry | None = None, max_output_tokens: int | None = None) -> ModelCard:
     """The one place a `ModelCard` is built: what backs the id (its context, reasoning, a description of
-    the weights), with the catalog file's entry applied (prices always; context_length and reasoning for a
-    remote model only: a local model's come from its checkpoint). The reference id is DeepSeek's."""
+    the weights, the server's output cap), with the catalog file's entry applied (prices and
+    max_output_tokens_cap always; context_length and reasoning for a remote model only: a local model's
+    come from its checkpoint). The reference id is DeepSeek's."""
     prices = entry.prices if entry is not None and entry.prices is not None else REFERENCE_PRICES
+    if entry is not None and entry.max_output_tokens_cap is not None:
+        max_output_tokens = entry.max_output_tokens_cap
     if entry is not None and not isinstance(entry.backend, LocalSpec):
         context_length = entry.context_length or context_length
         if entry.reasoning is not None:
             reasoning = ReasoningSpec(can_think=entry.reasoning)
     return ModelCard(id=model_id, context_length=context_length, prices=prices,
                      owned_by="deepseek" if model_id == REFERENCE_MODEL_ID else "flashserve", created=created,
-                     weights=weights, description=description, reasoning=reasoning)
+                     weights=weights, description=description, reasoning=reasoning,
+                     max_output_tokens=max_output_tokens)
 
 
 B = TypeVar("B")
@@ -185,6 +196,7 @@ class CatalogEntry:
     prices: Prices | None = None
     context_length: int | None = None
     reasoning: bool | None = None
+    max_output_tokens_cap: int | None = None  # clamps max_tokens (over the server's max_output_tokens_cap)
 
 
 class CatalogError(ValueError):
@@ -227,7 +239,7 @@ def load_catalog_file(path: str | Path) -> dict[str, CatalogEntry]:
                 entry["prices"] = _prices(path, text, model_id, value)
             elif key == "backend":
                 entry["backend"] = _backend(path, text, model_id, value)
-            elif key in ("context_length", "reasoning"):
+            elif key in ("context_length", "reasoning", "max_output_tokens_cap"):
                 entry[key] = _card_value(path, line, f"{where}.{key}", value)
             else:
                 raise CatalogError(f"{path}:{line}: unknown key '{where}.{key}'")

@@ -136,6 +136,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             model_id, context_length=1 << 20, reasoning=ReasoningSpec(can_think=upstream.kind != "openai"),
             weights=f"{upstream.model} at {upstream.url} ({upstream.kind})",
             description=f"{upstream.model} on a remote {upstream.kind} engine", created=created, entry=entry,
+            max_output_tokens=settings.max_output_tokens_cap,
         ), build_backend(entry.backend, backend))
     for model_id in ids:
         if model_id in catalog.entries:
@@ -148,6 +149,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             description=("DeepSeek-V4-Flash API served by stand-in weights on the embedded engine"
                          if stand_in else f"{checkpoint.name} on the embedded engine"),
             created=created, entry=entries.get(model_id, CatalogEntry(model_id)),
+            max_output_tokens=settings.max_output_tokens_cap,
         ), backend)
 
     return _finish_server(settings, catalog, checkpoint.name)
@@ -197,5 +199,6 @@ def _build_router_server(settings: Settings, path: Path) -> Server:
             model_id, context_length=workers.context_length, reasoning=ReasoningSpec(),
             weights=f"{path.name} on {len(workers.urls)} local workers ({settings.routing_policy} routing)",
             description=f"{path.name} behind a router of {len(workers.urls)} engine workers", created=created,
+            max_output_tokens=settings.max_output_tokens_cap,
         ), router)
     return _finish_server(settings, catalog, path.name)

@@ -54,6 +54,10 @@ class Settings:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     max_context_tokens: int | None = None  # cap below the checkpoint's own context
+    # Most tokens one completion may generate: a larger max_tokens (Claude Code sends 64000-128000) is
+    # clamped to it, never refused, and a request without one gets it. None: no cap. A catalog entry's
+    # `max_output_tokens_cap` overrides it per model.
+    max_output_tokens_cap: int | None = None
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
     log_level: str = "info"
     # The Anthropic surface's model names: "pattern=catalog model id" pairs (glob patterns, first match wins;
@@ -81,6 +85,8 @@ class Settings:
         _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
         _check(all("=" in pair for pair in self.anthropic_model_map), "anthropic_model_map",
                self.anthropic_model_map, "must be 'pattern=model id' pairs")
+        _check(self.max_output_tokens_cap is None or self.max_output_tokens_cap > 0, "max_output_tokens_cap",
+               self.max_output_tokens_cap, "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 

@@ -76,6 +76,8 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
     card, backend = state.catalog.resolve(gen.model)
     if check is not None:
         check(card)
+    # The model's output cap clamps max_tokens (and fills it in when absent), never refuses it.
+    gen.sampling.max_tokens = card.clamp_max_tokens(gen.sampling.max_tokens)
     # A router in front (backends/router.py) passes its tenant along: it can only narrow the namespace of
     # this account's prefix cache, never reach another account's.
     salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]

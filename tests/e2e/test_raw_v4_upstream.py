@@ -5,7 +5,7 @@ The upstream is the scripted V4 stand-in (tests/e2e/scripted_v4_upstream.py) as 
 the markers. flashserve, started with a catalog pointing a model at it, must turn that into what the
 `openai` client expects of V4: `reasoning_content`, `content` free of markup, `tool_calls` with
 finish_reason `tool_calls`, streamed and not; and a second turn sending the reasoning and the calls back
-must be accepted (issue 16 §3).
+must be accepted (issue 16 §3). The catalog's `max_output_tokens_cap` clamps what the upstream is asked for.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def raw_v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.Op
 [models."{MODEL}"]
 context_length = 131072
 reasoning = true
+max_output_tokens_cap = 50
 
 [models."{MODEL}".backend]
 type = "remote"
@@ -145,3 +146,13 @@ def test_without_tools_and_with_thinking_off(raw_v4: tuple[openai.OpenAI, str]) 
     assert (r.choices[0].message.content, r.choices[0].message.reasoning_content) == ("Hello!", "Easy.")
     ask(client, tools=None, messages=[{"role": "user", "content": "hi"}], reasoning_effort="none")
     assert httpx.get(f"{upstream}/requests").json()[-1]["chat_template_kwargs"] == {"thinking": False}
+
+
+def test_the_catalog_output_cap_clamps_max_tokens(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, upstream = raw_v4
+    assert ask(client, max_tokens=128000).choices[0].finish_reason == "tool_calls"  # clamped, not refused
+    assert httpx.get(f"{upstream}/requests").json()[-1]["max_tokens"] == 50
+    ask(client, max_tokens=7)
+    assert httpx.get(f"{upstream}/requests").json()[-1]["max_tokens"] == 7
+    ask(client)
+    assert httpx.get(f"{upstream}/requests").json()[-1]["max_tokens"] == 50
