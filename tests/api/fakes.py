@@ -93,6 +93,9 @@ class ScriptedBackend:
         self.generations.append(generation)
         return generation
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        return sum(len((m.content or "").split()) for m in request.messages)  # as `open` counts the prompt
+
     def release(self) -> None:
         self.released.set()
 

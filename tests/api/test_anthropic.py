@@ -168,6 +168,8 @@ async def test_text_message_shape_usage_and_one_row(api: Api, agent: AgentBacken
     [row] = await api.records()
     assert row["model"] == MODEL and row["status"] == "ok"
     assert row["prompt_tokens"] == PROMPT_TOKENS and row["cached_tokens"] == 8 and row["completion_tokens"] == 2
+    # the reference prices, per token: cache hit, cache miss, output
+    assert row["cost_pusd"] == 8 * 2_800 + (PROMPT_TOKENS - 8) * 140_000 + 2 * 280_000
 
 
 async def test_both_prefixes_and_beta_query(api: Api, agent: AgentBackend) -> None:
@@ -230,6 +232,8 @@ async def test_omitted_thinking_round_trips_through_the_signature(api: Api, agen
     answer = (await post(api, first)).json()
     thinking = answer["content"][0]
     assert thinking["thinking"] == "" and thinking["signature"]
+    assert answer["usage"]["output_tokens"] == 2  # the hidden thinking is billed as output too
+    assert (await api.records())[0]["completion_tokens"] == 2
     second = {**first, "messages": [first["messages"][0], {"role": "assistant", "content": answer["content"]},
                                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_abc123",
                                                                   "content": "ok", "is_error": False}]}]}
@@ -407,6 +411,18 @@ async def test_images_and_documents_are_refused(api: Api, agent: AgentBackend) -
     result = {"type": "tool_result", "tool_use_id": "t1", "content": [doc]}
     assert "document" in assert_error(await post(api, msg([result])), 400, "invalid_request_error")
     assert await api.records() == []
+
+
+async def test_a_failure_before_any_byte_is_a_500_api_error(api: Api, agent: AgentBackend) -> None:
+    assert_error(await post(api, msg("partial @fail")), 500, "api_error")
+    [row] = await api.records()
+    assert row["status"] == "error"
+
+
+async def test_count_tokens_for_the_scripted_backend(api: Api) -> None:
+    r = await api.client.post("/v1/messages/count_tokens", headers=H, json={
+        "model": "scripted", "messages": [{"role": "user", "content": "three words here"}]})
+    assert r.json() == {"input_tokens": 3}
 
 
 async def test_auth_model_and_overload_errors(api: Api, agent: AgentBackend) -> None:
