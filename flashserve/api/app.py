@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
-from flashserve.api import admin, anthropic, chat, models, usage
+from flashserve.api import admin, anthropic, chat, models, responses, usage
 from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
@@ -121,7 +121,8 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 
 def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
                max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None,
-               anthropic_models: dict[str, str] | None = None) -> FastAPI:
+               anthropic_models: dict[str, str] | None = None, responses_retention_days: float = 30.0,
+               responses_purge_interval_s: float = 3600.0) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
@@ -141,14 +142,17 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     deployment secret (`server_key.py`); without one the app makes a random key of its own, which is right
     for a test but not for gateways that must open each other's sealed data. `anthropic_models` maps the
     Anthropic surface's model names (glob patterns, e.g. "claude-*") to catalog ids; default: every
-    `claude-*` -> deepseek/deepseek-v4-flash.
+    `claude-*` -> deepseek/deepseek-v4-flash. Stored responses (`/v1/responses` with `store: true`) are kept
+    `responses_retention_days`; a lifespan task purges expired ones every `responses_purge_interval_s`.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await accounts.start()
+        purge = asyncio.create_task(responses.purge_expired_loop(accounts, responses_purge_interval_s))
         try:
             yield
         finally:
+            purge.cancel()
             for backend in catalog.backends():
                 await backend.close()
             await accounts.close()
@@ -156,13 +160,15 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan)
     key = server_key if server_key is not None else ServerKey(os.urandom(32), "ephemeral")
     app.state.flashserve = AppState(catalog, accounts, key, sse_keepalive_s=sse_keepalive_s,
-                                    max_body_bytes=max_body_bytes)
+                                    max_body_bytes=max_body_bytes, responses_retention_days=responses_retention_days,
+                                    responses_purge_interval_s=responses_purge_interval_s)
     if anthropic_models is not None:
         app.state.flashserve.anthropic_models = dict(anthropic_models)
     app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(admin.router)

@@ -28,6 +28,9 @@ class AppState:
     inflight: int = 0  # requests in flight (a streamed response until its last byte), for the drain
     # The Anthropic surface's model names: glob pattern -> catalog model id (api/anthropic.py: catalog_model)
     anthropic_models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ANTHROPIC_MODELS))
+    # Stored responses (api/responses.py): kept this long, expired rows purged this often by the lifespan
+    responses_retention_days: float = 30.0
+    responses_purge_interval_s: float = 3600.0
 
 
 DEFAULT_ANTHROPIC_MODELS = {"claude-*": "deepseek/deepseek-v4-flash"}  # as DeepSeek's own Anthropic endpoint
