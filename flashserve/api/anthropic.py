@@ -41,6 +41,7 @@ from flashserve.api.errors import anthropic_body
 from flashserve.api.sealed_reasoning import open_reasoning, seal_reasoning
 from flashserve.api.state import app_state
 from flashserve.api.surface_policy import dropped_tools_headers, refuse_content
+from flashserve.errors import invalid_request
 from flashserve.generation import (
     ChoiceDelta,
     GenerationRequest,
@@ -119,6 +120,7 @@ def generation_request(body: CountTokensRequest, key: ServerKey, account_id: str
             messages.extend(_user_messages(message.content, where))
         else:
             messages.append(_assistant_message(message.content, where, key, account_id))
+    _check_tool_results(messages)
     if body.context_management is not None:
         messages = _clear_thinking(messages, body.context_management.edits)
     if system:
@@ -232,6 +234,18 @@ def _assistant_message(content: str | list[ContentBlock], where: str, key: Serve
             raise refuse_content(block.type, f"{where}.content[{j}]")
     return Message(role="assistant", content="".join(texts) if texts or not calls else None,
                    reasoning_content="".join(thoughts) or None, tool_calls=tuple(calls))
+
+
+def _check_tool_results(messages: list[Message]) -> None:
+    """A tool_result must answer a tool_use of an earlier assistant turn (as Anthropic checks)."""
+    called: set[str] = set()
+    for m in messages:
+        if m.role == "assistant":
+            called.update(c.id for c in m.tool_calls)
+        elif m.role == "tool" and m.tool_call_id not in called:
+            raise invalid_request(f"unexpected `tool_use_id` found in `tool_result` blocks: {m.tool_call_id}. Each "
+                                  "`tool_result` block must have a corresponding `tool_use` block in an earlier "
+                                  "assistant message.", "messages", "invalid_tool_use_id")
 
 
 def _clear_thinking(messages: list[Message], edits: list[Any]) -> list[Message]:
