@@ -204,3 +204,19 @@ def test_claude_code_runs_a_tool_and_answers(served: Served, tmp_path: Path) -> 
     assert any("ok" in (m.get("content") or "") for m in results), "the tool's result never came back"
     system = sent[0]["messages"][0]
     assert system["role"] == "system" and "x-anthropic-billing-header" not in system["content"]
+
+
+@needs_node
+def test_claude_code_understands_a_context_overflow(served: Served, tmp_path: Path) -> None:
+    """The embedded model's small context cannot hold Claude Code's ~12k-token first request: the 400 reads
+    'prompt is too long: N tokens > M maximum', which Claude Code explains instead of retrying."""
+    embedded = next(m for m in httpx.get(f"{served.base}/health", timeout=10).json()["models"]
+                    if m != "deepseek/deepseek-v4-flash")
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    env = {**claude_code_env(home, served.base), "ANTHROPIC_MODEL": embedded}
+    done = subprocess.run([str(NODE_MODULES / ".bin" / "claude"), "-p", "say ok"], cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 1
+    assert "Prompt is too long" in done.stdout + done.stderr, f"stdout: {done.stdout}\nstderr: {done.stderr}"
