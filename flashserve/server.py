@@ -178,7 +178,9 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
         api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
     app = create_app(catalog, accounts, sse_keepalive_s=settings.sse_keepalive_s,
-                     max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models)
+                     max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models,
+                     responses_retention_days=settings.responses_retention_days,
+                     responses_purge_interval_s=settings.responses_purge_interval_s)
     return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint_name)
 
 

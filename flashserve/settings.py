@@ -63,6 +63,9 @@ class Settings:
     # The Anthropic surface's model names: "pattern=catalog model id" pairs (glob patterns, first match wins;
     # env: comma-separated). Claude Code sends claude-* names; DeepSeek's own endpoint maps them the same way.
     anthropic_model_map: tuple[str, ...] = ("claude-*=deepseek/deepseek-v4-flash",)
+    # Responses API stored responses (`store: true`): kept this many days, expired ones purged this often.
+    responses_retention_days: float = 30.0
+    responses_purge_interval_s: float = 3600.0
     # Scale-out on this machine: N engine worker processes behind one router (0: the engine in-process).
     workers: int = 0
     routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
@@ -83,6 +86,10 @@ class Settings:
         _check(self.sse_keepalive_s > 0, "sse_keepalive_s", self.sse_keepalive_s, "must be positive")
         _check(self.shutdown_drain_s >= 0, "shutdown_drain_s", self.shutdown_drain_s, "must be >= 0")
         _check(self.workers >= 0, "workers", self.workers, "must be >= 0")
+        _check(self.responses_retention_days > 0, "responses_retention_days", self.responses_retention_days,
+               "must be positive")
+        _check(self.responses_purge_interval_s > 0, "responses_purge_interval_s", self.responses_purge_interval_s,
+               "must be positive")
         _check(all("=" in pair for pair in self.anthropic_model_map), "anthropic_model_map",
                self.anthropic_model_map, "must be 'pattern=model id' pairs")
         _check(self.max_output_tokens_cap is None or self.max_output_tokens_cap > 0, "max_output_tokens_cap",
