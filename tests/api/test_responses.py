@@ -10,13 +10,16 @@ The `agent` model is `tests/api/test_anthropic.py: AgentBackend`: the last user 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 from flashserve.api.state import app_state
 from flashserve.catalog import make_card
@@ -306,3 +309,59 @@ async def test_openai_sdk_create_stream_retrieve_delete(api: Api, agent: AgentBa
     async with client.responses.stream(model=MODEL, input="half @fail") as s:
         kinds = [e.type async for e in s]
     assert kinds[-1] == "response.failed"
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "agents"
+
+
+def codex_body(name: str) -> dict[str, Any]:
+    body = json.loads((FIXTURES / name).read_text())["body"]
+    return {**body, "model": MODEL}
+
+
+async def test_codex_first_request_as_captured(api: Api, agent: AgentBackend) -> None:
+    body = codex_body("codex_first_request.json")
+    async with api.client.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        assert r.headers["x-flashserve-dropped-tools"] == "web_search"
+        text = (await r.aread()).decode()
+    assert "event: response.completed" in text
+    gen = agent.last
+    assert [m.role for m in gen.messages] == ["developer", "developer", "user", "user"]
+    names = [t.name for t in gen.tools]
+    assert len(names) == 12 and "exec_command" in names and "multi_agent_v1__spawn_agent" in names
+    assert gen.cache_key == body["prompt_cache_key"] and gen.tool_choice is not None
+
+
+async def test_codex_tool_turn_as_captured(api: Api, agent: AgentBackend) -> None:
+    body = codex_body("codex_tool_turn_request.json")
+    # The captured encrypted_content was sealed by the capture server, not us: refused, naming the item.
+    r = await post(api, {**body, "stream": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[4].encrypted_content"
+    for item in body["input"]:
+        item.pop("encrypted_content", None)
+    r = await post(api, {**body, "stream": False})
+    assert r.status_code == 200, r.text
+    *_, assistant, tool = agent.last.messages
+    assert assistant.reasoning_content == "The user wants ok. I will run echo." and assistant.tool_calls
+    assert tool.role == "tool" and "Output:\nok" in (tool.content or "")
+
+
+async def test_purge_loop_deletes_expired_responses(api: Api, agent: AgentBackend) -> None:
+    from datetime import timedelta
+
+    from flashserve.api.responses import purge_expired_loop
+
+    account = await api.default_account()
+    await api.accounts.responses.save(account, "resp_old", {"id": "resp_old"}, [], [], timedelta(seconds=-1))
+    task = asyncio.create_task(purge_expired_loop(api.accounts, 0.01))
+    try:
+        for _ in range(100):
+            async with api.accounts.engine.connect() as conn:  # type: ignore[union-attr]
+                left = (await conn.execute(sa.text("SELECT count(*) FROM stored_responses"))).scalar()
+            if left == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert left == 0
+    finally:
+        task.cancel()
