@@ -111,6 +111,8 @@ def prepare(body: ResponsesRequest, key: ServerKey, account_id: str,
     conversation = [*earlier, *items]
     tools, dropped, namespaces = _tools(body.tools or [])
     messages = _messages(conversation, len(earlier))
+    if not any(m.role != "system" for m in messages):
+        raise invalid_request("'input' must hold at least one message or item.", "input", "invalid_value")
     if body.instructions:
         messages.insert(0, Message(role="system", content=body.instructions))
     fmt = body.text.format if body.text is not None else None
@@ -146,7 +148,11 @@ def _tools(tools: list[dict[str, Any]]) -> tuple[list[ToolSpec], list[str], set[
             if not isinstance(ns, str) or not ns:
                 raise invalid_request("A namespace tool needs a 'name'.", f"tools[{i}].name", "invalid_value")
             namespaces.add(ns)
-            for j, inner in enumerate(tool.get("tools") or []):
+            inner_tools = tool.get("tools") or []
+            if not isinstance(inner_tools, list):
+                raise invalid_request("A namespace tool's 'tools' must be a list.", f"tools[{i}].tools",
+                                      "invalid_type")
+            for j, inner in enumerate(inner_tools):
                 if isinstance(inner, dict) and inner.get("type") == "function":
                     specs.append(_function(inner, f"tools[{i}].tools[{j}]", ns))
                 else:
@@ -248,7 +254,10 @@ def _normalize(item: Any, where: str, key: ServerKey, account_id: str) -> dict[s
         return {"type": "function_call_output", "id": item.get("id") or _new_id("fco"), "call_id": call_id,
                 "output": _text_parts(item.get("output"), f"{where}.output"), "status": "completed"}
     if kind == "reasoning":
-        summary = [s for s in item.get("summary") or [] if isinstance(s, dict)]
+        summary_in = item.get("summary") or []
+        if not isinstance(summary_in, list):
+            raise invalid_request("A reasoning item's 'summary' must be a list.", f"{where}.summary", "invalid_type")
+        summary = [s for s in summary_in if isinstance(s, dict)]
         sealed = item.get("encrypted_content")
         if isinstance(sealed, str) and sealed:
             text = open_reasoning(key, account_id, sealed, f"{where}.encrypted_content")

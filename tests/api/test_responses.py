@@ -187,6 +187,12 @@ async def test_max_output_tokens_is_incomplete(api: Api, agent: AgentBackend) ->
     ({"input": [{"type": "mystery"}]}, 400, "input[0].type"),
     ({"input": "x", "temperature": "hot"}, 400, "temperature"),
     ({}, 400, "input"),
+    ({"input": []}, 400, "input"),
+    ({"input": [{"type": "reasoning", "summary": 5}]}, 400, "input[0].summary"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "ns", "tools": 3}]}, 400, "tools[0].tools"),
+    ({"input": "x", "tools": [{"type": "function"}]}, 400, "tools[0].name"),
+    ({"input": "x", "tool_choice": {"type": "web_search"}, "tools": [{"type": "function", "name": "f"}]}, 400,
+     "tool_choice"),
     ({"input": "x", "previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
 ])
 async def test_bad_requests_are_4xx_naming_the_field(api: Api, agent: AgentBackend, body: dict[str, Any],

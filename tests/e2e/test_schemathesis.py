@@ -17,7 +17,7 @@ EXAMPLES = 25
 
 def cap_generation(case: Any) -> None:
     if isinstance(case.body, dict):
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(case.body.get(field), int):
                 case.body[field] = max(1, min(case.body[field], 8))
         if isinstance(case.body.get("n"), int):
