@@ -371,3 +371,35 @@ async def test_purge_loop_deletes_expired_responses(api: Api, agent: AgentBacken
         assert left == 0
     finally:
         task.cancel()
+
+
+async def test_same_price_as_chat_completions(api: Api, agent: AgentBackend) -> None:
+    chat = await api.client.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "user", "content": "@think:a one two"}]})
+    resp = await post(api, {"input": "@think:a one two"})
+    assert chat.status_code == resp.status_code == 200
+    assert chat.headers["x-flashserve-cost-usd"] == resp.headers["x-flashserve-cost-usd"]
+    assert chat.json()["usage"]["cost"] == resp.json()["usage"]["cost"] > 0
+    records = await api.records(await api.default_account())
+    assert records[0]["cost_pusd"] == records[1]["cost_pusd"]
+
+
+async def test_stream_keepalive_while_waiting(api: Api, agent: AgentBackend) -> None:
+    async with api.client.stream("POST", "/v1/responses", json={"model": MODEL, "stream": True,
+                                                               "input": "@sleep late"}) as r:
+        text = (await r.aread()).decode()
+    assert ": keep-alive\n\n" in text and "event: response.completed" in text
+
+
+async def test_stream_disconnect_records_cancelled(api: Api) -> None:
+    account = await api.default_account()
+    before = len(await api.records(account))
+    async with api.client.stream("POST", "/v1/responses", json={"model": "scripted", "stream": True,
+                                                               "input": "one @hold two"}) as r:
+        async for line in r.aiter_lines():
+            if "output_text.delta" in line:
+                break
+    await api.transport.idle()
+    records = await api.records(account)
+    assert len(records) == before + 1 and records[0]["status"] == "cancelled"
+    assert api.scripted.generations[-1].aborted
