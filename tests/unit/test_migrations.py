@@ -3,16 +3,20 @@ schema, and the new tables work on top of it (0002: stored responses, cascading 
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import sqlalchemy.ext.asyncio
 from alembic import command
 from sqlalchemy.engine import Connection
 
 from flashserve.accounts.db import alembic_config, create_engine, migrate
 from flashserve.accounts.stored_responses import ResponseStore
+from tests.conftest import postgres_url
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +34,27 @@ def _upgrade_to(revision: str):  # noqa: ANN202 - a run_sync callable
     return upgrade
 
 
-async def test_0002_upgrades_a_populated_0001_database(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database: a SQLite file, or a PostgreSQL database made for this test on the test server."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+        return
+    base = postgres_url()
+    name = f"flashserve_migration_{uuid.uuid4().hex[:12]}"
+    admin = sa.ext.asyncio.create_async_engine(base, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+async def test_0002_upgrades_a_populated_0001_database(empty_database: str) -> None:
+    engine = create_engine(empty_database)
     now = datetime(2026, 11, 30, 12, 0, 0)
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade_to("0001"))
