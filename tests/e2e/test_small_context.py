@@ -1,5 +1,6 @@
 """A second server: no FLASHSERVE_API_KEY (so it generates and prints one) and a 256-token context,
-which makes the context-limit behaviour cheap to reach."""
+which makes the context-limit behaviour cheap to reach. The context-limit tests moved in-process
+(tests/api/test_context.py); the banner's generated keys stay here."""
 
 from __future__ import annotations
 
@@ -47,37 +48,3 @@ def test_generated_key_works_and_others_do_not(small: tuple[str, str], small_cli
     wrong = openai.OpenAI(base_url=f"{base}/v1", api_key=key + "x", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-
-
-def test_card_reports_the_context(small_client: openai.OpenAI) -> None:
-    card = small_client.models.retrieve(MODEL)
-    assert card.model_extra["context_length"] == CONTEXT
-
-
-def test_output_is_clamped_to_what_the_context_leaves(small_client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Write a very long story about a dragon. " * 22}]
-    r = small_client.chat.completions.create(model=MODEL, messages=messages, temperature=0.7, seed=1,
-                                             max_tokens=384000)
-    prompt = r.usage.prompt_tokens
-    assert CONTEXT - 64 < prompt < CONTEXT
-    assert prompt + r.usage.completion_tokens <= CONTEXT
-    if r.choices[0].finish_reason == "length":
-        assert prompt + r.usage.completion_tokens == CONTEXT
-    else:
-        assert r.choices[0].finish_reason == "stop"
-
-
-def test_ignoring_eos_is_impossible_so_length_comes_from_the_context(small_client: openai.OpenAI) -> None:
-    # logit_bias bans both end-of-turn tokens, so generation can only end at the context's end.
-    messages = [{"role": "user", "content": "Count from one to one thousand."}]
-    r = small_client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
-                                             max_completion_tokens=100000, logit_bias={"2": -100, "0": -100})
-    assert r.choices[0].finish_reason == "length"
-    assert r.usage.total_tokens == CONTEXT
-
-
-def test_prompt_over_the_context_is_a_400(small_client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        small_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 400}])
-    assert err.value.status_code == 400
-    assert err.value.body["code"] == "context_length_exceeded"

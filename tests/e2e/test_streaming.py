@@ -4,16 +4,15 @@ Checks the chunk sequence the `openai` client sees (role first, content deltas, 
 the include_usage chunk), the raw SSE framing with httpx (`data:` lines, `usage: null` on every chunk
 with include_usage, `data: [DONE]` last), that a greedy stream says exactly what the non-streaming
 answer says, that stop strings never leak into deltas (also when they span tokens or never complete),
-per-index deltas for n > 1, and that a client hanging up mid-stream leaves the server healthy.
+per-index deltas for n > 1. The raw SSE framing and the client hanging up mid-stream moved in-process
+(tests/api/test_streaming.py, test_billing.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import httpx
 import openai
 import pytest
 
@@ -105,61 +104,6 @@ def test_stream_include_usage(client: openai.OpenAI) -> None:
     assert c.content[0] == full.choices[0].message.content
 
 
-def read_sse(http: httpx.Client, body: dict) -> tuple[httpx.Response, list[str]]:
-    """Returns the response and the payloads of its `data:` fields, in order, checking the framing."""
-    payloads: list[str] = []
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200, r.read().decode()
-        event_lines: list[str] = []
-        for line in r.iter_lines():
-            if line == "":
-                if event_lines:
-                    assert len(event_lines) == 1, f"one data line per event, got {event_lines}"
-                    payloads.append(event_lines[0])
-                    event_lines = []
-                continue
-            if line.startswith(":"):  # SSE comment (keep-alive)
-                continue
-            assert line.startswith("data: "), f"unexpected SSE line {line!r}"
-            event_lines.append(line[len("data: "):])
-        assert not event_lines, f"unterminated event {event_lines} (events end with a blank line)"
-    return r, payloads
-
-
-def test_raw_sse_framing_usage_null_and_done(http: httpx.Client) -> None:
-    body = {"model": MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 8, "stream": True,
-            "stream_options": {"include_usage": True}}
-    r, payloads = read_sse(http, body)
-    assert r.headers["content-type"].startswith("text/event-stream")
-    assert payloads[-1] == "[DONE]"
-    assert payloads.count("[DONE]") == 1
-    chunks = [json.loads(p) for p in payloads[:-1]]
-    assert len(chunks) >= 3  # role, at least one token, usage
-    for ch in chunks[:-1]:
-        assert "usage" in ch and ch["usage"] is None, ch
-        assert ch["object"] == "chat.completion.chunk"
-        assert len(ch["choices"]) == 1
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    last = chunks[-1]
-    assert last["choices"] == []
-    usage = last["usage"]
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert 1 <= usage["completion_tokens"] <= 8
-    assert "cached_tokens" in usage["prompt_tokens_details"]
-    assert "reasoning_tokens" in usage["completion_tokens_details"]
-    finishes = [ch["choices"][0]["finish_reason"] for ch in chunks[:-1]]
-    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
-
-
-def test_raw_sse_without_usage_still_ends_with_done(http: httpx.Client) -> None:
-    body = {"model": MODEL, "messages": PARIS, "temperature": 0, "max_tokens": 4, "stream": True}
-    _, payloads = read_sse(http, body)
-    assert payloads[-1] == "[DONE]"
-    chunks = [json.loads(p) for p in payloads[:-1]]
-    assert all(ch["choices"] for ch in chunks)
-    assert all(ch.get("usage") is None for ch in chunks)
-
-
 # -- stop strings in streams -------------------------------------------------------------------------------
 def spanning(text: str) -> str:
     """Five characters around the first space inside the answer: "ab cd" crosses a token boundary."""
@@ -231,15 +175,3 @@ def test_stream_n_choices_sampled_differ(client: openai.OpenAI) -> None:
 
 
 # -- disconnects ---------------------------------------------------------------------------------------------
-def test_client_disconnect_mid_stream_leaves_server_healthy(client: openai.OpenAI, http: httpx.Client) -> None:
-    s = client.chat.completions.create(model=MODEL, messages=STORY, temperature=0, max_tokens=300, stream=True)
-    received = 0
-    for chunk in s:
-        received += bool(chunk.choices and chunk.choices[0].delta.content)
-        if received >= 3:
-            break
-    s.close()
-    assert received >= 3
-    after = greedy(client, PARIS, 32)
-    assert "Paris" in after.choices[0].message.content
-    assert http.get("/health").status_code == 200
