@@ -71,11 +71,14 @@ def serve(
 def make_tiny_v4(
     folder: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into (created if needed).")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    max_position_embeddings: Annotated[int | None, typer.Option(
+        min=1, help="Context length in the config (default 4096); an agent CLI's ~12k-token prompt needs "
+                    "16384 or more.")] = None,
 ) -> None:
     """Write a small random DeepSeek-V4 checkpoint in the official format (serve it with --model FOLDER)."""
     from flashserve.models.tiny_v4 import make_tiny_v4 as write
 
-    path = write(folder, seed)
+    path = write(folder, seed, max_position_embeddings)
     console.print(f"wrote a tiny DeepSeek-V4 checkpoint to [bold]{path}[/bold]; "
                   f"serve it with: flashserve serve --model {path}")
 

@@ -113,14 +113,21 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
          "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
 
 
-def make_tiny_v4(folder: str | Path, seed: int = 0) -> Path:
-    """Write the checkpoint into `folder` (created if needed); returns its path."""
+def make_tiny_v4(folder: str | Path, seed: int = 0, max_position_embeddings: int | None = None) -> Path:
+    """Write the checkpoint into `folder` (created if needed); returns its path. `max_position_embeddings`
+    (default 4096) is the context the server will offer: an agent CLI's ~12k-token prompt needs 16384 or
+    more. The weights do not depend on it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = DeepseekV4Config.from_hf(TINY_CONFIG)
+    config = dict(TINY_CONFIG)
+    if max_position_embeddings is not None:
+        if max_position_embeddings < 1:
+            raise ValueError("max_position_embeddings must be positive")
+        config["max_position_embeddings"] = max_position_embeddings
+    cfg = DeepseekV4Config.from_hf(config)
     save_file(official_tensors(random_model(cfg, seed)), str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(TINY_CONFIG, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     write_tokenizer(folder, cfg.vocab_size)
     return folder

@@ -4,7 +4,10 @@ path guarantees whatever the model says: chat vs thinking mode (reasoning_conten
 max-effort preamble), grammar-forced DSML tool calls parsed into OpenAI tool_calls with typed arguments
 (also streamed), and prefix caching in whole 128-token units. (A random model rarely closes a free-text
 value by itself, so the tool's string parameter carries a maxLength here; raw-text values are covered by
-tests/unit/test_dsml_grammar.py.)"""
+tests/unit/test_dsml_grammar.py.) Issue 16 §3 here: a multi-turn conversation sending back earlier
+reasoning_content and tool calls is accepted, a call cut by max_tokens leaves no DSML in content, max effort
+under tool_choice auto keeps calls parseable; and the checkpoint is made with a 16384-token context
+(`--max-position-embeddings`), which /v1/models reports."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from tests.e2e.conftest import _python, _stop, _wait_ready, start_server
 
 MODEL = "deepseek/deepseek-v4-flash"
 KEY = "sk-fs-tiny-v4-e2e"
+CONTEXT = 16384  # room for an agent CLI's ~12k-token prompt
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -31,10 +35,12 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     folder = tmp_path_factory.mktemp("tiny-v4") / "tiny-v4"
-    made = subprocess.run([_python(), "-m", "flashserve", "make-tiny-v4", str(folder), "--seed", "1"],
+    made = subprocess.run([_python(), "-m", "flashserve", "make-tiny-v4", str(folder), "--seed", "1",
+                           "--max-position-embeddings", str(CONTEXT)],
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
+    assert json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"] == CONTEXT
     process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_MODEL": str(folder), "FLASHSERVE_API_KEY": KEY},
                                       unset=("FLASHSERVE_DATABASE_URL",))
     try:
@@ -106,3 +112,49 @@ def test_prefix_cache_counts_whole_units(v4: openai.OpenAI) -> None:
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached > 0 and cached % 128 == 0 and cached <= second.usage.prompt_tokens - 1
     assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_the_context_length_is_the_checkpoints(v4: openai.OpenAI) -> None:
+    card = next(m for m in v4.models.list().data if m.id == MODEL)
+    assert card.context_length == CONTEXT  # type: ignore[attr-defined]
+
+
+def test_a_turn_after_tool_calls_with_reasoning_sent_back_is_accepted(v4: openai.OpenAI) -> None:
+    """vLLM and SGLang users report a 400 here; V4's encoding renders (or drops) the earlier reasoning."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2, "metric": true}'}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.",
+                 "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+                {"role": "assistant", "content": "It is 21 degrees.", "reasoning_content": "Easy."},
+                {"role": "user", "content": "And tomorrow?"}]
+    for kwargs in ({"tools": [WEATHER]}, {"tools": [WEATHER], "reasoning_effort": "max"},
+                   {"reasoning_effort": "high"}, {"reasoning_effort": "none"}, {"stream": True, "tools": [WEATHER]}):
+        r = chat(v4, messages=messages, max_tokens=4, **kwargs)
+        if kwargs.get("stream"):
+            assert [c for c in r if c.choices and c.choices[0].finish_reason]  # type: ignore[attr-defined]
+        else:
+            assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")  # type: ignore[attr-defined]
+
+
+def test_a_call_cut_by_max_tokens_leaves_no_markup(v4: openai.OpenAI) -> None:
+    for stream in (False, True):
+        r = chat(v4, tools=[WEATHER], tool_choice="required", max_tokens=8, stream=stream)
+        if stream:
+            chunks = [c for c in r if c.choices]  # type: ignore[attr-defined]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            message = r.choices[0].message  # type: ignore[attr-defined]
+            content, calls, finish = message.content or "", message.tool_calls or [], r.choices[0].finish_reason
+        assert (content, calls, finish) == ("", [], "length")
+
+
+def test_max_effort_under_auto_keeps_calls_parseable(v4: openai.OpenAI) -> None:
+    r = chat(v4, tools=[WEATHER], tool_choice="auto", reasoning_effort="max", max_tokens=40)
+    choice = r.choices[0]  # type: ignore[attr-defined]
+    assert "DSML" not in (choice.message.content or "") and "DSML" not in (choice.message.reasoning_content or "")
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
