@@ -403,3 +403,10 @@ async def test_stream_disconnect_records_cancelled(api: Api) -> None:
     records = await api.records(account)
     assert len(records) == before + 1 and records[0]["status"] == "cancelled"
     assert api.scripted.generations[-1].aborted
+
+
+async def test_context_overflow_is_400_context_length_exceeded(api: Api) -> None:
+    """Codex reads this code and tells the user it "ran out of room in the model's context window"."""
+    r = await api.client.post("/v1/responses", json={"model": "fake-local", "input": "word " * 400})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
