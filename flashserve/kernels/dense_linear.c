@@ -34,13 +34,17 @@
 #define DENSE_BF16DP 1
 #endif
 
-#define BLOCK 16     /* outputs per packed block */
-#define TILE_ROWS 4  /* rows per tile: every tile, partial or not, runs the same code */
+#define BLOCK 16 /* outputs per packed block */
+/* Rows per tile x blocks per column group: the accumulators fill the registers without spilling. Every tile,
+ * partial or not, runs the same code. */
 #if defined(__AVX512F__)
-#define GROUP_BLOCKS 4 /* 4 rows x 4 blocks: 16 of the 32 zmm registers hold accumulators */
+#define TILE_ROWS 6    /* 6 rows x 4 blocks: 24 of the 32 zmm registers hold accumulators */
+#define GROUP_BLOCKS 4 /* (6 x 4 measured as fast as oneDNN on Zen 4; 4 x 4 was 10-25% slower) */
 #else
-#define GROUP_BLOCKS 1 /* 4 rows x 1 block: 8 of AVX2's 16 ymm registers (a v16f is two of them) */
+#define TILE_ROWS 4    /* 4 rows x 1 block: 8 of AVX2's 16 ymm registers (a v16f is two of them) */
+#define GROUP_BLOCKS 1
 #endif
+#define CHUNK_ROWS (16 * TILE_ROWS) /* rows per work item: whole tiles */
 
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
@@ -131,22 +135,26 @@ static inline __attribute__((always_inline)) void tile_f32(const float *const x[
         }
 }
 
-/* The driver both element types share: column groups to threads, each over every tile of rows. A group is
- * GROUP_BLOCKS blocks, or one block in the tail; `nb` is a constant in each call so every variant is
- * unrolled on its own, and which variant a column gets depends on n alone. */
+/* The driver both element types share. Work items are (column group, chunk of CHUNK_ROWS rows), group-major,
+ * split evenly between threads: a few groups of many rows still keep every core busy, and neighbouring
+ * items share a group's weights in cache. A group is GROUP_BLOCKS blocks, or one block in the tail; `nb` is
+ * a constant in each call so every variant is unrolled on its own, and which variant a column gets
+ * depends on n alone. Chunks are whole tiles, so only the batch's last tile is ever partial. */
 #define DENSE_DRIVER(NAME, T, TILE, BLOCK_ELEMS)                                                              \
     int NAME(const T *x, long x_stride, int rows, int k, const T *w, const float *bias, float *out,           \
              long out_stride, int n) {                                                                        \
         if (rows <= 0 || n <= 0 || n % BLOCK || k <= 0 || k % 2) return -2;                                   \
         const int blocks = n / BLOCK, full = blocks / GROUP_BLOCKS;                                           \
         const int groups = full + (blocks - full * GROUP_BLOCKS);                                             \
+        const int chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;                                              \
         const long block_elems = (BLOCK_ELEMS);                                                               \
-        _Pragma("omp parallel for schedule(dynamic, 1) if (groups > 1)")                                     \
-        for (int g = 0; g < groups; ++g) {                                                                    \
+        _Pragma("omp parallel for schedule(static) if (groups * chunks > 1)")                                \
+        for (int item = 0; item < groups * chunks; ++item) {                                                  \
+            const int g = item / chunks, end = (item % chunks + 1) * CHUNK_ROWS;                              \
             const int b0 = g < full ? g * GROUP_BLOCKS : full * GROUP_BLOCKS + (g - full);                    \
             const int nb = g < full ? GROUP_BLOCKS : 1;                                                       \
             float scratch[TILE_ROWS][GROUP_BLOCKS * BLOCK];                                                   \
-            for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {                                                    \
+            for (int r0 = (item % chunks) * CHUNK_ROWS; r0 < rows && r0 < end; r0 += TILE_ROWS) {             \
                 const T *xr[TILE_ROWS];                                                                       \
                 float *orow[TILE_ROWS];                                                                       \
                 for (int r = 0; r < TILE_ROWS; ++r) {                                                         \
