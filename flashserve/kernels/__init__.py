@@ -1,11 +1,18 @@
 """Fused CPU operators that PyTorch lacks, built on first use with the host C compiler.
 
 `cpu_ops.c` holds them (decode attention straight from the paged cache, residual-add + RMSNorm,
-rotary + cache store, silu-and-mul), `q4_linear.c` the 4-bit x 8-bit matmul of decode rows, and
-`llama_decode.c` a driver that chains them through every Llama layer in one call; see their headers for
-why each exists. The library is compiled once
-per machine into a cache folder keyed by the source, the flags and the CPU, and loaded with ctypes,
-which releases the GIL while a kernel runs. Where no compiler is available, or
+rotary + cache store, silu-and-mul), `q4_linear.c` the 4-bit x 8-bit matmul of decode rows,
+`dense_linear.c` the bf16/float32 matmul of prompt rows (batch-invariant by construction) and the head's
+rescoring, and `llama_decode.c` a driver that chains them through every Llama layer in one call; see their
+headers for why each exists.
+
+The library is compiled once per machine into a cache folder keyed by the sources, the compiler, the
+flags and the CPU, and loaded with ctypes, which releases the GIL while a kernel runs. It is built for
+`-march=$FLASHSERVE_KERNEL_MARCH` (default `native`; or an x86-64 level, x86-64-v4 down to x86-64): every
+kernel has an AVX-512 path (VNNI, BF16, AMX where the level has them), an AVX2 one and a plain-C one
+(which is what runs on aarch64), chosen at compile time by the level's predefined macros. Levels are for
+testing the lower paths on a fast machine and for building portable caches; a level above the host CPU's
+is refused (it would die on an illegal instruction). Where no compiler is available, or
 `FLASHSERVE_NATIVE_KERNELS=0`, `cpu_ops()` returns None and the models use their PyTorch path, which
 is also the reference the kernels are tested against.
 """
@@ -46,6 +53,17 @@ def _is_x86() -> bool:
     return platform.machine() in ("x86_64", "AMD64")
 
 
+# The CPU flags (as /proc/cpuinfo names them) each x86-64 level needs beyond the one below it.
+_LEVEL_FLAGS = {
+    "x86-64": ("sse2",),
+    "x86-64-v2": ("sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16"),
+    "x86-64-v3": ("sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2",
+                  "movbe"),
+    "x86-64-v4": ("sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2",
+                  "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+
+
 def kernel_march() -> str:
     """The -march the kernels are built for: FLASHSERVE_KERNEL_MARCH, default `native`. Raises ValueError on
     a value outside MARCHES (or an x86-64 level on another architecture): a typo must not silently build
@@ -56,6 +74,13 @@ def kernel_march() -> str:
     if march != "native" and not _is_x86():
         raise ValueError(f"{MARCH_ENV}={march!r} is an x86-64 level; this machine is {platform.machine()} "
                          "(only 'native' applies)")
+    if march != "native":
+        host = set(_cpu_id().split())
+        missing = [flag for flag in _LEVEL_FLAGS[march] if flag not in host]
+        # /proc/cpuinfo may be unreadable (then _cpu_id has no flags line): only refuse on evidence.
+        if missing and "sse2" in host:
+            raise ValueError(f"{MARCH_ENV}={march!r}: this CPU lacks {', '.join(missing)}; the kernels would "
+                             "stop on an illegal instruction")
     return march
 
 
@@ -175,8 +200,8 @@ class CpuOps:
     outside what the kernel handles, so callers can fall back to PyTorch; a tensor whose layout or dtype
     the kernel would misread raises ValueError or TypeError before any pointer reaches C."""
 
-    def __init__(self, lib: ctypes.CDLL, march: str = "native") -> None:
-        self.march = march
+    def __init__(self, lib: ctypes.CDLL, march: str = "native", path: Path | None = None) -> None:
+        self.march, self.path = march, path
         self._fns: dict[tuple[str, str], ctypes._CFuncPtr] = {}
         for name, argtypes in _SIGNATURES.items():
             for suffix in (_CACHE_SUFFIX if name in _CACHE_OPS else _SUFFIX).values():
@@ -340,6 +365,8 @@ class CpuOps:
         _check_dtype(weights, (torch.uint8,), op, "weights")
         _check(x.dim() == out.dim() == 2 and x.stride(1) == 1 and out.is_contiguous() and weights.is_contiguous()
                and x.shape[0] == out.shape[0], op, "x [M, K] with unit column stride, contiguous out and weights")
+        if out.shape[1] % 16 or x.shape[1] % 32 or x.shape[0] == 0:
+            return False  # not whole blocks and groups: refused, as the kernel would
         # Packed: per 16-output block and 32-input group, 256 code bytes, 16 fp16 scales and 16 fp16 mins.
         _check(weights.numel() == out.shape[1] // 16 * x.shape[1] // 32 * 320, op,
                f"weights of {weights.numel()} bytes are not a packed [{out.shape[1]}, {x.shape[1]}] matrix")
@@ -464,7 +491,8 @@ def cpu_ops() -> CpuOps | None:
         return None
     with _lock:
         try:
-            return CpuOps(ctypes.CDLL(str(_build(compiler, march))), march)
+            path = _build(compiler, march)
+            return CpuOps(ctypes.CDLL(str(path)), march, path)
         except (OSError, subprocess.CalledProcessError) as exc:
             log.warning("native CPU operators unavailable (%s): using PyTorch only",
                         getattr(exc, "stderr", "") or exc)
