@@ -264,32 +264,45 @@ static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, in
         for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (long)(r0 + r) * out_stride + 8 * h, acc[r][h]);
 }
 #else
-static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n,
-                              float *out, long out_stride) {
-    for (int r = 0; r < n; ++r) {
-        float acc[Q4_BLOCK] = {0};
-        const int8_t *xq_row = xr.q + (long)(r0 + r) * k;
-        for (int g = 0; g < groups; ++g) {
-            const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
-            const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
-            const int8_t *xq = xq_row + g * Q4_GROUP;
-            long gi = (long)(r0 + r) * groups + g;
-            for (int o = 0; o < Q4_BLOCK; ++o) {
-                int32_t isum = 0;
-                for (int c = 0; c < 4; ++c) {
-                    for (int i = 0; i < 4; ++i) {
-                        uint8_t b = p[c * 64 + o * 4 + i];
-                        isum += (b & 0x0F) * xq[4 * c + i] + (b >> 4) * xq[16 + 4 * c + i];
-                    }
+/* Portable (SSE2, NEON, ...): GCC vector extensions, one 16-lane vector for the block's 16 outputs. A 32-bit
+ * lane of a 64-byte row of codes is one output's 4 bytes, so input 4c + i is the nibble at bit 8i and input
+ * 16 + 4c + i the one at bit 8i + 4. The integer sums are exact; the float32 part is accumulate_group's
+ * sequence (fused where the level has FMA). Compiled without reassociation, so every row runs the one
+ * sequence whatever the tile. */
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+typedef int32_t q4_v16i __attribute__((vector_size(64)));
+typedef uint32_t q4_v16u __attribute__((vector_size(64)));
+typedef float q4_v16f __attribute__((vector_size(64)));
+
+static void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n, float *out,
+                       long out_stride) {
+    q4_v16f acc[Q4_ROW_TILE];
+    for (int r = 0; r < n; ++r) acc[r] = (q4_v16f){0};
+    for (int g = 0; g < groups; ++g) {
+        const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
+        const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
+        q4_v16u lanes[4];
+        memcpy(lanes, p, sizeof lanes);
+        q4_v16f scale, min;
+        for (int o = 0; o < Q4_BLOCK; ++o) scale[o] = fp16_to_f32(sm[o]), min[o] = fp16_to_f32(sm[Q4_BLOCK + o]);
+        for (int r = 0; r < n; ++r) {
+            const int8_t *xq = xr.q + (long)(r0 + r) * k + g * Q4_GROUP;
+            q4_v16i isum = {0};
+            for (int c = 0; c < 4; ++c)
+                for (int i = 0; i < 4; ++i) {
+                    q4_v16i lo = (q4_v16i)((lanes[c] >> (8 * i)) & 15u), hi = (q4_v16i)((lanes[c] >> (8 * i + 4)) & 15u);
+                    isum += lo * (int32_t)xq[4 * c + i] + hi * (int32_t)xq[16 + 4 * c + i];
                 }
-                float t = (float)isum * xr.scale[gi];
-                acc[o] = fmaf(t, fp16_to_f32(sm[o]), acc[o]);
-                acc[o] = fmaf(fp16_to_f32(sm[Q4_BLOCK + o]), xr.offset[gi], acc[o]);
-            }
+            long gi = (long)(r0 + r) * groups + g;
+            q4_v16f t = __builtin_convertvector(isum, q4_v16f) * xr.scale[gi];
+            acc[r] = t * scale + acc[r];
+            acc[r] = min * xr.offset[gi] + acc[r];
         }
-        for (int o = 0; o < Q4_BLOCK; ++o) out[(long)(r0 + r) * out_stride + o] = acc[o];
     }
+    for (int r = 0; r < n; ++r) memcpy(out + (long)(r0 + r) * out_stride, &acc[r], sizeof acc[r]);
 }
+#pragma GCC pop_options
 #endif
 
 /* x [rows, k] (row stride x_stride), weights packed as described above for n outputs; out [rows, n]
@@ -309,6 +322,7 @@ int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *wei
     const int amx = rows >= AMX_ROWS && amx_granted();
 #else
     const int amx = 0;
+    (void)amx;
 #endif
 #pragma omp parallel
     {
