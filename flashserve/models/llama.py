@@ -358,7 +358,8 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.pack(weight_quant, dense_dtype)
             layer.mlp.pack(weight_quant, dense_dtype)
         head = self.lm_head
-        assert head.bias is None, "the Llama head has no bias"
+        if head.bias is not None:
+            raise ValueError("the Llama head has no bias")
         exact = head.weight.dtype == torch.float32
         # The head picks the token: at 4 bits only with its top candidates rescored in float32 (below);
         # without a float32 head to rescore from, it stays at 8 bits.
