@@ -40,8 +40,11 @@
 #if defined(__AVX512F__)
 #define TILE_ROWS 6    /* 6 rows x 4 blocks: 24 of the 32 zmm registers hold accumulators */
 #define GROUP_BLOCKS 4 /* (6 x 4 measured as fast as oneDNN on Zen 4; 4 x 4 was 10-25% slower) */
+#elif defined(__AVX__) || defined(__aarch64__)
+#define TILE_ROWS 4    /* 4 rows x 1 block: 8 of AVX2's 16 ymm registers (16 of NEON's 32) */
+#define GROUP_BLOCKS 1
 #else
-#define TILE_ROWS 4    /* 4 rows x 1 block: 8 of AVX2's 16 ymm registers (a v16f is two of them) */
+#define TILE_ROWS 2    /* SSE2: 2 rows x 1 block, 8 of the 16 xmm registers */
 #define GROUP_BLOCKS 1
 #endif
 #define CHUNK_ROWS (16 * TILE_ROWS) /* rows per work item: whole tiles */
@@ -80,58 +83,83 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
         }
 }
 #else
+/* The generic paths work in the level's own vector width (GCC splits a wider vector type into pieces it then
+ * keeps in memory: 30x slower at AVX2): VW floats a vector, VPB vectors a block of 16 outputs. */
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4 /* SSE2, NEON */
+#endif
+#define VPB (BLOCK / VW)
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4), aligned(4)));
+
 static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *const x[TILE_ROWS], const uint16_t *w,
                                                             long block_elems, int k, int nb, const float *bias,
                                                             int col, float *const out[TILE_ROWS]) {
-    v16f acc[TILE_ROWS][GROUP_BLOCKS];
+    vf acc[TILE_ROWS][GROUP_BLOCKS * VPB];
     for (int r = 0; r < TILE_ROWS; ++r)
-        for (int c = 0; c < nb; ++c) acc[r][c] = (v16f){0};
+        for (int v = 0; v < nb * VPB; ++v) acc[r][v] = (vf){0};
     for (int kp = 0; kp < k / 2; ++kp) {
-        v16f w0[GROUP_BLOCKS], w1[GROUP_BLOCKS];
-        for (int c = 0; c < nb; ++c) {
-            v16u pairs;
-            memcpy(&pairs, w + c * block_elems + kp * 32, sizeof pairs);
-            v16u lo = pairs << 16, hi = pairs & 0xFFFF0000u; /* input 2kp in the low half, 2kp + 1 high */
-            memcpy(&w0[c], &lo, sizeof lo);
-            memcpy(&w1[c], &hi, sizeof hi);
-        }
+        vf w0[GROUP_BLOCKS * VPB], w1[GROUP_BLOCKS * VPB];
+        for (int c = 0; c < nb; ++c)
+            for (int v = 0; v < VPB; ++v) {
+                vu pairs;
+                memcpy(&pairs, w + c * block_elems + kp * 32 + v * VW * 2, sizeof pairs);
+                vu lo = pairs << 16, hi = pairs & 0xFFFF0000u; /* input 2kp in the low half, 2kp + 1 high */
+                memcpy(&w0[c * VPB + v], &lo, sizeof lo);
+                memcpy(&w1[c * VPB + v], &hi, sizeof hi);
+            }
         for (int r = 0; r < TILE_ROWS; ++r) {
             uint32_t b0 = (uint32_t)x[r][2 * kp] << 16, b1 = (uint32_t)x[r][2 * kp + 1] << 16;
             float x0, x1;
             memcpy(&x0, &b0, sizeof x0);
             memcpy(&x1, &b1, sizeof x1);
-            for (int c = 0; c < nb; ++c) {
-                acc[r][c] += w0[c] * x0;
-                acc[r][c] += w1[c] * x1;
+            for (int v = 0; v < nb * VPB; ++v) {
+                acc[r][v] += w0[v] * x0;
+                acc[r][v] += w1[v] * x1;
             }
         }
     }
     for (int r = 0; r < TILE_ROWS; ++r)
-        for (int c = 0; c < nb; ++c) {
-            v16f v = acc[r][c] + bias_or_zero(bias, col + c * BLOCK);
-            memcpy(out[r] + c * BLOCK, &v, sizeof v);
+        for (int v = 0; v < nb * VPB; ++v) {
+            vf b = {0};
+            if (bias) memcpy(&b, bias + col + v * VW, sizeof b);
+            vf o = acc[r][v] + b;
+            memcpy(out[r] + v * VW, &o, sizeof o);
         }
 }
+#endif
+
+#ifndef VW
+#define VW 16
+#define VPB 1
+typedef float vf __attribute__((vector_size(64), aligned(4)));
 #endif
 
 static inline __attribute__((always_inline)) void tile_f32(const float *const x[TILE_ROWS], const float *w,
                                                            long block_elems, int k, int nb, const float *bias,
                                                            int col, float *const out[TILE_ROWS]) {
-    v16f acc[TILE_ROWS][GROUP_BLOCKS];
+    vf acc[TILE_ROWS][GROUP_BLOCKS * VPB];
     for (int r = 0; r < TILE_ROWS; ++r)
-        for (int c = 0; c < nb; ++c) acc[r][c] = (v16f){0};
+        for (int v = 0; v < nb * VPB; ++v) acc[r][v] = (vf){0};
     for (int i = 0; i < k; ++i) {
-        v16f wv[GROUP_BLOCKS];
-        for (int c = 0; c < nb; ++c) memcpy(&wv[c], w + c * block_elems + (long)i * BLOCK, sizeof(v16f));
+        vf wv[GROUP_BLOCKS * VPB];
+        for (int c = 0; c < nb; ++c)
+            for (int v = 0; v < VPB; ++v) memcpy(&wv[c * VPB + v], w + c * block_elems + (long)i * BLOCK + v * VW, sizeof(vf));
         for (int r = 0; r < TILE_ROWS; ++r) {
             float xi = x[r][i];
-            for (int c = 0; c < nb; ++c) acc[r][c] += wv[c] * xi;
+            for (int v = 0; v < nb * VPB; ++v) acc[r][v] += wv[v] * xi;
         }
     }
     for (int r = 0; r < TILE_ROWS; ++r)
-        for (int c = 0; c < nb; ++c) {
-            v16f v = acc[r][c] + bias_or_zero(bias, col + c * BLOCK);
-            memcpy(out[r] + c * BLOCK, &v, sizeof v);
+        for (int v = 0; v < nb * VPB; ++v) {
+            vf b = {0};
+            if (bias) memcpy(&b, bias + col + v * VW, sizeof b);
+            vf o = acc[r][v] + b;
+            memcpy(out[r] + v * VW, &o, sizeof o);
         }
 }
 
