@@ -222,6 +222,8 @@ class CpuOps:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = [_P, _L, _I, _I, _P, _P, _P, _L, _I], ctypes.c_int
             self._dense[dtype] = fn
+        self._dense_plain = lib.dense_linear_f32_plain
+        self._dense_plain.argtypes, self._dense_plain.restype = [_P, _L, _I, _I, _P, _P, _P, _L, _I], ctypes.c_int
         self._gather_dot = lib.gather_dot_f32
         self._gather_dot.argtypes, self._gather_dot.restype = [_P, _I, _P, _L, _P, _I, _P], ctypes.c_int
 
@@ -399,6 +401,26 @@ class CpuOps:
         rc = self._dense[x.dtype](x.data_ptr(), x.stride(0), x.shape[0], k, weights.data_ptr(), _ptr(bias),
                                   out.data_ptr(), out.stride(0), n)
         return rc == 0
+
+    def dense_linear_plain(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           out: torch.Tensor) -> bool:
+        """out [M, N] float32 = x [M, K] @ W.T + bias for float32 x and a plain contiguous W [N, K] (not
+        copied: a tied head keeps sharing the embedding table). Every row gets the same bits in any batch."""
+        op = "dense_linear_plain"
+        _check_cpu(op, x, weight, bias, out)
+        _check_dtype(x, (torch.float32,), op, "x")
+        _check_dtype(weight, (torch.float32,), op, "weight")
+        _check_dtype(out, (torch.float32,), op, "out")
+        _check(x.dim() == out.dim() == weight.dim() == 2 and x.stride(1) == 1 and out.stride(1) == 1
+               and weight.is_contiguous() and x.shape[0] == out.shape[0] and weight.shape == (out.shape[1], x.shape[1]),
+               op, "x [M, K], contiguous weight [N, K] and out [M, N] with unit column strides")
+        if bias is not None:
+            _check_dtype(bias, (torch.float32,), op, "bias")
+            _check(bias.is_contiguous() and bias.numel() == out.shape[1], op, "bias must be contiguous [N]")
+        if x.shape[0] == 0:
+            return True
+        return self._dense_plain(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), _ptr(bias),
+                                 out.data_ptr(), out.stride(0), out.shape[1]) == 0
 
     def gather_dot(self, table: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """out [rows, k] float32, out[r, j] = table[index[r, j]] . hidden[r], each a fixed-order sum that

@@ -232,3 +232,52 @@ int gather_dot_f32(const float *table, int cols, const float *h, long rows, cons
     }
     return 0;
 }
+
+/* out [rows, n] float32 = x [rows, k] @ W.T + bias for float32 x and W in its plain [n, k] layout: no packed
+ * copy, so a head tied to the embedding table keeps sharing its memory. Every output is one dot product:
+ * DOT_ROWS x DOT_COLS of them at a time, each a chain over k in vectors of VW lanes, then a fixed tree of
+ * the lanes, then the tail in order. Missing rows and columns of a partial tile point at real ones and
+ * write to scratch, so every output runs the same code whatever the batch. */
+#define DOT_ROWS 4
+#define DOT_COLS 4
+static inline float lanes_sum(vf v) {
+    for (int w = VW / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) v[j] += v[j + w];
+    return v[0];
+}
+
+int dense_linear_f32_plain(const float *x, long x_stride, int rows, int k, const float *w, const float *bias,
+                           float *out, long out_stride, int n) {
+    if (rows <= 0 || n <= 0 || k <= 0) return -2;
+    const int col_tiles = (n + DOT_COLS - 1) / DOT_COLS, row_tiles = (rows + DOT_ROWS - 1) / DOT_ROWS;
+#pragma omp parallel for schedule(static) if ((long)col_tiles * row_tiles > 1)
+    for (long item = 0; item < (long)col_tiles * row_tiles; ++item) {
+        const int c0 = (int)(item / row_tiles) * DOT_COLS, r0 = (int)(item % row_tiles) * DOT_ROWS;
+        const float *xr[DOT_ROWS], *wr[DOT_COLS];
+        float scratch = 0.f, *dst[DOT_ROWS][DOT_COLS];
+        for (int r = 0; r < DOT_ROWS; ++r) xr[r] = x + (long)(r0 + r < rows ? r0 + r : r0) * x_stride;
+        for (int c = 0; c < DOT_COLS; ++c) wr[c] = w + (long)(c0 + c < n ? c0 + c : c0) * k;
+        for (int r = 0; r < DOT_ROWS; ++r)
+            for (int c = 0; c < DOT_COLS; ++c)
+                dst[r][c] = r0 + r < rows && c0 + c < n ? out + (long)(r0 + r) * out_stride + c0 + c : &scratch;
+        vf acc[DOT_ROWS][DOT_COLS];
+        for (int r = 0; r < DOT_ROWS; ++r)
+            for (int c = 0; c < DOT_COLS; ++c) acc[r][c] = (vf){0};
+        int i = 0;
+        for (; i + VW <= k; i += VW) {
+            vf wv[DOT_COLS], xv;
+            for (int c = 0; c < DOT_COLS; ++c) memcpy(&wv[c], wr[c] + i, sizeof(vf));
+            for (int r = 0; r < DOT_ROWS; ++r) {
+                memcpy(&xv, xr[r] + i, sizeof xv);
+                for (int c = 0; c < DOT_COLS; ++c) acc[r][c] += wv[c] * xv;
+            }
+        }
+        for (int r = 0; r < DOT_ROWS; ++r)
+            for (int c = 0; c < DOT_COLS; ++c) {
+                float s = lanes_sum(acc[r][c]);
+                for (int j = i; j < k; ++j) s += xr[r][j] * wr[c][j];
+                *dst[r][c] = s + (bias && c0 + c < n ? bias[c0 + c] : 0.f);
+            }
+    }
+    return 0;
+}

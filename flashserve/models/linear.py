@@ -7,9 +7,10 @@ Dense weights can be kept in bf16 under float32 activations: the matmul then run
 
 Every row of a dense matmul gets the bits it would get alone, in any batch and any chunking, on every CPU:
 by construction, not by a vendor library's choice of kernel. bf16 and float32 weights run on the native
-`dense_linear` kernel (kernels/dense_linear.c), where each output is one accumulator over K in a fixed
-order and a partial row tile runs the same code as a full one; they are packed once into its layout
-(`pack_dense`). oneDNN's matmul, used before, picks its microkernel (and so its order of summation) from
+`dense_linear` kernels (kernels/dense_linear.c), where each output is one accumulator over K in a fixed
+order and a partial row tile runs the same code as a full one; bf16 weights are packed once into its
+layout (`pack_dense`), float32 ones stay as they are (a tied head keeps sharing the embedding table).
+oneDNN's matmul, used before, picks its microkernel (and so its order of summation) from
 the whole call's shape: on Zen 4 without AMX a batch of 5 rows gave one row other bits than alone. Where
 the native kernels are not built (no compiler, FLASHSERVE_NATIVE_KERNELS=0) or the dtype has none
 (float16), every row goes through torch's matmul as a batch of one: the same call for every row, so the
@@ -175,11 +176,15 @@ class PackedLinear(nn.Module):
         self._native = cpu_ops() if dense.dtype in (torch.bfloat16, torch.float32) and dense.device.type == "cpu" \
             else None
         self._bias32 = bias.float().contiguous() if bias is not None and self._native is not None else None
-        if self._bias32 is not None and dense.shape[0] % DENSE_BLOCK:
-            self._bias32 = F.pad(self._bias32, (0, -dense.shape[0] % DENSE_BLOCK))
-        # The packed copy replaces the plain weight: keeping both would hold the weights twice.
-        if self._native is not None:
+        # float32 weights stay in their plain layout (dense_linear_plain): a head tied to the embedding
+        # table keeps sharing its memory. bf16 ones are packed for VDPBF16PS.
+        if self._native is not None and dense.dtype == torch.bfloat16:
+            if self._bias32 is not None and dense.shape[0] % DENSE_BLOCK:
+                self._bias32 = F.pad(self._bias32, (0, -dense.shape[0] % DENSE_BLOCK))
+            # The packed copy replaces the plain weight: keeping both would hold the weights twice.
             self.packed = pack_dense(dense)
+        elif self._native is not None and not dense.is_contiguous():
+            dense = dense.contiguous()
         self.register_buffer("weight", None if self.packed is not None else dense, persistent=False)
 
     @property
@@ -199,7 +204,13 @@ class PackedLinear(nn.Module):
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         xw = x.reshape(-1, k).to(self.dense_dtype)
-        if self._native is not None and self.packed is not None:
+        if self._native is not None and self.packed is None and self.weight is not None:  # float32, plain
+            if xw.stride(-1) != 1:
+                xw = xw.contiguous()
+            out = torch.empty(xw.shape[0], self.dense_features, dtype=torch.float32)
+            if not self._native.dense_linear_plain(xw, self.weight, self._bias32, out):
+                raise RuntimeError(f"dense_linear_plain refused a [{xw.shape[0]}, {xw.shape[1]}] input")
+        elif self._native is not None and self.packed is not None:
             if k % 2:  # the packed weight has a zero column there
                 xw = F.pad(xw, (0, 1))
             if xw.stride(-1) != 1:
