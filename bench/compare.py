@@ -23,7 +23,13 @@ bench/results/compare-<UTC date>.json (machine, versions, command, raw runs, med
 A benchmark, not a test: it asserts nothing about speed.
 
     .venv/bin/python bench/compare.py [--peers flashserve,llamacpp,llamacpp-server,transformers] [--runs 3]
-                                      [--quick] [--flashserve-arg=--dtype=bfloat16 ...]
+                                      [--quick] [--flashserve-arg=--dtype=bfloat16 ...] [--kernel-march x86-64-v3]
+
+Speed per CPU level (issue 14): `--kernel-march LEVEL` (an x86-64 level: x86-64-v4, x86-64-v3, x86-64-v2,
+x86-64) runs flashserve with its native kernels built for LEVEL (FLASHSERVE_KERNEL_MARCH) and PyTorch's own
+kernels held to it (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), and llama.cpp built for the same level
+(GGML_NATIVE=OFF and the level's GGML_* switches, e.g. -DGGML_AVX2=ON -DGGML_AVX512=OFF for x86-64-v3)
+into its own peer environment, bench/.peers/llamacpp-LEVEL/, so both sides use the same instructions.
 """
 
 from __future__ import annotations
@@ -84,6 +90,37 @@ PEER_INSTALLS: dict[str, dict[str, Any]] = {
                      "probe": "import torch, transformers, safetensors",
                      "versions": ["torch", "transformers", "safetensors"]},
 }
+# --kernel-march: llama.cpp's CMake switches and PyTorch's ISA caps for each x86-64 level (native: none).
+LEVEL_CMAKE = {
+    "x86-64-v4": "-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                 "-DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF",
+    "x86-64-v3": "-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                 "-DGGML_BMI2=ON -DGGML_AVX512=OFF",
+    "x86-64-v2": "-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF "
+                 "-DGGML_AVX512=OFF",
+    "x86-64": "-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF "
+              "-DGGML_AVX512=OFF",
+}
+LEVEL_TORCH_ENV = {
+    "x86-64-v4": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "x86-64-v2": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "x86-64": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def use_kernel_march(march: str) -> dict[str, str]:
+    """Point the llama.cpp peer at its build for `march` and return the environment flashserve's server gets
+    (nothing for native: both sides build for the host)."""
+    if march == "native":
+        return {}
+    spec = PEER_INSTALLS["llamacpp"]
+    # Its own venv, and no pip wheel cache: a cached wheel would be the native build whatever CMAKE_ARGS says.
+    PEER_INSTALLS["llamacpp"] = {**spec, "dir": f"llamacpp-{march}", "pip_args": ["--no-cache-dir"],
+                                 "env": {**spec["env"], "CMAKE_ARGS": LEVEL_CMAKE[march]}}
+    return {"FLASHSERVE_KERNEL_MARCH": march, **LEVEL_TORCH_ENV[march]}
+
+
 SHARED_QUESTIONS = ["What is the main crop of the valley?", "Who carried salt downstream?",
                     "What renews the soil every spring?", "Name one thing merchants carried.",
                     "What happens along the banks?", "Why do the floods matter?"]
@@ -445,8 +482,12 @@ def export_hf(checkpoint: Any) -> Path:
 
 
 # -- peer environments -----------------------------------------------------------------------------------------
+def peer_root(name: str) -> Path:
+    return PEERS_DIR / PEER_INSTALLS[name].get("dir", name)
+
+
 def venv_python(name: str) -> Path:
-    return PEERS_DIR / name / "bin" / "python"
+    return peer_root(name) / "bin" / "python"
 
 
 def ensure_peer(name: str) -> dict[str, Any]:
@@ -455,12 +496,15 @@ def ensure_peer(name: str) -> dict[str, Any]:
     Returns {"ok": bool, "install_s": seconds or None (reused), "versions": {...}, "message": str}.
     """
     spec = PEER_INSTALLS[name]
-    root = PEERS_DIR / name
+    root = peer_root(name)
     stamp = root / ".installed.json"
     python = venv_python(name)
+    cmake_args = spec["env"].get("CMAKE_ARGS")
     if stamp.exists() and python.exists():
         info = json.loads(stamp.read_text())
-        if info.get("packages") == spec["packages"]:
+        # Stamps from before CMAKE_ARGS was recorded are native builds.
+        built_with = info.get("cmake_args", "-DGGML_NATIVE=ON" if cmake_args else None)
+        if info.get("packages") == spec["packages"] and built_with == cmake_args:
             return {"ok": True, "install_s": None, "reused": True, "previous_install_s": info.get("install_s"),
                     "versions": peer_versions(name), "message": "reused"}
     t0 = time.monotonic()
@@ -470,7 +514,8 @@ def ensure_peer(name: str) -> dict[str, Any]:
     print(f"  installing {name}: {' '.join(spec['packages'])} (log: {log.relative_to(REPO)}; "
           "llama-cpp-python compiles llama.cpp, which takes many minutes)", flush=True)
     with open(log, "ab") as f:
-        proc = subprocess.run([str(python), "-m", "pip", "install", *spec["packages"]], stdout=f,
+        proc = subprocess.run([str(python), "-m", "pip", "install", *spec.get("pip_args", []), *spec["packages"]],
+                              stdout=f,
                               stderr=subprocess.STDOUT, env={**os.environ, **spec["env"]})
     probe = subprocess.run([str(python), "-c", spec["probe"]], capture_output=True, text=True)
     elapsed = time.monotonic() - t0
@@ -478,7 +523,7 @@ def ensure_peer(name: str) -> dict[str, Any]:
         return {"ok": False, "install_s": elapsed, "versions": {},
                 "message": f"install of {name} failed (pip exit {proc.returncode}; see {log}): "
                            f"{probe.stderr.strip().splitlines()[-1:] if probe.stderr else ''}"}
-    stamp.write_text(json.dumps({"packages": spec["packages"], "install_s": elapsed,
+    stamp.write_text(json.dumps({"packages": spec["packages"], "cmake_args": cmake_args, "install_s": elapsed,
                                  "installed_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}) + "\n")
     return {"ok": True, "install_s": elapsed, "reused": False, "versions": peer_versions(name),
             "message": f"installed in {elapsed:.0f}s"}
@@ -580,6 +625,16 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def lscpu_model_and_flags() -> dict[str, str]:
+    """lscpu's "Model name" and "Flags" lines as the run saw them (the README records both per level)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {key: fields[key].strip() for key in ("Model name", "Flags") if key in fields}
+
+
 def git_dirty_files() -> list[str] | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
@@ -618,8 +673,13 @@ def main(argv: list[str] | None = None) -> int:
     # inside generate(), and a user comparing would pick the faster one.
     ap.add_argument("--transformers-attn", default="eager", choices=("eager", "sdpa"),
                     help="attn_implementation for the transformers peer (default eager)")
+    ap.add_argument("--kernel-march", default="native", choices=("native", *LEVEL_CMAKE),
+                    help="build flashserve's kernels and llama.cpp for this x86-64 level, and hold PyTorch to it "
+                         "(default native: both build for the host)")
     ap.add_argument("--out", type=Path, default=None, help="output path stem (default bench/results/compare-<date>)")
     args = ap.parse_args(argv)
+    level_env = use_kernel_march(args.kernel_march)
+    os.environ.update(level_env)  # flashserve's server process inherits it
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in ALL_PEERS]
     if unknown:
@@ -708,16 +768,20 @@ def main(argv: list[str] | None = None) -> int:
                                   "shared-prefix rows")
 
     md = table(summaries, notes)
-    header = (f"# flashserve vs peers, {now:%Y-%m-%d %H:%M} UTC\n\n"
+    level = "" if args.kernel_march == "native" else f", kernels at {args.kernel_march}"
+    level_note = "" if not level_env else (" (" + ", ".join(f"{k}={v}" for k, v in level_env.items())
+                                           + f"; llama.cpp {LEVEL_CMAKE[args.kernel_march]})")
+    header = (f"# flashserve vs peers{level}, {now:%Y-%m-%d %H:%M} UTC\n\n"
               f"`{shlex.join([sys.executable, *sys.argv])}`\n\n"
               f"{cpu_model()}, {os.cpu_count()} cores ({', '.join(cpu_flags())}); {THREADS} threads for every "
               f"peer; medians of {wl.runs} run(s); {wl.decode_tokens} decode tokens, {wl.concurrent_tokens} tokens "
-              f"per concurrent client; greedy; model {gguf.name}.\n")
+              f"per concurrent client; greedy; model {gguf.name}; kernel level {args.kernel_march}{level_note}.\n")
     print("\n" + header + "\n" + md)
 
-    stem = args.out or RESULTS / f"compare-{now:%Y-%m-%d}"
+    suffix = "" if args.kernel_march == "native" else f"-{args.kernel_march}"
+    stem = args.out or RESULTS / f"compare-{now:%Y-%m-%d}{suffix}"
     if args.out is None and stem.with_suffix(".json").exists():
-        stem = RESULTS / f"compare-{now:%Y-%m-%dT%H%M%SZ}"
+        stem = RESULTS / f"compare-{now:%Y-%m-%dT%H%M%SZ}{suffix}"
     report = {
         "timestamp_utc": now.isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -725,12 +789,16 @@ def main(argv: list[str] | None = None) -> int:
         # The engine may be mid-change: say whether flashserve ran from a tree that differs from the commit.
         "git_dirty_files": git_dirty_files(),
         "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
+                    "lscpu": lscpu_model_and_flags(),
                     "platform": platform.platform(), "threads_per_peer": THREADS},
         "versions": {"flashserve": versions(), **{k: v.get("versions") for k, v in installs.items()}},
         "installs": installs,
         "model": str(gguf),
         "workload": wl.__dict__,
         "ban_eos": args.ban_eos,
+        "kernel_march": args.kernel_march,
+        "level_env": level_env,
+        "llamacpp_cmake_args": PEER_INSTALLS["llamacpp"]["env"].get("CMAKE_ARGS"),
         "transformers_attn": args.transformers_attn,
         "llamacpp_no_extra_bufts": llamacpp_note,
         "loadavg_before_peer": load_before,

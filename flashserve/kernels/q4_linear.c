@@ -17,6 +17,10 @@
  * depends on the other rows, so a row gets the same bits in any batch, and the portable C path (no
  * VNNI) computes the very same values.
  *
+ * Without VNNI (AVX2, x86-64-v3) VPMADDUBSW and VPMADDWD make the same integer sums (a pair of products
+ * is at most 2 x 15 x 128, so the 16-bit step cannot saturate) and the float32 part is the same sequence of
+ * multiply and FMAs: all three paths give every row the same bits.
+ *
  * Where the CPU has AMX, whole tiles of 16 rows take their group sums from one tile multiply (TDPBSUD:
  * 16 rows x 16 outputs x 32 inputs) instead of 128 VPDPBUSDs. The sums are the same integers, and the
  * float32 part the same code, so those rows get the very bits the VNNI path gives them.
@@ -33,6 +37,9 @@
 #include <unistd.h>
 #define Q4_AMX 1
 #endif
+#elif defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define Q4_AVX2 1 /* x86-64-v3: VPMADDUBSW + VPMADDWD give the same exact group sums, 8 outputs a register */
 #endif
 
 #define Q4_GROUP 32
@@ -212,33 +219,90 @@ static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, in
     }
     for (int r = 0; r < n; ++r) _mm512_storeu_ps(out + (long)(r0 + r) * out_stride, acc[r]);
 }
-#else
+#elif defined(Q4_AVX2)
+/* Rows [r0, r0 + n) against one block of 16 outputs (two registers of 8); at most Q4_ROW_TILE rows. */
 static inline void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n,
                               float *out, long out_stride) {
-    for (int r = 0; r < n; ++r) {
-        float acc[Q4_BLOCK] = {0};
-        const int8_t *xq_row = xr.q + (long)(r0 + r) * k;
-        for (int g = 0; g < groups; ++g) {
-            const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
-            const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
-            const int8_t *xq = xq_row + g * Q4_GROUP;
+    __m256 acc[Q4_ROW_TILE][2];
+    for (int r = 0; r < n; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < groups; ++g) {
+        const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
+        for (int line = 0; line < Q4_GROUP_BYTES; line += 64)
+            _mm_prefetch((const char *)p + Q4_PREFETCH * Q4_GROUP_BYTES + line, _MM_HINT_T0);
+        __m256i w[2][8]; /* [half of the outputs][c, then c + 4 for the high nibbles] */
+        for (int h = 0; h < 2; ++h)
+            for (int c = 0; c < 4; ++c) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p + c * 64 + h * 32));
+                w[h][c] = _mm256_and_si256(v, nibble);
+                w[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            }
+        const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
+        __m256 scale[2], min[2];
+        for (int h = 0; h < 2; ++h) {
+            scale[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sm + 8 * h)));
+            min[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sm + Q4_BLOCK + 8 * h)));
+        }
+        for (int r = 0; r < n; ++r) {
+            const int32_t *xq = (const int32_t *)(xr.q + (long)(r0 + r) * k + g * Q4_GROUP);
             long gi = (long)(r0 + r) * groups + g;
-            for (int o = 0; o < Q4_BLOCK; ++o) {
-                int32_t isum = 0;
-                for (int c = 0; c < 4; ++c) {
-                    for (int i = 0; i < 4; ++i) {
-                        uint8_t b = p[c * 64 + o * 4 + i];
-                        isum += (b & 0x0F) * xq[4 * c + i] + (b >> 4) * xq[16 + 4 * c + i];
-                    }
+            const __m256 xs = _mm256_set1_ps(xr.scale[gi]), xo = _mm256_set1_ps(xr.offset[gi]);
+            for (int h = 0; h < 2; ++h) {
+                __m256i isum = _mm256_setzero_si256();
+                for (int j = 0; j < 8; ++j) {
+                    __m256i pairs = _mm256_maddubs_epi16(w[h][j], _mm256_set1_epi32(xq[j]));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
                 }
-                float t = (float)isum * xr.scale[gi];
-                acc[o] = fmaf(t, fp16_to_f32(sm[o]), acc[o]);
-                acc[o] = fmaf(fp16_to_f32(sm[Q4_BLOCK + o]), xr.offset[gi], acc[o]);
+                /* accumulate_group's sequence: the same bits as the VNNI path */
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), xs);
+                acc[r][h] = _mm256_fmadd_ps(t, scale[h], acc[r][h]);
+                acc[r][h] = _mm256_fmadd_ps(min[h], xo, acc[r][h]);
             }
         }
-        for (int o = 0; o < Q4_BLOCK; ++o) out[(long)(r0 + r) * out_stride + o] = acc[o];
     }
+    for (int r = 0; r < n; ++r)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (long)(r0 + r) * out_stride + 8 * h, acc[r][h]);
 }
+#else
+/* Portable (SSE2, NEON, ...): GCC vector extensions, one 16-lane vector for the block's 16 outputs. A 32-bit
+ * lane of a 64-byte row of codes is one output's 4 bytes, so input 4c + i is the nibble at bit 8i and input
+ * 16 + 4c + i the one at bit 8i + 4. The integer sums are exact; the float32 part is accumulate_group's
+ * sequence (fused where the level has FMA). Compiled without reassociation, so every row runs the one
+ * sequence whatever the tile. */
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+typedef int32_t q4_v16i __attribute__((vector_size(64)));
+typedef uint32_t q4_v16u __attribute__((vector_size(64)));
+typedef float q4_v16f __attribute__((vector_size(64)));
+
+static void block_rows(const uint8_t *wblock, int groups, QuantRow xr, int k, int r0, int n, float *out,
+                       long out_stride) {
+    q4_v16f acc[Q4_ROW_TILE];
+    for (int r = 0; r < n; ++r) acc[r] = (q4_v16f){0};
+    for (int g = 0; g < groups; ++g) {
+        const uint8_t *p = wblock + (long)g * Q4_GROUP_BYTES;
+        const uint16_t *sm = (const uint16_t *)(p + Q4_CODE_BYTES);
+        q4_v16u lanes[4];
+        memcpy(lanes, p, sizeof lanes);
+        q4_v16f scale, min;
+        for (int o = 0; o < Q4_BLOCK; ++o) scale[o] = fp16_to_f32(sm[o]), min[o] = fp16_to_f32(sm[Q4_BLOCK + o]);
+        for (int r = 0; r < n; ++r) {
+            const int8_t *xq = xr.q + (long)(r0 + r) * k + g * Q4_GROUP;
+            q4_v16i isum = {0};
+            for (int c = 0; c < 4; ++c)
+                for (int i = 0; i < 4; ++i) {
+                    q4_v16i lo = (q4_v16i)((lanes[c] >> (8 * i)) & 15u), hi = (q4_v16i)((lanes[c] >> (8 * i + 4)) & 15u);
+                    isum += lo * (int32_t)xq[4 * c + i] + hi * (int32_t)xq[16 + 4 * c + i];
+                }
+            long gi = (long)(r0 + r) * groups + g;
+            q4_v16f t = __builtin_convertvector(isum, q4_v16f) * xr.scale[gi];
+            acc[r] = t * scale + acc[r];
+            acc[r] = min * xr.offset[gi] + acc[r];
+        }
+    }
+    for (int r = 0; r < n; ++r) memcpy(out + (long)(r0 + r) * out_stride, &acc[r], sizeof acc[r]);
+}
+#pragma GCC pop_options
 #endif
 
 /* x [rows, k] (row stride x_stride), weights packed as described above for n outputs; out [rows, n]
@@ -258,6 +322,7 @@ int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *wei
     const int amx = rows >= AMX_ROWS && amx_granted();
 #else
     const int amx = 0;
+    (void)amx;
 #endif
 #pragma omp parallel
     {

@@ -4,9 +4,17 @@ Packing fuses projections that read the same input (Q/K/V, gate/up) into one mat
 
 Dense weights can be kept in bf16 under float32 activations: the matmul then runs on the CPU's bf16 units
 (rounding its input to bf16, accumulating in float32) while norms, residuals and attention stay float32.
-They are prepacked once into oneDNN's blocked layout (`_reorder_linear_weight`), which saves the per-call
-reorder of a plain weight; packed for a batch of one, the kernel computes every row on its own, so any
-batch gives each row the bits it would get alone.
+
+Every row of a dense matmul gets the bits it would get alone, in any batch and any chunking, on every CPU:
+by construction, not by a vendor library's choice of kernel. bf16 and float32 weights run on the native
+`dense_linear` kernels (kernels/dense_linear.c), where each output is one accumulator over K in a fixed
+order and a partial row tile runs the same code as a full one; bf16 weights are packed once into its
+layout (`pack_dense`), float32 ones stay as they are (a tied head keeps sharing the embedding table).
+oneDNN's matmul, used before, picks its microkernel (and so its order of summation) from
+the whole call's shape: on Zen 4 without AMX a batch of 5 rows gave one row other bits than alone. Where
+the native kernels are not built (no compiler, FLASHSERVE_NATIVE_KERNELS=0) or the dtype has none
+(float16), every row goes through torch's matmul as a batch of one: the same call for every row, so the
+same bits, at the cost of speed.
 
 A decode step of a small model multiplies a few rows by every weight, so it is bound by the weight bytes
 it reads: a 4-bit copy (per group of 32 inputs, the grid of GGUF's Q4 blocks) or an 8-bit one (per output
@@ -29,16 +37,23 @@ from torch import nn
 from flashserve.kernels import cpu_ops
 
 WEIGHT_QUANTS = ("none", "int8", "int4")
-# Without prepacking, oneDNN's bf16 matmul gives every row the same bits as that row alone for batches of
-# up to 32 rows, not beyond; unpacked bf16 batches therefore run in 32-row tiles. tests/unit/test_linear.py
-# checks both properties on the machine at hand.
-ROW_TILE = 32
+DENSE_BLOCK = 16  # outputs per block of the native dense kernel's layout
 INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks, so 4-bit checkpoints requantize onto their own grid
 Q4_BLOCK = 16  # outputs per block of the native kernel's layout
 
 
-def _can_prepack(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+def pack_dense(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 or float32 -> the layout of kernels/dense_linear.c, [ceil(N / 16), K' * 16] with N padded to
+    whole blocks of 16 and K to an even K' (zeros): per block of 16 outputs, bf16 as [K' / 2][16][2] (the
+    pairs one VDPBF16PS takes), float32 as [K'][16]."""
+    n, k = weight.shape
+    w = F.pad(weight, (0, k % 2, 0, -n % DENSE_BLOCK))
+    blocks, kp = w.shape[0] // DENSE_BLOCK, w.shape[1]
+    if w.dtype == torch.bfloat16:
+        tiles = w.view(blocks, DENSE_BLOCK, kp // 2, 2).permute(0, 2, 1, 3)
+    else:
+        tiles = w.view(blocks, DENSE_BLOCK, kp).permute(0, 2, 1)
+    return tiles.contiguous().view(blocks, kp * DENSE_BLOCK)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +171,20 @@ class PackedLinear(nn.Module):
         bias = torch.cat([b.detach() for b in biases]).to(dense.dtype) if biases[0] is not None else None
         self.register_buffer("bias", bias, persistent=False)
         self.dense_dtype = dense.dtype
-        self._tiled = dense.dtype in (torch.bfloat16, torch.float16)
+        self.dense_features = dense.shape[0]
         self.packed: torch.Tensor | None = None
-        # The prepacked copy replaces the plain weight: keeping both would hold the weights twice.
-        if _can_prepack(dense):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        self._native = cpu_ops() if dense.dtype in (torch.bfloat16, torch.float32) and dense.device.type == "cpu" \
+            else None
+        self._bias32 = bias.float().contiguous() if bias is not None and self._native is not None else None
+        # float32 weights stay in their plain layout (dense_linear_plain): a head tied to the embedding
+        # table keeps sharing its memory. bf16 ones are packed for VDPBF16PS.
+        if self._native is not None and dense.dtype == torch.bfloat16:
+            if self._bias32 is not None and dense.shape[0] % DENSE_BLOCK:
+                self._bias32 = F.pad(self._bias32, (0, -dense.shape[0] % DENSE_BLOCK))
+            # The packed copy replaces the plain weight: keeping both would hold the weights twice.
+            self.packed = pack_dense(dense)
+        elif self._native is not None and not dense.is_contiguous():
+            dense = dense.contiguous()
         self.register_buffer("weight", None if self.packed is not None else dense, persistent=False)
 
     @property
@@ -178,11 +202,29 @@ class PackedLinear(nn.Module):
         return torch.cat([decode, self._dense(x[decode_rows:])])
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        xw = x.to(self.dense_dtype)
-        if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(xw, self.packed, self.bias, "none", [], "")
-        elif not self._tiled or x.shape[0] <= ROW_TILE:
-            out = F.linear(xw, self.weight, self.bias)
-        else:
-            out = torch.cat([F.linear(tile, self.weight, self.bias) for tile in xw.split(ROW_TILE)])
-        return out.to(x.dtype)
+        lead, k = x.shape[:-1], x.shape[-1]
+        xw = x.reshape(-1, k).to(self.dense_dtype)
+        if self._native is not None and self.packed is None and self.weight is not None:  # float32, plain
+            if xw.stride(-1) != 1:
+                xw = xw.contiguous()
+            out = torch.empty(xw.shape[0], self.dense_features, dtype=torch.float32)
+            if not self._native.dense_linear_plain(xw, self.weight, self._bias32, out):
+                raise RuntimeError(f"dense_linear_plain refused a [{xw.shape[0]}, {xw.shape[1]}] input")
+        elif self._native is not None and self.packed is not None:
+            if k % 2:  # the packed weight has a zero column there
+                xw = F.pad(xw, (0, 1))
+            if xw.stride(-1) != 1:
+                xw = xw.contiguous()
+            padded = self.packed.shape[0] * DENSE_BLOCK
+            out = torch.empty(xw.shape[0], padded, dtype=torch.float32)
+            if not self._native.dense_linear(xw, self.packed, self._bias32, out):
+                raise RuntimeError(f"dense_linear refused a [{xw.shape[0]}, {xw.shape[1]}] input")
+            if padded != self.dense_features:
+                out = out[:, : self.dense_features]
+        else:  # one row per call: every row runs the very call a batch of one runs
+            weight = self.weight
+            if weight is None:
+                raise RuntimeError("PackedLinear: the dense weight is packed for a kernel that is not loaded")
+            out = torch.cat([F.linear(row, weight, self.bias) for row in xw.split(1)]) if len(xw) else \
+                F.linear(xw, weight, self.bias)
+        return out.to(x.dtype).reshape(*lead, -1)

@@ -309,8 +309,15 @@ class LlamaForCausalLM(nn.Module):
         top = ops.top_k_rows(logits, k) if ops is not None and len(logits) else None
         if top is None:
             top = logits.topk(k, dim=-1).indices
-        # An elementwise product and a sum over the hidden dim: each row reduced alone, in one order.
-        rescored = (exact[top] * hidden.to(exact.dtype).unsqueeze(1)).sum(-1)
+        h = hidden.to(exact.dtype).contiguous()
+        if ops is not None and exact.dtype == torch.float32 and exact.is_contiguous():
+            # One fixed-order dot per candidate (kernels/dense_linear.c): no row's sum depends on the batch.
+            rescored = ops.gather_dot(exact, h, top.contiguous())
+        else:
+            # Torch's sum over the hidden dim may split a reduction across threads when there are few
+            # outputs; one row per call keeps every row's reduction the one a batch of one gets.
+            rescored = torch.cat([(exact[t] * r).sum(-1, keepdim=True).T for t, r in zip(top, h, strict=True)]) \
+                if len(top) else top.float()
         return logits.scatter_(1, top, rescored.float())
 
     def cache_specs(self) -> list[CacheSpec]:
@@ -351,7 +358,8 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.pack(weight_quant, dense_dtype)
             layer.mlp.pack(weight_quant, dense_dtype)
         head = self.lm_head
-        assert head.bias is None, "the Llama head has no bias"
+        if head.bias is not None:
+            raise ValueError("the Llama head has no bias")
         exact = head.weight.dtype == torch.float32
         # The head picks the token: at 4 bits only with its top candidates rescored in float32 (below);
         # without a float32 head to rescore from, it stays at 8 bits.

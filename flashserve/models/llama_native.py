@@ -60,7 +60,9 @@ class NativeLlamaDecoder:
 
 
 def _q4(linear: PackedLinear | None) -> torch.Tensor:
-    assert linear is not None and linear.quant is not None
+    # The table takes raw pointers: a linear without a native 4-bit copy must stop here, also under -O.
+    if linear is None or linear.quant is None or linear.quant.native is None:
+        raise ValueError("the native decode driver needs a packed 4-bit weight in every linear")
     return linear.quant.data
 
 

@@ -1,9 +1,10 @@
 """PackedLinear (`flashserve.models.linear`): fused projections, batch-invariant bf16, int8 decode rows.
 
 - The fused output equals the concatenation of the separate nn.Linear outputs, with and without bias.
-- bf16 batch invariance on this machine, for random weights of the served model's shapes: every row of a
-  batch of 1..80 rows is bit-for-bit the row computed alone. oneDNN gives that for up to ROW_TILE rows,
-  which is why larger batches run in ROW_TILE-row tiles; the raw F.linear property is checked up to there.
+- bf16 and float32 batch invariance, for random weights of the served model's shapes: every row of a batch
+  of 1..80 rows is bit-for-bit the row computed alone, on the native dense kernel (by construction: see
+  kernels/dense_linear.c) and on the PyTorch fallback (a batch of one per row). These tests run at every
+  kernel level (scripts/test-kernel-levels.sh) and under oneDNN and ATen held to lower ISAs.
 - int8: `quantize_int8` round-trips within half a scale step; int8 decode rows are bit-for-bit the rows
   computed alone whatever the number of decode rows and whatever prompt rows follow (which keep the dense
   bf16 path); `decode_rows=0` is the dense path; int8 results stay close to the bf16 reference.
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.models.linear import INT4_GROUP, ROW_TILE, WEIGHT_QUANTS, PackedLinear, quantize_int4, quantize_int8
+from flashserve.models.linear import INT4_GROUP, WEIGHT_QUANTS, PackedLinear, pack_dense, quantize_int4, quantize_int8
 
 MAX_ROWS = 80
+TILE = 4  # rows per tile of the native dense kernel: sizes around its multiples are the edges
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -89,7 +91,7 @@ BF16_SHAPES = [
     (576, 960, False, range(1, MAX_ROWS + 1)),
     (576, 3072, True, range(1, MAX_ROWS + 1)),
     (1536, 576, False, range(1, MAX_ROWS + 1)),
-    (576, 49152, False, (1, 2, 17, ROW_TILE, ROW_TILE + 1, 2 * ROW_TILE, 2 * ROW_TILE + 1, MAX_ROWS)),
+    (576, 49152, False, (1, 2, 3, TILE, TILE + 1, 17, 32, 33, MAX_ROWS)),
 ]
 
 
@@ -111,15 +113,42 @@ def test_bf16_rows_do_not_depend_on_batch(in_features: int, out_features: int, b
     torch.testing.assert_close(alone.double(), reference, rtol=1.6e-2, atol=2e-2)
 
 
-def test_raw_bf16_linear_is_batch_invariant_up_to_row_tile() -> None:
-    """The property of oneDNN's bf16 matmul that ROW_TILE relies on, on the machine at hand."""
-    torch.manual_seed(3)
-    weight = (torch.randn(960, 576) / 24).to(torch.bfloat16)
-    x = torch.randn(ROW_TILE, 576).to(torch.bfloat16)
-    alone = torch.cat([F.linear(x[r : r + 1], weight) for r in range(ROW_TILE)])
-    for n in range(2, ROW_TILE + 1):
-        got = F.linear(x[:n], weight)
-        assert not mismatched_rows(got, alone[:n]), f"F.linear on {n} rows differs from rows alone"
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize(("dtype", "in_features", "out_features"),
+                         [(torch.float32, 576, 960), (torch.bfloat16, 1536, 576), (torch.bfloat16, 37, 20)])
+def test_dense_rows_do_not_depend_on_batch_or_chunking(dtype: torch.dtype, in_features: int, out_features: int,
+                                                      native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both dense paths (the native kernel; torch one row per call) at odd shapes too (K odd, N not a
+    multiple of 16: padded): every row of any batch, and of any split of it into chunks, is the row alone."""
+    if not native:
+        monkeypatch.setattr("flashserve.models.linear.cpu_ops", lambda: None)
+    torch.manual_seed(11)
+    lin = make_linear(in_features, out_features, True, dtype)
+    layer = PackedLinear([lin])
+    assert (layer._native is not None) == native and (layer.packed is not None) == (native and dtype == torch.bfloat16)
+    x = torch.randn(23, in_features).to(dtype)
+    alone = rows_alone(layer, x)
+    with torch.no_grad():
+        for n in (2, 3, 4, 5, 9, 23):
+            assert not mismatched_rows(layer(x[:n]), alone[:n]), f"batch of {n}"
+        chunks = torch.cat([layer(part) for part in x.split([5, 1, 8, 9])])
+    assert torch.equal(chunks, alone)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        torch.testing.assert_close(alone.double(), lin.double()(x.double()), rtol=tol, atol=tol)
+
+
+def test_pack_dense_layout() -> None:
+    """bf16 pairs [K/2][16][2] and float32 [K][16] per block of 16 outputs, zero-padded to whole blocks."""
+    w = torch.arange(20 * 6, dtype=torch.float32).view(20, 6)
+    packed = pack_dense(w)
+    assert packed.shape == (2, 6 * 16)
+    assert packed[0, 16 * 2 + 5] == w[5, 2] and packed[1, 16 * 3 + 3] == w[19, 3] and packed[1, 16 * 3 + 4] == 0
+    wb = w.to(torch.bfloat16)
+    packed = pack_dense(wb)
+    assert packed.shape == (2, 6 * 16) and packed.dtype == torch.bfloat16
+    # pair kp, output o, input j at [kp * 32 + o * 2 + j]
+    assert packed[0, 1 * 32 + 5 * 2 + 1] == wb[5, 3] and packed[1, 2 * 32 + 3 * 2] == wb[19, 4]
 
 
 # -- int8 ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ head gets wrong, and that an exact head is left alone.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flashserve.models.llama import REFINE_TOP_K, LlamaConfig, LlamaForCausalLM
@@ -77,3 +78,21 @@ def test_int4_head_only_with_a_float32_head_to_rescore_from() -> None:
     bf16_model.pack("int4", torch.bfloat16)
     assert bf16_model.exact_head is None
     assert bf16_model.lm_head.quant is not None and bf16_model.lm_head.quant.bits == 8
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("weight_quant", ["none", "int8", "int4"])
+def test_rescored_logits_do_not_depend_on_batch(weight_quant: str, native: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's logits (the head, then its rescored candidates) are the row's logits alone, for decode and
+    prompt rows, with the native rescoring kernel and with torch's."""
+    if not native:
+        monkeypatch.setattr("flashserve.models.llama.cpu_ops", lambda: None)
+    model = packed(weight_quant, torch.bfloat16)
+    assert model.exact_head is not None
+    torch.manual_seed(2)
+    hidden = torch.randn(19, CONFIG.hidden_size) * 4
+    with torch.no_grad():
+        for decode_rows in (0, 1, 7, 19):
+            alone = torch.cat([model.compute_logits(hidden[r : r + 1], int(r < decode_rows)) for r in range(19)])
+            assert torch.equal(model.compute_logits(hidden, decode_rows), alone), decode_rows
