@@ -11,6 +11,7 @@ one typed `api/state.py: AppState`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -152,7 +153,11 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
         try:
             yield
         finally:
+            # Awaited before the database closes: a purge cancelled mid-query would otherwise wait forever
+            # on a connection whose worker thread is gone.
             purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
             for backend in catalog.backends():
                 await backend.close()
             await accounts.close()
