@@ -33,10 +33,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flashserve.accounts.keys import Principal
-from flashserve.accounts.pricing import format_usd
 from flashserve.api.anthropic_schemas import ContentBlock, CountTokensRequest, MessagesRequest
 from flashserve.api.auth import require_api_key
-from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call
+from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call, respond
 from flashserve.api.errors import anthropic_body
 from flashserve.api.sealed_reasoning import open_reasoning, seal_reasoning
 from flashserve.api.state import app_state
@@ -56,7 +55,6 @@ from flashserve.generation import (
 from flashserve.server_key import ServerKey
 
 router = APIRouter()
-COST_HEADER = "x-flashserve-cost-usd"
 SIGNATURE_PREFIX = "fs1."  # marks a signature we sealed ('.' is outside the sealed token's alphabet)
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
@@ -74,14 +72,7 @@ async def create_message(body: MessagesRequest, request: Request,
     headers = {"x-request-id": call.id, **dropped_tools_headers(dropped)}
     view = _View(call, body.model, state.server_key, principal.account_id,
                  omit_thinking=body.thinking is not None and body.thinking.display == "omitted")
-    if body.stream:
-        return StreamingResponse(view.events(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", **headers})
-    out = await view.collect(request)
-    if out is None:
-        return JSONResponse({}, status_code=499)  # the client left; nobody reads this
-    message, cost = out
-    return JSONResponse(message, headers={**headers, COST_HEADER: format_usd(cost)})
+    return await respond(view, bool(body.stream), request, headers)
 
 
 @router.post("/v1/messages/count_tokens")

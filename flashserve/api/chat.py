@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.pricing import format_usd, usd_from_pusd
 from flashserve.api.auth import require_api_key
-from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call
+from flashserve.api.core import COST_HEADER, Call, Failed, Finished, KeepAlive, open_call
 from flashserve.api.errors import openai_body
 from flashserve.api.schemas import ChatCompletionRequest, ChatMessage, ContentPart
 from flashserve.catalog import ModelCard
@@ -37,7 +37,6 @@ from flashserve.generation import (
 )
 
 router = APIRouter()
-COST_HEADER = "x-flashserve-cost-usd"
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the stream is alive
 
 

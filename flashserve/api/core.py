@@ -27,12 +27,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
 
 from flashserve.accounts.keys import Principal
+from flashserve.accounts.pricing import format_usd
 from flashserve.api.billing import Meter
 from flashserve.api.state import app_state
 from flashserve.backends.base import Backend
@@ -43,6 +45,7 @@ from flashserve.ids import request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+COST_HEADER = "x-flashserve-cost-usd"  # what a non-streaming answer cost, in USD
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,3 +210,26 @@ async def paced(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | 
         if not pending.done():
             pending.cancel()
 
+
+
+class SurfaceView(Protocol):
+    """A surface's response under construction: its event stream, or its whole body once collected."""
+
+    def events(self) -> AsyncIterator[str]: ...
+
+    async def collect(self, request: Request) -> tuple[dict[str, Any], int] | None:
+        """The body and its cost in pUSD; None when the client left."""
+        ...
+
+
+async def respond(view: SurfaceView, stream: bool, request: Request,
+                  headers: dict[str, str]) -> JSONResponse | StreamingResponse:
+    """The HTTP response of a surface's view: its events as SSE, or its collected body with the cost header."""
+    if stream:
+        return StreamingResponse(view.events(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", **headers})
+    out = await view.collect(request)
+    if out is None:
+        return JSONResponse({}, status_code=499)  # the client left; nobody reads this
+    body, cost = out
+    return JSONResponse(body, headers={**headers, COST_HEADER: format_usd(cost)})

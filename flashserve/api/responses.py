@@ -42,11 +42,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flashserve.accounts.keys import Principal
-from flashserve.accounts.pricing import format_usd, usd_from_pusd
+from flashserve.accounts.pricing import usd_from_pusd
 from flashserve.accounts.service import Accounts
 from flashserve.api.auth import require_api_key
-from flashserve.api.chat import COST_HEADER, KEEPALIVE
-from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call
+from flashserve.api.chat import KEEPALIVE
+from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call, respond
 from flashserve.api.responses_schemas import ResponsesRequest
 from flashserve.api.sealed_reasoning import open_reasoning, seal_reasoning
 from flashserve.api.state import app_state
@@ -580,14 +580,7 @@ async def create_response(
     call = await open_call(request, principal, prepared.gen, id_prefix="resp")
     view = _View(body, call, prepared, state.server_key, principal, request)
     headers = {"x-request-id": call.id, **dropped_tools_headers(prepared.dropped)}
-    if body.stream:
-        return StreamingResponse(view.events(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", **headers})
-    out = await view.collect(request)
-    if out is None:
-        return JSONResponse({}, status_code=499)  # the client left; nobody reads this
-    response, cost = out
-    return JSONResponse(response, headers={**headers, COST_HEADER: format_usd(cost)})
+    return await respond(view, bool(body.stream), request, headers)
 
 
 @router.get("/v1/responses/{response_id}")

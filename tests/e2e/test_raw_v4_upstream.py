@@ -11,15 +11,13 @@ must be accepted (issue 16 §3). The catalog's `max_output_tokens_cap` clamps wh
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+from tests.e2e.scripted import serve_scripted
 
 KEY = "sk-fs-raw-v4-e2e"
 MODEL = "v4-raw"
@@ -35,48 +33,11 @@ SCRIPT = {"chunk_chars": 3,
 
 @pytest.fixture(scope="module")
 def raw_v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str]]:
-    folder = tmp_path_factory.mktemp("raw-v4")
-    script = folder / "script.json"
-    script.write_text(json.dumps(SCRIPT))
-    port = _free_port()
-    upstream_url = f"http://127.0.0.1:{port}"
-    upstream = subprocess.Popen([_python(), "tests/e2e/scripted_v4_upstream.py", "--port", str(port),
-                                 "--script", str(script)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    catalog = folder / "catalog.toml"
-    catalog.write_text(f'''
-[models."{MODEL}"]
-context_length = 131072
-reasoning = true
-max_output_tokens_cap = 50
-
-[models."{MODEL}".backend]
-type = "remote"
-url = "{upstream_url}/v1"
-model = "deepseek-v4-flash"
-kind = "vllm"
-raw_text = "deepseek_v4"
-''')
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{upstream_url}/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the scripted upstream did not start"
-                time.sleep(0.2)
-        process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": KEY,
-                                                             "FLASHSERVE_CATALOG": str(catalog)},
-                                          unset=("FLASHSERVE_DATABASE_URL",))
-        try:
-            _wait_ready(base, process, log)
-            with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
-                yield client, upstream_url
-        finally:
-            _stop(process, log)
-    finally:
-        upstream.kill()
+    card = "context_length = 131072\nreasoning = true\nmax_output_tokens_cap = 50"
+    with serve_scripted(tmp_path_factory, SCRIPT, model=MODEL, key=KEY, admin_key=KEY + "-admin",
+                        card=card) as scripted, \
+            openai.OpenAI(base_url=f"{scripted.base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client, scripted.upstream
 
 
 def ask(client: openai.OpenAI, **kwargs: object) -> object:

@@ -15,16 +15,15 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+from tests.e2e.conftest import REPO
+from tests.e2e.scripted import Scripted as Served
+from tests.e2e.scripted import serve_scripted
 
 KEY = "sk-fs-responses-e2e-0123456789"
 ADMIN = "sk-fs-responses-e2e-admin-0123456789"
@@ -41,62 +40,10 @@ EXEC = {"type": "function", "name": "exec_command", "description": "Run a shell 
         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
 
 
-@dataclass
-class Served:
-    base: str
-    upstream: str
-
-    def sent(self) -> list[dict]:
-        return httpx.get(f"{self.upstream}/requests", timeout=10).json()
-
-    def records(self) -> list[dict]:
-        with httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30) as admin:
-            return admin.get("/admin/usage/records").json()["data"]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("responses")
-    script = folder / "script.json"
-    script.write_text(json.dumps(SCRIPT))
-    port = _free_port()
-    upstream_url = f"http://127.0.0.1:{port}"
-    upstream = subprocess.Popen([_python(), "tests/e2e/scripted_v4_upstream.py", "--port", str(port),
-                                 "--script", str(script)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    catalog = folder / "catalog.toml"
-    catalog.write_text(f'''
-[models."{MODEL}"]
-context_length = 1048576
-reasoning = true
-
-[models."{MODEL}".backend]
-type = "remote"
-url = "{upstream_url}/v1"
-model = "deepseek-v4-flash"
-kind = "vllm"
-raw_text = "deepseek_v4"
-''')
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{upstream_url}/health", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the scripted upstream did not start"
-                time.sleep(0.2)
-        process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN,
-                                                             "FLASHSERVE_CATALOG": str(catalog)},
-                                          unset=("FLASHSERVE_DATABASE_URL",))
-        try:
-            _wait_ready(base, process, log)
-            yield Served(base, upstream_url)
-        finally:
-            _stop(process, log)
-    finally:
-        upstream.kill()
-        upstream.wait(timeout=10)
+    with serve_scripted(tmp_path_factory, SCRIPT, model=MODEL, key=KEY, admin_key=ADMIN) as scripted:
+        yield scripted
 
 
 @pytest.fixture
