@@ -227,4 +227,4 @@ class PackedLinear(nn.Module):
                 raise RuntimeError("PackedLinear: the dense weight is packed for a kernel that is not loaded")
             out = torch.cat([F.linear(row, weight, self.bias) for row in xw.split(1)]) if len(xw) else \
                 F.linear(xw, weight, self.bias)
-        return out.to(x.dtype).reshape(*lead, -1)
+        return out.to(x.dtype).reshape(*lead, self.dense_features)  # -1 is ambiguous for 0 rows

@@ -83,6 +83,15 @@ def test_single_linear_and_bf16_fusion(bias: bool) -> None:
     torch.testing.assert_close(got.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_give_an_empty_output_of_the_right_width(dtype: torch.dtype) -> None:
+    """A step that samples no row (a prefill chunk that does not end its prompt) hands the head 0 rows."""
+    layer = PackedLinear([make_linear(64, 96, True, dtype)])
+    with torch.no_grad():
+        out = layer(torch.empty(0, 64, dtype=dtype))
+    assert out.shape == (0, 96) and out.dtype == dtype
+
+
 # -- bf16 batch invariance -------------------------------------------------------------------------------
 
 # (in, out, bias, batch sizes): SmolLM2-135M's q/k/v-packed, gate/up-packed and down projections, all batch
