@@ -125,6 +125,24 @@ class RequestContext:
     tenant: str = ""  # namespaces the prefix cache: the account, narrowed by a router's salt
 
 
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A sampled content token's raw log-probability (log-softmax of the logits before temperature,
+    penalties, bias and grammar masks) and the `top` most likely alternatives, most likely first."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass(slots=True)
 class ChoiceDelta:
     index: int
@@ -133,6 +151,7 @@ class ChoiceDelta:
     tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls, in order
     finish_reason: str | None = None  # set on a choice's last delta
     stop_sequence: str | None = None  # the stop string that ended the choice (finish_reason "stop"), if one did
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per content token in `content`, when asked
 
 
 @dataclass(slots=True)
