@@ -3,8 +3,8 @@
 `Meter.admit` runs before any model work: an account at or below zero gets a
 402; a request over a limit of its key, its account or its end user (the
 request's `user`) a 429 naming the limit, with retry-after; a shared limiter
-whose Redis is down and which fails closed a 503. Once the backend has accepted the request,
-`Meter.record` prices the engine's token counts and writes the usage row with
+whose Redis is down and which fails closed a 503. Once the backend has
+accepted the request, `Meter.record` prices the engine's token counts and writes the usage row with
 the balance debit in one transaction, exactly once, whatever ended the
 request.
 """
@@ -71,7 +71,10 @@ class Meter:
         if self.cost_pusd is not None:
             return self.cost_pusd
         self.cost_pusd = cost = self.cost(usage)
-        await self._lease.release(usage.total_tokens)
+        try:
+            await self._lease.release(usage.total_tokens)
+        except Exception:  # noqa: BLE001 - a limiter's failure must never cost the usage row
+            log.exception("could not release the rate-limit lease of %s", self.request_id)
         rec = UsageRecord(
             request_id=self.request_id, account_id=self.principal.account_id, key_id=self.principal.key_id,
             model=self.model, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
