@@ -227,7 +227,12 @@ class RedisLease:
         while True:
             await asyncio.sleep(limiter.lease_ttl_ms / 3000)
             try:
-                await limiter._renew(keys=self._slot_keys, args=[self.id, limiter.lease_ttl_ms])
+                renewed = await limiter._renew(keys=self._slot_keys, args=[self.id, limiter.lease_ttl_ms])
+                if int(renewed) < len(self._slot_keys):
+                    # Not renewed for a whole TTL (this process stalled, or Redis lost it): the slot went to
+                    # another request, so this one runs beyond the concurrency limit until it ends.
+                    limiter.warn("a concurrency lease expired before its request ended; raise "
+                                 "redis_lease_ttl_s if this process stalls for that long")
             except (TimeoutError, RedisError, OSError) as exc:
                 limiter.warn(f"could not renew a concurrency lease at {limiter.where} ({type(exc).__name__}); "
                              "it expires after its TTL unless a renewal gets through")

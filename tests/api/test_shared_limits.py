@@ -175,3 +175,25 @@ async def test_a_real_redis_limits_the_app(api: Api, redis_url: str) -> None:
     for _ in range(2):
         assert (await client.post("/v1/chat/completions", json=body("scripted", "hi"))).status_code == 200
     assert_openai_429(await client.post("/v1/chat/completions", json=body("scripted", "hi")), "2 requests per minute")
+
+
+class BrokenLease:
+    async def release(self, tokens: int = 0) -> None:
+        raise RuntimeError("the limiter broke")
+
+
+class BrokenLimiter:
+    async def acquire(self, scopes: object) -> BrokenLease:
+        return BrokenLease()
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_limiter_failing_at_release_does_not_cost_the_usage_row(api: Api) -> None:
+    api.accounts.limiter = BrokenLimiter()
+    account, key = await api.new_account("broken-limiter", rpm=3)
+    r = await api.http(key).post("/v1/chat/completions", json=body("scripted", "hi"))
+    assert r.status_code == 200
+    [row] = await api.records(account)
+    assert row["status"] == "ok"
