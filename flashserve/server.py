@@ -21,6 +21,7 @@ import torch
 from fastapi import FastAPI
 
 from flashserve.accounts.keys import generate_key
+from flashserve.accounts.limits import make_limiter
 from flashserve.accounts.pricing import pusd_from_usd
 from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
@@ -175,8 +176,12 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
     """Accounts, the app and its settings around a filled catalog."""
     api_key = settings.api_key or generate_key()
     admin_key = settings.admin_key or generate_key()
+    limiter = make_limiter(settings.redis_url, failure_mode=settings.redis_failure_mode,
+                           lease_ttl_s=settings.redis_lease_ttl_s, timeout_s=settings.redis_timeout_s,
+                           prefix=settings.redis_key_prefix)
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
-        api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
+        api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)),
+        limiter)
     app = create_app(catalog, accounts, sse_keepalive_s=settings.sse_keepalive_s,
                      max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models,
                      responses_retention_days=settings.responses_retention_days,

@@ -70,6 +70,15 @@ class Settings:
     workers: int = 0
     routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
     routing_margin: int = 4  # prefix_aware: requests in flight a preferred replica may have beyond the least
+    # Shared rate limits (accounts/redis_limits.py): with a Redis URL, per-key, per-account and per-end-user
+    # RPM, TPM and concurrency hold across every gateway process using it; without, each process counts alone.
+    redis_url: str | None = None
+    # Redis unreachable: "open" admits under this process's own limits (and logs a warning), "closed"
+    # refuses with 503 (retry-after) so nothing runs beyond the shared limits.
+    redis_failure_mode: str = "open"
+    redis_lease_ttl_s: float = 30.0  # a concurrency slot not renewed for this long (a dead gateway's) frees
+    redis_timeout_s: float = 1.0  # connect/read timeout of one Redis call; past it Redis counts as down
+    redis_key_prefix: str = "flashserve"  # several deployments can share one Redis under their own prefix
 
     def __post_init__(self) -> None:
         # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
@@ -94,6 +103,10 @@ class Settings:
                self.anthropic_model_map, "must be 'pattern=model id' pairs")
         _check(self.max_output_tokens_cap is None or self.max_output_tokens_cap > 0, "max_output_tokens_cap",
                self.max_output_tokens_cap, "must be positive")
+        _check(self.redis_failure_mode in ("open", "closed"), "redis_failure_mode", self.redis_failure_mode,
+               "must be open or closed")
+        _check(self.redis_lease_ttl_s > 0, "redis_lease_ttl_s", self.redis_lease_ttl_s, "must be positive")
+        _check(self.redis_timeout_s > 0, "redis_timeout_s", self.redis_timeout_s, "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 

@@ -94,3 +94,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("tier times")
         for tier, seconds in sorted(_TIER_SECONDS.items()):
             terminalreporter.write_line(f"{tier:<14} {seconds:8.1f} s")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A real Redis for the shared-limits tests (`tests/redis_server.py`); tests use their own key prefix."""
+    from tests.redis_server import redis_url as url
+
+    return url()

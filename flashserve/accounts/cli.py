@@ -97,6 +97,29 @@ def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, da
     console.print(_table("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "created_at"]))
 
 
+Limit = Annotated[int | None, typer.Option(min=0, help="0: unlimited; unset: unchanged.")]
+
+
+def _limit_changes(**values: int | None) -> dict[str, int | None]:
+    """The options given, 0 meaning unlimited (NULL); options not given are left as they are."""
+    return {name: (value or None) for name, value in values.items() if value is not None}
+
+
+@accounts_app.command("limits")
+def accounts_limits(account_id: str, max_concurrent: Limit = None, rpm: Limit = None, tpm: Limit = None,
+                    user_max_concurrent: Limit = None, user_rpm: Limit = None, user_tpm: Limit = None,
+                    data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Set an account's limits: over all its keys together, and (--user-*) for each end user, told apart by
+    the requests' `user` field. Shown after the change."""
+    changes = _limit_changes(max_concurrent=max_concurrent, rpm=rpm, tpm=tpm,
+                             user_max_concurrent=user_max_concurrent, user_rpm=user_rpm, user_tpm=user_tpm)
+    account = _run(data_dir, database_url, lambda a: a.ledger.set_limits(account_id, changes))
+    if account is None:
+        raise _fail(f"no account {account_id!r}")
+    console.print(_table("account limits", [account], ["id", "name", "max_concurrent", "rpm", "tpm",
+                                                       "user_max_concurrent", "user_rpm", "user_tpm"]))
+
+
 # -- keys --------------------------------------------------------------------------------
 @keys_app.command("create")
 def keys_create(
@@ -132,6 +155,17 @@ def keys_list(account_id: Annotated[str | None, typer.Option()] = None, data_dir
     rows = _run(data_dir, database_url, lambda a: a.keys.list(account_id))
     console.print(_table("keys", rows, ["id", "name", "prefix", "account_id", "created_at", "expires_at",
                                         "revoked_at", "max_concurrent", "rpm", "tpm"]))
+
+
+@keys_app.command("limits")
+def keys_limits(key_id: str, max_concurrent: Limit = None, rpm: Limit = None, tpm: Limit = None,
+                data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Change a key's limits. Shown after the change."""
+    changes = _limit_changes(max_concurrent=max_concurrent, rpm=rpm, tpm=tpm)
+    view = _run(data_dir, database_url, lambda a: a.keys.set_limits(key_id, changes))
+    if view is None:
+        raise _fail(f"no key {key_id!r}")
+    console.print(_table("key limits", [view], ["id", "name", "prefix", "max_concurrent", "rpm", "tpm"]))
 
 
 @keys_app.command("revoke")

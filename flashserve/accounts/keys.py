@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
-from flashserve.accounts.tables import api_keys
+from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, KEY_LIMIT_COLUMNS, accounts, api_keys
 
 KEY_PREFIX = "sk-fs-"
 _PUBLIC_CHARS = 12
@@ -41,7 +41,7 @@ def public_prefix(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
-    """None means unlimited."""
+    """The limits of one scope (a key, an account, or each end user of an account). None means unlimited."""
 
     max_concurrent: int | None = None
     rpm: int | None = None
@@ -53,15 +53,22 @@ class KeyLimits:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or unset")
 
+    @property
+    def unlimited(self) -> bool:
+        return self.max_concurrent is None and self.rpm is None and self.tpm is None
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the verified key and its account."""
+    """Who is calling: the verified key and its account, with the limits of the key, of the account (all
+    its keys together) and of each end user of the account (the requests' `user` field)."""
 
     key_id: str
     account_id: str
     prefix: str
     limits: KeyLimits
+    account_limits: KeyLimits = KeyLimits()
+    user_limits: KeyLimits = KeyLimits()
 
 
 def key_view(row: Any) -> dict[str, Any]:
@@ -102,13 +109,30 @@ class KeyStore:
     async def verify(self, presented: str) -> Principal | None:
         """The principal behind a live key, or None (unknown, revoked or expired)."""
         presented_digest = digest(presented)
-        row = await self._row_by_digest(presented_digest)
+        query = (sa.select(api_keys, *(accounts.c[c].label(f"account_{c}") for c in ACCOUNT_LIMIT_COLUMNS))
+                 .join(accounts, accounts.c.id == api_keys.c.account_id)
+                 .where(api_keys.c.digest == presented_digest))
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
         if row is None or not hmac.compare_digest(row.digest, presented_digest):
             return None
         now = utcnow()
         if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
             return None
-        return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm))
+        account = {c: getattr(row, f"account_{c}") for c in ACCOUNT_LIMIT_COLUMNS}
+        return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm),
+                         KeyLimits(account["max_concurrent"], account["rpm"], account["tpm"]),
+                         KeyLimits(account["user_max_concurrent"], account["user_rpm"], account["user_tpm"]))
+
+    async def set_limits(self, key_id: str, changes: dict[str, int | None]) -> dict[str, Any] | None:
+        """Change some of a key's limits (None: unlimited); the key's view, or None when there is no such key."""
+        unknown = set(changes) - set(KEY_LIMIT_COLUMNS)
+        if unknown:
+            raise ValueError(f"not a key limit: {sorted(unknown)}")
+        if changes:
+            async with self.engine.begin() as conn:
+                await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id).values(**changes))
+        return await self.get(key_id)
 
     async def _row_by_digest(self, key_digest: str) -> Any:
         async with self.engine.connect() as conn:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
 from flashserve.accounts.pricing import format_usd
-from flashserve.accounts.tables import accounts, api_keys, topups, usage_records
+from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, accounts, api_keys, topups, usage_records
 
 STATUSES = ("ok", "error", "cancelled")
 GROUPINGS = ("key", "model", "day")
@@ -57,8 +57,10 @@ class UsageRecord:
 
 
 def account_view(row: Any) -> dict[str, Any]:
+    """An account with its balance and its limits (all its keys together; `user_*`: each end user's)."""
     return {"id": row.id, "object": "account", "name": row.name, "balance_pusd": int(row.balance_pusd),
-            "balance_usd": format_usd(int(row.balance_pusd)), "created_at": row.created_at.isoformat() + "Z"}
+            "balance_usd": format_usd(int(row.balance_pusd)), "created_at": row.created_at.isoformat() + "Z",
+            **{column: getattr(row, column) for column in ACCOUNT_LIMIT_COLUMNS}}
 
 
 class Ledger:
@@ -88,6 +90,16 @@ class Ledger:
         async with self.engine.connect() as conn:
             rows = await conn.execute(sa.select(accounts).order_by(accounts.c.created_at))
             return [account_view(row) for row in rows]
+
+    async def set_limits(self, account_id: str, changes: dict[str, int | None]) -> dict[str, Any] | None:
+        """Change some of an account's limits (None: unlimited); the account, or None when there is none."""
+        unknown = set(changes) - set(ACCOUNT_LIMIT_COLUMNS)
+        if unknown:
+            raise ValueError(f"not an account limit: {sorted(unknown)}")
+        if changes:
+            async with self.engine.begin() as conn:
+                await conn.execute(sa.update(accounts).where(accounts.c.id == account_id).values(**changes))
+        return await self.get_account(account_id)
 
     async def balance(self, account_id: str) -> int | None:
         async with self.engine.connect() as conn:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from flashserve.accounts.db import create_engine, migrate
 from flashserve.accounts.keys import KeyStore
 from flashserve.accounts.ledger import Ledger
-from flashserve.accounts.limits import RateLimiter
+from flashserve.accounts.limits import Limiter, MemoryLimiter
 from flashserve.accounts.stored_responses import ResponseStore
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,12 @@ class Bootstrap:
 
 
 class Accounts:
-    def __init__(self, database_url: str, bootstrap: Bootstrap | None = None) -> None:
+    def __init__(self, database_url: str, bootstrap: Bootstrap | None = None, limiter: Limiter | None = None) -> None:
         self.database_url = database_url
         self.bootstrap = bootstrap or Bootstrap()
         self.engine: AsyncEngine | None = None
-        self.limiter = RateLimiter()
+        # This process's counters unless given the shared one (accounts/limits.py: make_limiter).
+        self.limiter: Limiter = limiter or MemoryLimiter()
         self._admin_digest = (hashlib.sha256(self.bootstrap.admin_key.encode()).digest()
                               if self.bootstrap.admin_key else None)
 
@@ -63,6 +64,7 @@ class Accounts:
         await self._ensure_bootstrap_key()
 
     async def close(self) -> None:
+        await self.limiter.close()
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None

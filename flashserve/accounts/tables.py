@@ -21,7 +21,17 @@ accounts = sa.Table(
     sa.Column("name", sa.String(200), nullable=False, unique=True),
     sa.Column("balance_pusd", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    # Limits of the account, all its keys together (migration 0004; NULL: unlimited) ...
+    sa.Column("max_concurrent", sa.Integer, nullable=True),
+    sa.Column("rpm", sa.Integer, nullable=True),
+    sa.Column("tpm", sa.Integer, nullable=True),
+    # ... and of each of its end users, told apart by the requests' `user` field.
+    sa.Column("user_max_concurrent", sa.Integer, nullable=True),
+    sa.Column("user_rpm", sa.Integer, nullable=True),
+    sa.Column("user_tpm", sa.Integer, nullable=True),
 )
+KEY_LIMIT_COLUMNS = ("max_concurrent", "rpm", "tpm")
+ACCOUNT_LIMIT_COLUMNS = ("max_concurrent", "rpm", "tpm", "user_max_concurrent", "user_rpm", "user_tpm")
 
 api_keys = sa.Table(
     "api_keys", metadata,

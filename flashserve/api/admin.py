@@ -46,6 +46,28 @@ class CreateKey(_Body):
     tpm: int | None = Field(default=None, ge=1)
 
 
+Limit = int | None
+
+
+class AccountLimits(_Body):
+    """The fields sent are changed (null: unlimited); the others stay as they are."""
+
+    max_concurrent: Limit = Field(default=None, ge=1)
+    rpm: Limit = Field(default=None, ge=1)
+    tpm: Limit = Field(default=None, ge=1)
+    user_max_concurrent: Limit = Field(default=None, ge=1)
+    user_rpm: Limit = Field(default=None, ge=1)
+    user_tpm: Limit = Field(default=None, ge=1)
+
+
+class KeyLimitsBody(_Body):
+    """The fields sent are changed (null: unlimited); the others stay as they are."""
+
+    max_concurrent: Limit = Field(default=None, ge=1)
+    rpm: Limit = Field(default=None, ge=1)
+    tpm: Limit = Field(default=None, ge=1)
+
+
 def _pusd(value: Money, param: str) -> int:
     try:
         return pusd_from_usd(value)
@@ -90,6 +112,24 @@ async def top_up(account_id: str, body: TopUp, request: Request) -> dict[str, An
     if account is None:
         raise _not_found("account", account_id)
     return account
+
+
+@router.post("/accounts/{account_id}/limits")
+async def set_account_limits(account_id: str, body: AccountLimits, request: Request) -> dict[str, Any]:
+    """The account's limits over all its keys, and each end user's (`user_*`, by the requests' `user`)."""
+    changes = body.model_dump(include=body.model_fields_set)
+    account = await app_state(request).accounts.ledger.set_limits(account_id, changes)
+    if account is None:
+        raise _not_found("account", account_id)
+    return account
+
+
+@router.post("/keys/{key_id}/limits")
+async def set_key_limits(key_id: str, body: KeyLimitsBody, request: Request) -> dict[str, Any]:
+    view = await app_state(request).accounts.keys.set_limits(key_id, body.model_dump(include=body.model_fields_set))
+    if view is None:
+        raise _not_found("key", key_id)
+    return view
 
 
 @router.post("/keys", status_code=201)

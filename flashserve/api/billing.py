@@ -1,8 +1,10 @@
 """Admission and the usage record of one chat request.
 
 `Meter.admit` runs before any model work: an account at or below zero gets a
-402, a key over its limits a 429. Once the backend has accepted the request,
-`Meter.record` prices the engine's token counts and writes the usage row with
+402; a request over a limit of its key, its account or its end user (the
+request's `user`) a 429 naming the limit, with retry-after; a shared limiter
+whose Redis is down and which fails closed a 503. Once the backend has
+accepted the request, `Meter.record` prices the engine's token counts and writes the usage row with
 the balance debit in one transaction, exactly once, whatever ended the
 request.
 """
@@ -16,10 +18,10 @@ from dataclasses import asdict
 
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.ledger import UsageRecord
-from flashserve.accounts.limits import Lease, RateLimited
+from flashserve.accounts.limits import Lease, LimiterUnavailable, RateLimited, scopes_of
 from flashserve.accounts.pricing import TokenPrices
 from flashserve.accounts.service import Accounts
-from flashserve.errors import INVALID_REQUEST, RATE_LIMIT, FlashserveError
+from flashserve.errors import INVALID_REQUEST, RATE_LIMIT, FlashserveError, server_error
 from flashserve.generation import Usage
 
 log = logging.getLogger(__name__)
@@ -40,31 +42,39 @@ class Meter:
 
     @classmethod
     async def admit(cls, accounts: Accounts, principal: Principal, model: str, prices: TokenPrices,
-                    request_id: str) -> Meter:
+                    request_id: str, user: str | None = None) -> Meter:
         balance = await accounts.ledger.balance(principal.account_id)
         if balance is None or balance <= 0:
             raise FlashserveError(402, "Insufficient balance: top up the account to continue.", INVALID_REQUEST,
                               None, "insufficient_balance")
+        scopes = scopes_of(principal.key_id, principal.limits, principal.account_id, principal.account_limits,
+                           user, principal.user_limits)
         try:
-            lease = accounts.limiter.acquire(principal.key_id, principal.limits)
+            lease = await accounts.limiter.acquire(scopes)
         except RateLimited as exc:
             raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
                               headers={"retry-after": str(exc.retry_after)}) from None
+        except LimiterUnavailable:
+            raise server_error(503, "Rate limits cannot be checked right now; retry shortly.",
+                               "limits_unavailable", retry_after_s=1) from None
         return cls(accounts, principal, model, prices, request_id, lease)
 
     def cost(self, usage: Usage) -> int:
         return self.prices.cost(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 
-    def release_unused(self) -> None:
-        """The request never reached the model: free its limit slot, write nothing."""
-        self._lease.release(0)
+    async def release_unused(self) -> None:
+        """The request never reached the model: free its limit slots, write nothing."""
+        await self._lease.release(0)
 
     async def record(self, usage: Usage, status: str) -> int:
         """Write the usage row (once; later calls return the first cost)."""
         if self.cost_pusd is not None:
             return self.cost_pusd
         self.cost_pusd = cost = self.cost(usage)
-        self._lease.release(usage.total_tokens)
+        try:
+            await self._lease.release(usage.total_tokens)
+        except Exception:  # noqa: BLE001 - a limiter's failure must never cost the usage row
+            log.exception("could not release the rate-limit lease of %s", self.request_id)
         rec = UsageRecord(
             request_id=self.request_id, account_id=self.principal.account_id, key_id=self.principal.key_id,
             model=self.model, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,

@@ -12,11 +12,11 @@ completions next) parses its wire format into a `generation.py: GenerationReques
     cost = await call.collect(on_delta, request)  # None: the client left
 
 What happens here and nowhere else: the model is resolved (404), the balance and limits are checked
-(402, 429: `api/billing.py: Meter`), the backend is opened under the request's id and tenant (the
-account, narrowed by a router's cache salt), a stream waiting on the engine yields `KeepAlive` every
-`sse_keepalive_s`, a client disconnect aborts the generation, and whatever ends the request (completion,
-error, disconnect, the drain's abort) the generation is aborted and the usage row written exactly once,
-shielded from cancellation.
+(402; 429 per key, account and end user; 503 when a shared limiter fails closed: `api/billing.py: Meter`),
+the backend is opened under the request's id and tenant (the account, narrowed by a router's cache salt),
+a stream waiting on the engine yields `KeepAlive` every `sse_keepalive_s`, a client disconnect aborts the
+generation, and whatever ends the request (completion, error, disconnect, the drain's abort) the
+generation is aborted and the usage row written exactly once, shielded from cancellation.
 """
 
 from __future__ import annotations
@@ -86,11 +86,12 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
     salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
     tenant = principal.account_id + (f"/{salt}" if salt else "")
     ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant)
-    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id)
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id, gen.user)
     try:
         generation = await backend.open(gen, ctx)
     except BaseException:
-        meter.release_unused()
+        with anyio.CancelScope(shield=True):
+            await meter.release_unused()
         raise
     return Call(ctx.request_id, int(time.time()), card, backend, generation, meter, state.sse_keepalive_s)
 

@@ -15,6 +15,8 @@ from alembic import command
 from sqlalchemy.engine import Connection
 
 from flashserve.accounts.db import alembic_config, create_engine, migrate
+from flashserve.accounts.keys import KeyLimits, KeyStore, digest
+from flashserve.accounts.ledger import Ledger
 from flashserve.accounts.stored_responses import ResponseStore
 from tests.conftest import postgres_url
 
@@ -71,7 +73,7 @@ async def test_0002_upgrades_a_populated_0001_database(empty_database: str) -> N
 
     await migrate(engine)  # what start-up runs: 0001 -> head
     async with engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0002"
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0004"
         assert (await conn.execute(sa.text("SELECT balance_pusd FROM accounts"))).scalar() == 5000
         assert (await conn.execute(sa.text("SELECT count(*) FROM usage_records"))).scalar() == 1
         fks = await conn.run_sync(lambda c: sa.inspect(c).get_foreign_keys("stored_responses"))
@@ -91,4 +93,51 @@ async def test_0002_upgrades_a_populated_0001_database(empty_database: str) -> N
         await conn.execute(sa.text("DELETE FROM accounts"))
         assert (await conn.execute(sa.text("SELECT count(*) FROM stored_responses"))).scalar() == 0
     await migrate(engine)  # idempotent at head
+    await engine.dispose()
+
+
+async def test_0004_upgrades_a_populated_0002_database(empty_database: str) -> None:
+    """Accounts and keys of the 0002 schema keep working, unlimited at the account level, until limits are set."""
+    engine = create_engine(empty_database)
+    now = datetime(2026, 12, 1, 12, 0, 0)
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade_to("0002"))
+        await conn.execute(sa.text("INSERT INTO accounts (id, name, balance_pusd, created_at) "
+                                   "VALUES ('acct_old', 'old', 5000, :t)"), {"t": now})
+        await conn.execute(sa.text("INSERT INTO api_keys (id, account_id, name, prefix, digest, created_at, rpm) "
+                                   "VALUES ('key_old', 'acct_old', 'k', 'sk-fs-old', :d, :t, 7)"),
+                           {"d": digest("sk-fs-old-key"), "t": now})
+        await conn.execute(sa.text(
+            "INSERT INTO stored_responses (id, account_id, created_at, expires_at, response, input_items, "
+            "conversation) VALUES ('resp_old', 'acct_old', :t, :t, '{}', '[]', '[]')"), {"t": now})
+
+    await migrate(engine)  # 0002 -> head
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0004"
+        assert (await conn.execute(sa.text("SELECT count(*) FROM stored_responses"))).scalar() == 1
+    ledger, keys = Ledger(engine), KeyStore(engine)
+    account = await ledger.get_account("acct_old")
+    assert account is not None and account["balance_pusd"] == 5000
+    assert all(account[c] is None for c in ("max_concurrent", "rpm", "tpm", "user_max_concurrent", "user_rpm",
+                                            "user_tpm"))
+    principal = await keys.verify("sk-fs-old-key")
+    assert principal is not None and principal.limits == KeyLimits(rpm=7)
+    assert principal.account_limits.unlimited and principal.user_limits.unlimited
+
+    changed = await ledger.set_limits("acct_old", {"max_concurrent": 3, "user_rpm": 5})
+    assert changed is not None and changed["max_concurrent"] == 3 and changed["user_rpm"] == 5
+    principal = await keys.verify("sk-fs-old-key")
+    assert principal is not None
+    assert principal.account_limits == KeyLimits(max_concurrent=3) and principal.user_limits == KeyLimits(rpm=5)
+    assert await ledger.set_limits("acct_missing", {"rpm": 1}) is None
+
+    async with engine.begin() as conn:  # and back down: 0004's columns go, the rows stay
+        def downgrade(connection: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0002")
+        await conn.run_sync(downgrade)
+        columns = await conn.run_sync(lambda c: [col["name"] for col in sa.inspect(c).get_columns("accounts")])
+        assert "user_rpm" not in columns
+        assert (await conn.execute(sa.text("SELECT balance_pusd FROM accounts"))).scalar() == 5000
     await engine.dispose()

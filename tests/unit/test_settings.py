@@ -15,7 +15,8 @@ from flashserve.settings import Settings, SettingsError
 @pytest.mark.parametrize(("change", "name"), [
     ({"port": 0}, "port"), ({"dtype": "int3"}, "dtype"), ({"weight_quant": "int2"}, "weight_quant"),
     ({"workers": -1}, "workers"), ({"routing_policy": "random"}, "routing_policy"),
-    ({"sse_keepalive_s": 0.0}, "sse_keepalive_s"),
+    ({"sse_keepalive_s": 0.0}, "sse_keepalive_s"), ({"redis_failure_mode": "maybe"}, "redis_failure_mode"),
+    ({"redis_lease_ttl_s": 0.0}, "redis_lease_ttl_s"), ({"redis_timeout_s": -1.0}, "redis_timeout_s"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(change: dict, name: str) -> None:
     with pytest.raises(SettingsError, match=f"setting {name} ="):
