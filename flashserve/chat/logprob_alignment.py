@@ -86,6 +86,15 @@ class ContentLogprobs:
             self._placed.extend(_Placed(e, start, len(self.raw)) for e in self._unplaced)
             self._unplaced.clear()
 
+    def add_token_texts(self, entries: list[TokenLogprob], released: str) -> None:
+        """Tokens that carry their own text (an upstream's logprobs) and the text they released: each is
+        placed on its own piece when their texts spell the released text, else all share its span."""
+        if "".join(e.token for e in entries) != released:
+            self.add_tokens(entries, released)
+            return
+        for entry in entries:
+            self.add_tokens([entry], entry.token)
+
     def content(self, text: str) -> list[TokenLogprob]:
         """The logprobs of the tokens whose text this content piece completes."""
         if text:
