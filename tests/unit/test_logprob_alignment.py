@@ -152,15 +152,17 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 def generate(tokenizer: Tokenizer, text: str, stops: list[str], tools: list[str] | None = None,
-             ) -> tuple[str, list[TokenLogprob], list[str]]:
-    return asyncio.run(_generate(tokenizer, text, stops, tools))
+             thinking: str = "") -> tuple[str, list[TokenLogprob], list[str]]:
+    return asyncio.run(_generate(tokenizer, text, stops, tools, thinking))
 
 
 async def _generate(tokenizer: Tokenizer, text: str, stops: list[str], tools: list[str] | None,
-                    ) -> tuple[str, list[TokenLogprob], list[str]]:
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    gen = LocalGeneration([ScriptedStream(ids)], tokenizer, stops, 5, tools,  # type: ignore[list-item]
-                          token_texts=TokenTexts(tokenizer))
+                    thinking: str) -> tuple[str, list[TokenLogprob], list[str]]:
+    """`thinking`: text the engine counted as reasoning (its tokens come first, `</think>` included)."""
+    reasoning = tokenizer.encode(thinking, add_special_tokens=False).ids if thinking else []
+    ids = reasoning + tokenizer.encode(text, add_special_tokens=False).ids
+    gen = LocalGeneration([ScriptedStream(ids, len(reasoning))], tokenizer, stops, 5,  # type: ignore[list-item]
+                          tools, thinking=bool(thinking), token_texts=TokenTexts(tokenizer))
     content, logprobs, calls = "", [], []
     async for delta in gen:
         content += delta.content
@@ -188,3 +190,9 @@ def test_local_pipeline_leaves_out_tool_call_markup(tokenizer: Tokenizer) -> Non
     content, logprobs, calls = generate(tokenizer, text, [], tools=["f"])
     assert calls == ["f"] and content == "Sure."
     assert "".join(e.token for e in logprobs) in ("Sure.", "Sure.<")  # a token may straddle the marker
+
+
+def test_local_pipeline_in_thinking_mode_covers_content_tokens_only(tokenizer: Tokenizer) -> None:
+    content, logprobs, _ = generate(tokenizer, "\n\nParis.", [], thinking="Let me think step by step.</think>")
+    assert content == "Paris."
+    assert "".join(e.token for e in logprobs) == "Paris."  # no thinking token, no marker, no stripped newline
