@@ -37,7 +37,9 @@ class StepLogits:
 
 
 def wants_logprobs(request: Request) -> bool:
-    return request.params.logprobs is not None
+    """Whether the token this step samples for `request` gets a logprob. Not while it thinks: logprobs
+    cover content tokens, so thinking tokens (the end marker included) cost nothing extra."""
+    return request.params.logprobs is not None and (request.thinking is None or request.thinking_done)
 
 
 class Runner(Protocol):

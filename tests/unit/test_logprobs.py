@@ -16,7 +16,7 @@ import torch
 
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from flashserve.engine.logprobs import SampledLogprob, sampled_logprobs
-from flashserve.engine.request import SamplingParams
+from flashserve.engine.request import SamplingParams, ThinkingControl
 from flashserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from flashserve.models.llama import LlamaForCausalLM
 from flashserve.models.loading import Checkpoint, load_checkpoint
@@ -157,3 +157,20 @@ def test_sampled_logprobs_sort_ties_by_id() -> None:
     assert [tid for tid, _ in lp.top] == [1, 2, 4]
     assert lp.logprob == lp.top[2][1]
     assert sampled_logprobs(exact, [0], [0])[0].top == ()
+
+
+def test_thinking_tokens_get_no_logprobs(v4: DeepseekV4ForCausalLM) -> None:
+    """Logprobs cover content tokens: while a request thinks (its budget forces the end marker here) the
+    engine computes none; from its first answer token on, each token has one."""
+    config = EngineConfig(max_model_len=1024, num_kv_blocks=64, block_size=128, max_num_batched_tokens=64)
+    engine = LLMEngine(v4, config, v4.config.vocab_size, runner="sequence_state")
+    p = torch.randint(8, 512, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine.add_request("t", p, greedy(10, logprobs=2), thinking=ThinkingControl((7,), budget=4))
+    seen: list[tuple[int, int, int]] = []  # (output index, reasoning tokens so far, logprobs)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.append((out.num_output_tokens - 1, out.num_reasoning_tokens, len(out.logprobs)))
+    reasoning = seen[-1][1]
+    assert 0 < reasoning < 10
+    assert [n for i, _, n in seen if i < reasoning] == [0] * reasoning
+    assert [n for i, _, n in seen if i >= reasoning] == [1] * (10 - reasoning)
