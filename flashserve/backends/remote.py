@@ -334,6 +334,7 @@ class RemoteGeneration:
         self._raw_parsers: dict[int, ModelOutputParser] = {}  # per choice, for a raw-text upstream
         self._raw_logprobs: dict[int, ContentLogprobs] = {}  # per choice, for a raw-text upstream
         self._thinking = request is not None and raw_thinking(request)
+        self._wants_logprobs = request is not None and bool(request.sampling.logprobs)
         parses_calls = request is not None and bool(request.tools) and (
             request.tool_choice is None or request.tool_choice.mode != "none")
         self._tool_names = [t.name for t in request.tools] if request is not None and parses_calls else None
@@ -396,8 +397,9 @@ class RemoteGeneration:
         if self._raw is not None:
             parser = self._raw_parser(index)
             # The upstream's logprobs cover the raw text (thinking and call markup too): keep the content's.
-            aligned = self._raw_logprobs.setdefault(index, ContentLogprobs())
-            aligned.add_token_texts(logprobs, content)
+            aligned = self._raw_logprobs.setdefault(index, ContentLogprobs()) if self._wants_logprobs else None
+            if aligned is not None:
+                aligned.add_token_texts(logprobs, content)
             pieces = parser.feed(content)
             if reason:
                 rest, reason = parser.finish(reason)
@@ -407,7 +409,8 @@ class RemoteGeneration:
             reasoning += pieces.reasoning
             content = pieces.content
             calls = pieces.calls + calls
-            logprobs = aligned.finish(content) if reason else aligned.content(content)
+            if aligned is not None:
+                logprobs = aligned.finish(content) if reason else aligned.content(content)
         if not (content or reasoning or calls or reason or logprobs):
             return None
         # vLLM and SGLang name the stop string that matched in `stop_reason` (a token id when a stop token did)
