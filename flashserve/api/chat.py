@@ -30,6 +30,7 @@ from flashserve.generation import (
     Reasoning,
     ResponseFormat,
     Sampling,
+    TokenLogprob,
     ToolCall,
     ToolChoice,
     ToolSpec,
@@ -48,9 +49,10 @@ async def create_chat_completion(
                            check=lambda card: check_request(body, card))
     n = body.n or 1
     if body.stream:
-        return StreamingResponse(_sse(call, body.model, n, body.include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(call, body.model, n, body.include_usage, bool(body.logprobs)),
+                                 media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-request-id": call.id})
-    return await _complete(call, body.model, n, request)
+    return await _complete(call, body.model, n, request, bool(body.logprobs))
 
 
 # -- request ---------------------------------------------------------------------------------------------
@@ -114,6 +116,9 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
     if body.stream_options is not None and not body.stream:
         raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               "stream_options", "invalid_value")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid_request("Invalid value for 'top_logprobs': it is only allowed when 'logprobs' is true.",
+                              "top_logprobs", "invalid_value")
     call_ids: set[str] = set()
     for i, message in enumerate(body.messages):
         for call in message.tool_calls or ():
@@ -147,13 +152,28 @@ def usage_dict(usage: Usage, cost_pusd: int | None = None) -> dict[str, Any]:
     return out
 
 
-async def _complete(call: Call, model: str, n: int, request: Request) -> JSONResponse:
+def token_logprob_dicts(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Token logprobs in OpenAI's shape (chat's `logprobs.content`, the Responses output_text `logprobs`)."""
+    return [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top]}
+            for e in entries]
+
+
+def _logprobs_dict(entries: list[TokenLogprob], text: str) -> dict[str, Any]:
+    """A choice's `logprobs`: one entry per content token; `content: null` where there is no content (a
+    tool-call-only answer), as the message's own `content` is."""
+    return {"content": token_logprob_dicts(entries) if text or entries else None, "refusal": None}
+
+
+async def _complete(call: Call, model: str, n: int, request: Request, logprobs: bool = False) -> JSONResponse:
     texts = [""] * n
     thoughts = [""] * n
     calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
+    token_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
 
     def add(delta: ChoiceDelta) -> None:
+        token_logprobs[delta.index].extend(delta.logprobs)
         texts[delta.index] += delta.content
         thoughts[delta.index] += delta.reasoning_content
         calls[delta.index].extend(_call_dict(c) for c in delta.tool_calls)
@@ -166,7 +186,8 @@ async def _complete(call: Call, model: str, n: int, request: Request) -> JSONRes
     body = {
         "id": call.id, "object": "chat.completion", "created": call.created, "model": model,
         "choices": [
-            {"index": i, "message": _message_dict(texts[i], calls[i], thoughts[i]), "logprobs": None,
+            {"index": i, "message": _message_dict(texts[i], calls[i], thoughts[i]),
+             "logprobs": _logprobs_dict(token_logprobs[i], texts[i]) if logprobs else None,
              "finish_reason": reasons[i]}
             for i in range(n)
         ],
@@ -193,7 +214,8 @@ def _event(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _sse(call: Call, model: str, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(call: Call, model: str, n: int, include_usage: bool,
+               logprobs: bool = False) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {"id": call.id, "object": "chat.completion.chunk", "created": call.created,
                                "model": model, "system_fingerprint": call.system_fingerprint, "choices": choices}
@@ -201,8 +223,10 @@ async def _sse(call: Call, model: str, n: int, include_usage: bool) -> AsyncIter
             out["usage"] = None
         return out
 
-    def choice(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        return _event(chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]))
+    def choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+               token_logprobs: dict[str, Any] | None = None) -> str:
+        return _event(chunk([{"index": index, "delta": delta, "logprobs": token_logprobs,
+                              "finish_reason": finish_reason}]))
 
     async with call.streaming() as events:
         for i in range(n):
@@ -224,8 +248,10 @@ async def _sse(call: Call, model: str, n: int, include_usage: bool) -> AsyncIter
             else:
                 if event.reasoning_content:
                     yield choice(event.index, {"reasoning_content": event.reasoning_content})
-                if event.content:
-                    yield choice(event.index, {"content": event.content})
+                if event.content or (logprobs and event.logprobs):
+                    # Each content chunk carries the logprobs of the tokens whose text it completes.
+                    yield choice(event.index, {"content": event.content}, None,
+                                 _logprobs_dict(event.logprobs, event.content) if logprobs else None)
                 for tool_call in event.tool_calls:
                     # As OpenAI streams them: the call's index, id and name first, then its arguments.
                     k = call_counts[event.index]

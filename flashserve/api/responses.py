@@ -23,7 +23,10 @@ Choices made here (the README's "Responses API" section documents them):
   same 404 for an unknown, expired or another account's id). `store: false` keeps nothing.
 - `prompt_cache_key` is routing affinity (`GenerationRequest.cache_key`); it does not namespace the cache.
 - A failure after the stream began is a `response.failed` event carrying the error (the openai SDK's
-  stream helper ends on it); `background: true` and logprobs are 400s.
+  stream helper ends on it); `background: true` is a 400.
+- `include: ["message.output_text.logprobs"]` (with `top_logprobs` 0..20) puts the content tokens' logprobs
+  on the output_text part and on each `response.output_text.delta` event; `top_logprobs` without that
+  include is a 400 naming it (it would change nothing). A stored conversation keeps the text, not them.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from flashserve.accounts.keys import Principal
 from flashserve.accounts.pricing import usd_from_pusd
 from flashserve.accounts.service import Accounts
 from flashserve.api.auth import require_api_key
-from flashserve.api.chat import KEEPALIVE
+from flashserve.api.chat import KEEPALIVE, token_logprob_dicts
 from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call, respond
 from flashserve.api.responses_schemas import ResponsesRequest
 from flashserve.api.sealed_reasoning import open_reasoning, seal_reasoning
@@ -70,6 +73,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 NAMESPACE_SEP = "__"  # a namespace's function F of namespace NS is shown to the model as NS__F
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
+LOGPROBS = "message.output_text.logprobs"
 _REFUSED_CONTENT = {"input_image", "input_file", "input_audio", "image_url", "file", "audio"}
 
 
@@ -91,11 +95,9 @@ def check_request(body: ResponsesRequest) -> None:
     if body.background:
         raise invalid_request("Background responses are not supported by this server: leave 'background' unset "
                               "or false.", "background", "unsupported_parameter")
-    for i, what in enumerate(body.include or ()):
-        if what == "message.output_text.logprobs":
-            raise invalid_request("Log probabilities are not supported by the Responses API here yet: remove "
-                                  "'message.output_text.logprobs' from 'include'.", f"include[{i}]",
-                                  "unsupported_parameter")
+    if body.top_logprobs is not None and LOGPROBS not in (body.include or ()):
+        raise invalid_request(f"Invalid value for 'top_logprobs': it is only allowed with '{LOGPROBS}' in "
+                              "'include'.", "top_logprobs", "invalid_value")
     if body.input is None and body.previous_response_id is None:
         raise invalid_request("Missing required parameter: 'input'.", "input", "missing_required_parameter")
 
@@ -126,7 +128,9 @@ def prepare(body: ResponsesRequest, key: ServerKey, account_id: str,
         tool_choice=_tool_choice(body.tool_choice, namespaces) if tools else None,
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=response_format,
-        sampling=Sampling(temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens),
+        sampling=Sampling(temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_output_tokens,
+                          logprobs=True if LOGPROBS in (body.include or ()) else None,
+                          top_logprobs=body.top_logprobs),
         reasoning=Reasoning(effort=body.reasoning.effort if body.reasoning else None),
         stream=bool(body.stream),
         user=body.user,
@@ -327,8 +331,11 @@ class OutputBuilder:
     items only). `history` is the same items as the stored conversation keeps them (reasoning in plain
     text, never sealed)."""
 
-    def __init__(self, summary: bool, seal: Callable[[str], str] | None, namespaces: set[str]) -> None:
+    def __init__(self, summary: bool, seal: Callable[[str], str] | None, namespaces: set[str],
+                 logprobs: bool = False) -> None:
         self.summary = summary
+        self.logprobs = logprobs  # include message.output_text.logprobs
+        self._token_logprobs: list[dict[str, Any]] = []
         self.seal = seal
         self.namespaces = namespaces
         self.items: list[dict[str, Any]] = []
@@ -363,9 +370,13 @@ class OutputBuilder:
                 out += self.close()
                 out += self._open_message()
             self._text += delta.content
+            logprobs = token_logprob_dicts(delta.logprobs) if self.logprobs else []
+            self._token_logprobs += logprobs
             out.append(("response.output_text.delta", {"item_id": self._open["id"],  # type: ignore[index]
                                                        "output_index": self._index, "content_index": 0,
-                                                       "delta": delta.content, "logprobs": []}))
+                                                       "delta": delta.content, "logprobs": logprobs}))
+        elif delta.logprobs and self.logprobs and self._open is not None and self._open["type"] == "message":
+            self._token_logprobs += token_logprob_dicts(delta.logprobs)  # the last tokens, released at the end
         for call in delta.tool_calls:
             out += self.close()
             out += self._call(call)
@@ -387,6 +398,7 @@ class OutputBuilder:
         self._open = {"id": _new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
                       "content": []}
         self._text = ""
+        self._token_logprobs = []
         return [("response.output_item.added", {"output_index": self._index, "item": dict(self._open)}),
                 ("response.content_part.added", {"item_id": self._open["id"], "output_index": self._index,
                                                  "content_index": 0,
@@ -434,14 +446,17 @@ class OutputBuilder:
             self.history.append({"type": "reasoning", "id": item["id"], "summary": item["summary"],
                                  "content": [{"type": "reasoning_text", "text": text}]})
         else:
-            part = {"type": "output_text", "text": text, "annotations": []}
+            part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+            if self.logprobs:
+                part["logprobs"] = self._token_logprobs
             item["content"] = [part]
             item["status"] = "incomplete" if self.finish_reason == "length" else "completed"
             out += [("response.output_text.done", {"item_id": item["id"], "output_index": i, "content_index": 0,
-                                                   "text": text, "logprobs": []}),
+                                                   "text": text, "logprobs": self._token_logprobs}),
                     ("response.content_part.done", {"item_id": item["id"], "output_index": i, "content_index": 0,
                                                     "part": part})]
-            self.history.append(item)
+            # The stored conversation keeps the text, not the logprobs.
+            self.history.append({**item, "content": [{k: v for k, v in part.items() if k != "logprobs"}]})
         out.append(("response.output_item.done", {"output_index": i, "item": item}))
         self.items.append(item)
         return out
@@ -473,7 +488,8 @@ class _View:
         include = set(body.include or ())
         seal = ((lambda text: seal_reasoning(key, principal.account_id, text))
                 if ENCRYPTED_REASONING in include else None)
-        self.out = OutputBuilder(bool(body.reasoning and body.reasoning.wants_summary), seal, prepared.namespaces)
+        self.out = OutputBuilder(bool(body.reasoning and body.reasoning.wants_summary), seal, prepared.namespaces,
+                                 logprobs=LOGPROBS in include)
         self.id = "resp_" + call.id.removeprefix("resp-")
 
     def response(self, status: str, usage: dict[str, Any] | None = None,
@@ -501,6 +517,7 @@ class _View:
             "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
             "tools": body.tools or [],
             "top_p": body.top_p if body.top_p is not None else 1.0,
+            "top_logprobs": body.top_logprobs if body.top_logprobs is not None else 0,
             "truncation": body.truncation or "disabled",
             "usage": usage, "user": body.user, "metadata": body.metadata or {},
         }

@@ -62,5 +62,6 @@ class ResponsesRequest(_Loose):
     user: str | None = None
     prompt_cache_key: str | None = None
     include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     background: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None

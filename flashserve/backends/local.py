@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from flashserve import __version__
 from flashserve.chat.formats import Template, ToolParser
+from flashserve.chat.logprob_alignment import ContentLogprobs, TokenTexts
 from flashserve.chat.model_output import ModelOutputParser
 from flashserve.chat.output import ChoiceOutput
 from flashserve.chat.reasoning import ReasoningSpec, Thinking, resolve_thinking
@@ -61,6 +62,7 @@ class LocalBackend:
         # Names the engine build and the exact weights: a change of either changes the fingerprint.
         ident = f"flashserve-{__version__}:{model.fingerprint}:{model.dtype}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
+        self._token_texts = TokenTexts(model.tokenizer)  # logprobs' token texts and bytes, cached by id
 
     # -- request preparation ---------------------------------------------------
     def render_prompt(self, messages: list[Message], plan: ToolPlan, thinking: bool = False,
@@ -95,6 +97,7 @@ class LocalBackend:
             seed=seed,
             max_tokens=sampling.max_tokens,
             stop_token_ids=self.model.stop_token_ids,
+            logprobs=(sampling.top_logprobs or 0) if sampling.logprobs else None,
         )
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
@@ -128,10 +131,6 @@ class LocalBackend:
             raise unsupported_parameter("response_format", "is not available: structured output is not set up.")
         if request.tools and self.model.grammars is None:
             raise unsupported_parameter("tools", "are not available: constrained decoding is not set up.")
-        if request.sampling.logprobs:
-            raise unsupported_parameter("logprobs", "is not supported yet.")
-        if request.sampling.top_logprobs:
-            raise unsupported_parameter("top_logprobs", "is not supported yet.")
 
     # -- Backend -----------------------------------------------------------------
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], ToolPlan, Any | None, Thinking]:
@@ -177,7 +176,8 @@ class LocalBackend:
         names = [t.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, list(request.sampling.stop), len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
-                               tool_parser=self.model.tool_parser)
+                               tool_parser=self.model.tool_parser,
+                               token_texts=self._token_texts if request.sampling.logprobs else None)
 
     def _admit(self, ids: list[str]) -> None:
         """Bound the engine's queue: past it, 503 before any model work (checked and counted without an
@@ -235,8 +235,12 @@ class LocalBackend:
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
                  prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
-                 max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser) -> None:
+                 max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser,
+                 token_texts: TokenTexts | None = None) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
+        # Logprobs asked for: each choice's token logprobs, aligned with its content (chat/logprob_alignment.py).
+        self._token_texts = token_texts
+        self._logprobs = None if token_texts is None else [ContentLogprobs() for _ in streams]
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
         # Text -> reasoning, content and calls: the stage a raw-text remote upstream shares (chat/model_output.py).
@@ -255,6 +259,7 @@ class LocalGeneration:
                 continue  # the closing output of a choice we already ended on a stop string
             choice = self._choices[index]
             text = choice.add(out.new_token_ids)
+            self._place_logprobs(index, out, choice.released)
             if choice.stopped or out.finished:
                 self._done[index] = True
                 if choice.stopped:
@@ -263,6 +268,7 @@ class LocalGeneration:
                     raise server_error(503, "The request was aborted by the server.", "request_aborted")
                 else:
                     text += choice.finish()
+                    self._place_logprobs(index, None, choice.released)
                 reason = "stop" if choice.stopped else str(out.finish_reason)
                 delta = self._delta(index, text, final=True, reason=reason)
                 delta.stop_sequence = choice.matcher.matched
@@ -278,7 +284,22 @@ class LocalGeneration:
         if final:
             rest, reason = output.finish(reason)
             pieces.add(rest)
-        return ChoiceDelta(index, pieces.content, pieces.reasoning, tool_calls=pieces.calls, finish_reason=reason)
+        delta = ChoiceDelta(index, pieces.content, pieces.reasoning, tool_calls=pieces.calls, finish_reason=reason)
+        if self._logprobs is not None:
+            aligned = self._logprobs[index]
+            delta.logprobs = aligned.finish(pieces.content) if final else aligned.content(pieces.content)
+        return delta
+
+    def _place_logprobs(self, index: int, out: RequestOutput | None, released: str) -> None:
+        """Put an output's content tokens (not its thinking tokens) on the raw text it released."""
+        if self._logprobs is None or self._token_texts is None:
+            return
+        entries = []
+        if out is not None and out.logprobs:
+            first = out.num_output_tokens - len(out.new_token_ids)  # the output index of its first token
+            entries = [self._token_texts.logprob(lp) for i, lp in enumerate(out.logprobs)
+                       if first + i >= out.num_reasoning_tokens]
+        self._logprobs[index].add_tokens(entries, released)
 
     def _account(self, index: int, out: RequestOutput) -> None:
         self._completion[index] = out.num_output_tokens

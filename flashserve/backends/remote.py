@@ -20,6 +20,10 @@ reasoning_content, content and tool_calls (finish_reason `tool_calls`) come out 
 Such an upstream is always told whether to think, and thinks unless the request turns it off (effort
 `none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts.
 
+Logprobs: `logprobs`/`top_logprobs` go upstream as given, and each chunk's `choices[].logprobs.content`
+comes back as the delta's token logprobs; from a raw-text upstream they cover its raw text, so only the
+tokens of the parsed content are kept (`chat/logprob_alignment.py`, as for the local engine).
+
 Errors: an upstream answer other than 200 becomes our error object (its 4xx as a 400 with the upstream's
 message, 429 as 429 with its retry-after, its auth failure and 5xx as 502, a timeout as 504). Connection
 failures, 5xx and timeouts are retried, with backoff, only before anything has been returned to the caller,
@@ -38,6 +42,7 @@ from typing import Any
 import httpx
 
 from flashserve.catalog import RemoteSpec
+from flashserve.chat.logprob_alignment import ContentLogprobs
 from flashserve.chat.model_output import RAW_TEXT_PARSERS, ModelOutputParser
 from flashserve.chat.reasoning import EFFORT_MODE
 from flashserve.errors import INVALID_REQUEST, SERVER_ERROR, FlashserveError, unsupported_parameter
@@ -48,9 +53,11 @@ from flashserve.generation import (
     Message,
     RequestContext,
     ResponseFormat,
+    TokenLogprob,
     ToolCall,
     ToolChoice,
     ToolSpec,
+    TopLogprob,
     Usage,
 )
 
@@ -167,6 +174,34 @@ def _response_format_body(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     spec = {k: v for k, v in (("name", fmt.name), ("description", fmt.description), ("schema", fmt.schema),
                                ("strict", fmt.strict)) if v is not None}
     return {"type": "json_schema", "json_schema": spec}
+
+
+def token_logprobs(raw: Any) -> list[TokenLogprob]:
+    """An upstream choice's `logprobs.content` (OpenAI's shape) as our token logprobs; entries without a
+    token or a number are skipped, and -inf (vLLM's for a masked token) is OpenAI's -9999.0."""
+    entries = raw.get("content") if isinstance(raw, dict) else None
+    out: list[TokenLogprob] = []
+    for entry in entries if isinstance(entries, list) else ():
+        parsed = _token_and_logprob(entry)
+        if parsed is None:
+            continue
+        top = tuple(TopLogprob(*alt) for alt in map(_token_and_logprob, entry.get("top_logprobs") or ())
+                    if alt is not None)
+        out.append(TokenLogprob(*parsed, top))
+    return out
+
+
+def _token_and_logprob(entry: Any) -> tuple[str, float, tuple[int, ...]] | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        return None
+    try:
+        logprob = max(float(entry["logprob"]), -9999.0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    raw = entry.get("bytes")
+    token = entry["token"]
+    data = tuple(raw) if isinstance(raw, list) and all(isinstance(b, int) for b in raw) else tuple(token.encode())
+    return token, logprob, data
 
 
 def normalize_usage(raw: dict[str, Any]) -> Usage:
@@ -297,7 +332,9 @@ class RemoteGeneration:
         self._calls: dict[tuple[int, int], dict[str, str]] = {}
         self._raw = backend.upstream.raw_text
         self._raw_parsers: dict[int, ModelOutputParser] = {}  # per choice, for a raw-text upstream
+        self._raw_logprobs: dict[int, ContentLogprobs] = {}  # per choice, for a raw-text upstream
         self._thinking = request is not None and raw_thinking(request)
+        self._wants_logprobs = request is not None and bool(request.sampling.logprobs)
         parses_calls = request is not None and bool(request.tools) and (
             request.tool_choice is None or request.tool_choice.mode != "none")
         self._tool_names = [t.name for t in request.tools] if request is not None and parses_calls else None
@@ -356,8 +393,13 @@ class RemoteGeneration:
                 del self._calls[k]
         content = raw.get("content") or ""
         reasoning = raw.get("reasoning_content") or raw.get("reasoning") or ""  # vLLM calls it `reasoning`
+        logprobs = token_logprobs(choice.get("logprobs"))
         if self._raw is not None:
             parser = self._raw_parser(index)
+            # The upstream's logprobs cover the raw text (thinking and call markup too): keep the content's.
+            aligned = self._raw_logprobs.setdefault(index, ContentLogprobs()) if self._wants_logprobs else None
+            if aligned is not None:
+                aligned.add_token_texts(logprobs, content)
             pieces = parser.feed(content)
             if reason:
                 rest, reason = parser.finish(reason)
@@ -367,12 +409,14 @@ class RemoteGeneration:
             reasoning += pieces.reasoning
             content = pieces.content
             calls = pieces.calls + calls
-        if not (content or reasoning or calls or reason):
+            if aligned is not None:
+                logprobs = aligned.finish(content) if reason else aligned.content(content)
+        if not (content or reasoning or calls or reason or logprobs):
             return None
         # vLLM and SGLang name the stop string that matched in `stop_reason` (a token id when a stop token did)
         matched = choice.get("stop_reason") if reason == "stop" else None
         return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason,
-                           stop_sequence=matched if isinstance(matched, str) else None)
+                           stop_sequence=matched if isinstance(matched, str) else None, logprobs=logprobs)
 
     def _raw_parser(self, index: int) -> ModelOutputParser:
         parser = self._raw_parsers.get(index)

@@ -95,14 +95,17 @@ class ChoiceOutput:
     def __init__(self, tokenizer: Decoder, stops: Sequence[str]) -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.matcher = StopStringMatcher(stops)
+        self.released = ""  # the detokenizer's text of the last add/finish, before stop strings (for logprobs)
 
     @property
     def stopped(self) -> bool:
         return self.matcher.stopped
 
     def add(self, new_ids: Sequence[int]) -> str:
-        return self.matcher.feed(self.detokenizer.add(new_ids))
+        self.released = self.detokenizer.add(new_ids)
+        return self.matcher.feed(self.released)
 
     def finish(self) -> str:
-        tail = self.matcher.feed(self.detokenizer.flush())
+        self.released = self.detokenizer.flush()
+        tail = self.matcher.feed(self.released)
         return tail + self.matcher.flush()

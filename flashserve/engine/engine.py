@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheManager, KVCacheStorage
+from flashserve.engine.logprobs import SampledLogprob, sampled_logprobs
 from flashserve.engine.request import Request, RequestOutput, SamplingParams, ThinkingControl, TokenConstraint
-from flashserve.engine.runner import ModelRunner, Runner
+from flashserve.engine.runner import ModelRunner, Runner, StepLogits
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import Scheduler, SchedulerConfig
 from flashserve.engine.state_runner import SequenceStateRunner, SnapshotPool
@@ -106,14 +107,27 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return []
-        logits = self.runner.run(batch)
+        step = self.runner.run(batch)
         sampling = batch.sampling_requests
-        tokens = self.sampler(logits, sampling)
-        outputs = self.scheduler.update(batch, {r.request_id: t for r, t in zip(sampling, tokens, strict=True)})
+        tokens = self.sampler(step.logits, sampling)
+        sampled = {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        outputs = self.scheduler.update(batch, sampled, self._logprobs(step, sampling, sampled))
         for out in outputs:
             if out.finished:
                 self.runner.release(out.request_id)
         return outputs
+
+    @staticmethod
+    def _logprobs(step: StepLogits, sampling: list[Request], sampled: dict[str, int]) -> dict[str, SampledLogprob]:
+        """The sampled tokens' logprobs, from the exact rows of the requests that ask for them (only those
+        rows: the rest of the batch pays nothing)."""
+        wanting = [r for r in sampling if r.request_id in step.exact]
+        if not wanting:
+            return {}
+        exact = torch.stack([step.exact[r.request_id] for r in wanting])
+        tokens = [sampled[r.request_id] for r in wanting]
+        found = sampled_logprobs(exact, tokens, [r.params.logprobs or 0 for r in wanting])
+        return {r.request_id: lp for r, lp in zip(wanting, found, strict=True)}
 
     def stats(self) -> dict[str, int]:
         return {**self.kv.stats(), **self.runner.stats(), "running": len(self.scheduler.running),

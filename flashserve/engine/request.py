@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from flashserve.engine.logprobs import MAX_TOP_LOGPROBS, SampledLogprob
+
 
 class TokenConstraint(Protocol):
     """A grammar that decides which tokens may come next (see chat/structured.py)."""
@@ -41,6 +43,8 @@ class SamplingParams:
     max_tokens: int | None = None  # None: as many as the context leaves
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None: no logprobs; k: each emitted token's logprob and its k most likely alternatives (engine/logprobs.py)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         assert 0.0 <= self.temperature <= 2.0, self.temperature
@@ -48,6 +52,7 @@ class SamplingParams:
         assert -2.0 <= self.presence_penalty <= 2.0
         assert -2.0 <= self.frequency_penalty <= 2.0
         assert self.max_tokens is None or self.max_tokens >= 1
+        assert self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, self.logprobs
 
     @property
     def greedy(self) -> bool:
@@ -159,3 +164,4 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     num_reasoning_tokens: int = 0
+    logprobs: tuple[SampledLogprob, ...] = ()  # one per new token, for a request that asks for logprobs

@@ -15,19 +15,36 @@ sample (the last token of each request whose known tokens are now all computed).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from flashserve.engine.kv_cache import KVCacheStorage
+from flashserve.engine.request import Request
 from flashserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from flashserve.models.layers import AttentionMetadata
 
 
+@dataclass(slots=True)
+class StepLogits:
+    """What a runner computed for a step's sampling requests."""
+
+    logits: torch.Tensor  # [num_sampling_requests, vocab], in `batch.sampling_requests` order: what is sampled
+    # request id -> float32 logits [vocab] of the full float32 head, for the requests that ask for logprobs
+    exact: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def wants_logprobs(request: Request) -> bool:
+    """Whether the token this step samples for `request` gets a logprob. Not while it thinks: logprobs
+    cover content tokens, so thinking tokens (the end marker included) cost nothing extra."""
+    return request.params.logprobs is not None and (request.thinking is None or request.thinking_done)
+
+
 class Runner(Protocol):
-    def run(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
+    def run(self, batch: SchedulerOutput) -> StepLogits:
+        """The logits to sample from, and the exact ones of requests that ask for logprobs."""
         ...
 
     def release(self, request_id: str) -> None:
@@ -67,8 +84,8 @@ class ModelRunner:
         return {}
 
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
+    def run(self, batch: SchedulerOutput) -> StepLogits:
+        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order, and the exact rows."""
         # Generated-token decodes first: the leading rows that quantized weights and the decode kernel
         # serve. The sort is stable, so each group keeps the scheduler's order.
         chunks = sorted(batch.chunks, key=lambda c: not _generated(c))
@@ -80,6 +97,8 @@ class ModelRunner:
         ctx_lens: list[int] = []
         logit_rows: list[int] = []  # decode rows first, like the batch
         sampled: list[str] = []
+        exact_ids: list[str] = []
+        exact_rows: list[int] = []  # indices into logit_rows
         for chunk in chunks:
             request = chunk.request
             start = request.num_computed_tokens
@@ -90,6 +109,9 @@ class ModelRunner:
             q_lens.append(chunk.num_new_tokens)
             ctx_lens.append(end)
             if chunk.samples:
+                if wants_logprobs(request):
+                    exact_ids.append(request.request_id)
+                    exact_rows.append(len(logit_rows))
                 logit_rows.append(len(token_ids) - 1)
                 sampled.append(request.request_id)
         meta = AttentionMetadata.build(tables, q_lens, ctx_lens, self.block_size, self.device,
@@ -99,9 +121,22 @@ class ModelRunner:
         if logit_rows != list(range(len(token_ids))):  # a pure decode batch samples every row, in order
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=self.device)]
         logits = self.model.compute_logits(hidden, generated).float().cpu()
+        exact: dict[str, torch.Tensor] = {}
+        if exact_ids:
+            rows = hidden[torch.tensor(exact_rows, dtype=torch.int64, device=self.device)]
+            full = _exact_logits(self.model, rows, logits[torch.tensor(exact_rows)])
+            exact = dict(zip(exact_ids, full, strict=True))
         order = {request_id: i for i, request_id in enumerate(sampled)}
         wanted = [order[r.request_id] for r in batch.sampling_requests]
-        return logits if wanted == list(range(len(wanted))) else logits[torch.tensor(wanted)]
+        logits = logits if wanted == list(range(len(wanted))) else logits[torch.tensor(wanted)]
+        return StepLogits(logits, exact)
+
+
+def _exact_logits(model: nn.Module, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The model's full float32 head over `hidden` (float32 [rows, vocab]); a model without a separate one
+    (its head is exact already) gives its logits as they are."""
+    exact = getattr(model, "exact_logits", None)
+    return logits if exact is None else exact(hidden).float().cpu()
 
 
 def _generated(chunk: ScheduledChunk) -> bool:

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from flashserve.engine.kv_cache import KVCacheManager
+from flashserve.engine.logprobs import SampledLogprob
 from flashserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
@@ -140,8 +141,10 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     # -- results ------------------------------------------------------------
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
-        """Advance the scheduled requests by what the step computed and sampled."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               logprobs: dict[str, SampledLogprob] | None = None) -> list[RequestOutput]:
+        """Advance the scheduled requests by what the step computed and sampled (and the sampled tokens'
+        logprobs, for the requests that ask for them)."""
         outputs: list[RequestOutput] = []
         for chunk in out.chunks:
             request = chunk.request
@@ -157,7 +160,8 @@ class Scheduler:
             if reason is not None:
                 self.running.remove(request)
                 self._finish(request, reason)
-            outputs.append(self._output(request, (token,)))
+            logprob = None if logprobs is None else logprobs.get(request.request_id)
+            outputs.append(self._output(request, (token,), () if logprob is None else (logprob,)))
         return outputs
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -180,7 +184,8 @@ class Scheduler:
         del self._by_id[request.request_id]
 
     @staticmethod
-    def _output(request: Request, new_tokens: tuple[int, ...]) -> RequestOutput:
+    def _output(request: Request, new_tokens: tuple[int, ...],
+                logprobs: tuple[SampledLogprob, ...] = ()) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new_tokens,
@@ -190,6 +195,7 @@ class Scheduler:
             num_cached_tokens=request.num_cached_tokens or 0,
             num_output_tokens=len(request.output_token_ids),
             num_reasoning_tokens=request.num_reasoning_tokens,
+            logprobs=logprobs,
         )
 
     @staticmethod

@@ -32,6 +32,7 @@ from torch import nn
 
 from flashserve.engine.kv_cache import block_key
 from flashserve.engine.request import Request
+from flashserve.engine.runner import StepLogits, wants_logprobs
 from flashserve.engine.scheduler import SchedulerOutput
 
 
@@ -128,8 +129,9 @@ class SequenceStateRunner:
 
     # -- Runner ------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order."""
+    def run(self, batch: SchedulerOutput) -> StepLogits:
+        """Logits [num_sampling_requests, vocab], in `batch.sampling_requests` order. The model's head runs in
+        its own dtype over the full vocabulary, so a logprob row's exact logits are its logits (float32)."""
         # Every request's starting state first: a copy a request was admitted with is taken before any
         # chunk of this step keeps new copies (which could push it out of the pool).
         states = [self._state_at(chunk.request, chunk.request.num_computed_tokens) for chunk in batch.chunks]
@@ -141,8 +143,10 @@ class SequenceStateRunner:
             if chunk.samples:
                 last[request.request_id] = logits
         if not batch.sampling_requests:
-            return torch.empty(0, 0)
-        return torch.cat([last[r.request_id] for r in batch.sampling_requests]).float()
+            return StepLogits(torch.empty(0, 0))
+        logits = torch.cat([last[r.request_id] for r in batch.sampling_requests]).float()
+        exact = {r.request_id: logits[i] for i, r in enumerate(batch.sampling_requests) if wants_logprobs(r)}
+        return StepLogits(logits, exact)
 
     def release(self, request_id: str) -> None:
         """The request finished or was aborted: its state goes (its prefix copies stay for others)."""

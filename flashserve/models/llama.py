@@ -320,6 +320,26 @@ class LlamaForCausalLM(nn.Module):
                 if len(top) else top.float()
         return logits.scatter_(1, top, rescored.float())
 
+    def exact_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab] of the float32 head over the whole vocabulary: what
+        logprobs are computed from (engine/logprobs.py), for the rows of requests that ask for them only.
+
+        With a float32 head to rescore from, every entry is the same fixed-order dot as `compute_logits`'s
+        rescoring gives its top candidates (the same kernel, so the same bits): the token greedy picks has
+        the largest of these logits. Without one the head is exact already (float32, not quantized) or has
+        no float32 weights to be exact with (a bf16 checkpoint): its dense (prompt-row) path is used.
+        """
+        exact = self.exact_head
+        if exact is None:
+            return self.lm_head.forward(hidden, 0).float()
+        h = hidden.to(exact.dtype).contiguous()
+        ops = cpu_ops() if CpuOps.supports(h) else None
+        if ops is not None and exact.dtype == torch.float32 and exact.is_contiguous():
+            every = torch.arange(exact.shape[0], dtype=torch.int64).expand(h.shape[0], -1).contiguous()
+            return ops.gather_dot(exact, h, every)
+        # One row per call: a row's sums then never depend on the other rows (see compute_logits).
+        return torch.cat([r.unsqueeze(0) @ exact.T for r in h]).float() if len(h) else h.new_zeros(0, exact.shape[0])
+
     def cache_specs(self) -> list[CacheSpec]:
         spec = CacheSpec(FULL_ATTENTION, self.config.num_key_value_heads, self.config.head_dim)
         return [spec] * self.config.num_hidden_layers

@@ -213,3 +213,27 @@ def decode(tokenizer: Tokenizer, ids: Sequence[int], *, skip_special_tokens: boo
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """The tokenizer's special added tokens (content -> id), e.g. `{"<|im_end|>": 2, ...}`."""
     return {tok.content: idx for idx, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The raw bytes a token stands for (a byte-level token may hold part of a UTF-8 character): what
+    OpenAI's logprobs carry in `bytes`. Byte-level BPE spells bytes in GPT-2's alphabet; a byte-fallback
+    token is `<0xHH>`; anything else is its decoded text."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if isinstance(tokenizer.decoder, decoders.ByteLevel):
+        by_char = _byte_from_char()
+        if all(c in by_char for c in piece):
+            return bytes(by_char[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+@lru_cache(maxsize=1)
+def _byte_from_char() -> dict[str, int]:
+    return {char: byte for byte, char in _byte_alphabet().items()}

@@ -131,3 +131,15 @@ def test_upstream_body_is_an_openai_chat_body_of_what_the_client_gave() -> None:
     assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "s",
                                                                              "schema": {"type": "object"}}}
     assert "reasoning_effort" not in body and "logprobs" not in body
+
+
+def test_logprobs_go_upstream_and_come_back() -> None:
+    body = upstream_body(request(logprobs=True, top_logprobs=2), Upstream("http://u/v1", "up"))
+    assert (body["logprobs"], body["top_logprobs"]) == (True, 2)
+    gen = RemoteGeneration.__new__(RemoteGeneration)
+    gen._calls = {}
+    entry = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+             "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}, {"token": "Yo", "logprob": -1.5}]}
+    delta = gen._delta({"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [entry]}})
+    assert delta is not None and [(e.token, e.logprob, e.bytes) for e in delta.logprobs] == [("Hi", -0.5, (72, 105))]
+    assert [(t.token, t.logprob) for t in delta.logprobs[0].top] == [("Hi", -0.5), ("Yo", -1.5)]
