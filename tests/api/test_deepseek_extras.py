@@ -232,7 +232,8 @@ async def test_the_openai_client_with_a_root_base_url(api: Api) -> None:
         assert answer.choices[0].message.content == "d "
     finally:
         await http.aclose()
-    r = await api.client.post("/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "a"}]})
+    r = await api.client.post("/chat/completions",
+                              json={"model": "nope", "messages": [{"role": "user", "content": "a"}]})
     assert error_of(r, 404)["code"] == "model_not_found"  # OpenAI's error shape at the root too
 
 
