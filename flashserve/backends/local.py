@@ -208,10 +208,10 @@ class LocalBackend:
         prompt, plan, grammar, thinking = self._prepare(request)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
+            what = "messages" if request.raw_prompt is None else "prompt"
             raise invalid_request(
-                f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
-                f"{len(prompt)} tokens. Please reduce the length of the messages.",
-                "messages", "context_length_exceeded")
+                f"This model's maximum context length is {limit} tokens. However, your {what} resulted in "
+                f"{len(prompt)} tokens. Please reduce the length of the {what}.", what, "context_length_exceeded")
         control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
         params = [self.sampling_params(request, i) for i in range(request.sampling.n)]
         ids = [choice_id(ctx.request_id, i) for i in range(len(params))]

@@ -57,9 +57,11 @@ from flashserve.generation import (
     Message,
     RequestContext,
     ResponseFormat,
+    TokenLogprob,
     ToolCall,
     ToolChoice,
     ToolSpec,
+    TopLogprob,
     Usage,
 )
 
@@ -105,8 +107,10 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     if request.raw_prompt is not None:
         if request.tools or request.response_format is not None:
             raise unsupported_parameter("prompt", "cannot be combined with tools or a response_format.")
-        for key in ("tools", "tool_choice", "parallel_tool_calls", "modalities", "audio"):
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "modalities", "audio", "top_logprobs"):
             body.pop(key, None)
+        if sampling.logprobs:
+            body["logprobs"] = sampling.top_logprobs or 0  # the legacy API's spelling: how many alternatives
         return body  # a raw prompt has no chat template to tell about thinking
     effort, switch = request.reasoning.effort, request.reasoning.thinking
     if upstream.raw_text is not None and effort is None and switch is None:
@@ -190,6 +194,25 @@ def _response_format_body(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     spec = {k: v for k, v in (("name", fmt.name), ("description", fmt.description), ("schema", fmt.schema),
                                ("strict", fmt.strict)) if v is not None}
     return {"type": "json_schema", "json_schema": spec}
+
+
+def legacy_logprobs(raw: Any) -> list[TokenLogprob]:
+    """A legacy completions chunk's `logprobs` ({tokens, token_logprobs, top_logprobs}) as our entries (a
+    token without a value is left out); other shapes (chat's `content` list) give none here."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("tokens"), list):
+        return []
+    values = raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or []
+    out = []
+    for i, token in enumerate(raw["tokens"]):
+        if i >= len(values) or not isinstance(values[i], int | float):
+            continue  # no value (an echoed prompt's first token): nothing to report
+        value = values[i]
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        alternatives = tuple(TopLogprob(str(t), float(v), tuple(str(t).encode())) for t, v in top.items()
+                             if isinstance(v, int | float))
+        out.append(TokenLogprob(str(token), float(value), tuple(str(token).encode()), alternatives))
+    return out
 
 
 def normalize_usage(raw: dict[str, Any]) -> Usage:
@@ -439,12 +462,13 @@ class RemoteGeneration:
             reasoning += pieces.reasoning
             content = pieces.content
             calls = pieces.calls + calls
-        if not (content or reasoning or calls or reason):
+        if not (content or reasoning or calls or reason or choice.get("logprobs")):
             return None
         # vLLM and SGLang name the stop string that matched in `stop_reason` (a token id when a stop token did)
         matched = choice.get("stop_reason") if reason == "stop" else None
         return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason,
-                           stop_sequence=matched if isinstance(matched, str) else None)
+                           stop_sequence=matched if isinstance(matched, str) else None,
+                           logprobs=legacy_logprobs(choice.get("logprobs")))
 
     def _raw_parser(self, index: int) -> ModelOutputParser:
         parser = self._raw_parsers.get(index)

@@ -258,7 +258,10 @@ class FakeUpstream:
         text = f"{body['prompt']} | {body.get('suffix', '')}"
 
         async def events() -> AsyncIterator[str]:
-            for chunk in ({"choices": [{"index": 0, "text": text, "finish_reason": None}]},
+            logprobs = None if body.get("logprobs") is None else {
+                "tokens": [text], "token_logprobs": [-0.25], "top_logprobs": [{text: -0.25, "x": -3.0}],
+                "text_offset": [0]}
+            for chunk in ({"choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]},
                           {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
                           {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}):
                 yield f"data: {json.dumps(chunk)}\n\n"

@@ -106,6 +106,9 @@ async def test_raw_prompt_on_the_engine_and_no_fim_format(api: Api) -> None:
     error = error_of(r)
     assert error["param"] == "suffix" and "fill-in-the-middle" in error["message"]
     assert len(await api.records()) == 1  # the refused FIM wrote nothing
+    r = await api.client.post("/v1/completions", json={"model": "fake-local", "prompt": "x" * (LOCAL_CONTEXT + 1)})
+    error = error_of(r)
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
 
 
 async def test_a_remote_fim_goes_to_the_upstreams_completions(api: Api) -> None:
@@ -114,6 +117,10 @@ async def test_a_remote_fim_goes_to_the_upstreams_completions(api: Api) -> None:
     assert r.json()["choices"][0]["text"] == "def f( | return 1"  # the fake upstream echoes what it got
     sent = api.upstreams["up-a"].seen[-1]["body"]
     assert sent["suffix"] == "return 1" and sent["model"] == "up-model" and "messages" not in sent
+    r = await api.client.post("/v1/completions", json={"model": "remote", "prompt": "a", "logprobs": 1})
+    assert api.upstreams["up-a"].seen[-1]["body"]["logprobs"] == 1  # the legacy spelling, upstream too
+    assert r.json()["choices"][0]["logprobs"] == {"tokens": ["a | "], "token_logprobs": [-0.25],
+                                                  "top_logprobs": [{"a | ": -0.25}], "text_offset": [0]}
 
 
 # -- chat prefix completion and message fields ---------------------------------------------------------------
