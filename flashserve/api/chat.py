@@ -132,7 +132,12 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
         raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               "stream_options", "invalid_value")
     check_messages(body.messages)
-    for i, message in enumerate(body.messages):
+    check_content_parts(body.messages, card)
+
+
+def check_content_parts(messages: list[ChatMessage], card: ModelCard) -> None:
+    """Content parts the model cannot read are refused (their text would be all that is left)."""
+    for i, message in enumerate(messages):
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):

@@ -7,7 +7,8 @@
 
 Authenticated and free: each request takes a slot of the key's requests per minute (429 past them) and
 writes no usage row (`api/core.py: admit_free`). The local engine answers exactly; a vLLM or SGLang
-upstream answers from its own `/tokenize`; another upstream kind has no tokenizer to ask: 501.
+upstream (or another flashserve) answers from its own `/tokenize`; DeepSeek's API, or an upstream whose
+`/tokenize` is a 404, has no tokenizer to ask: 501.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flashserve.accounts.keys import Principal
 from flashserve.api.auth import require_api_key
-from flashserve.api.chat import check_messages, message_of, reasoning
+from flashserve.api.chat import check_content_parts, check_messages, message_of, reasoning
 from flashserve.api.core import admit_free, resolve_model
 from flashserve.api.schemas import MAX_MESSAGES, ChatMessage, ReasoningEffort, ThinkingSwitch, Tool
 from flashserve.generation import GenerationRequest, ToolSpec
@@ -63,7 +64,8 @@ async def tokenize(body: TokenizeRequest, request: Request,
                             tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters,
                                                  t.function.strict) for t in body.tools or ()),
                             reasoning=reasoning(body.reasoning_effort, body.thinking))
-    _, backend = resolve_model(request, gen)
+    card, backend = resolve_model(request, gen)
+    check_content_parts(body.messages or [], card)
     await admit_free(request, principal)
     tokens = await backend.tokenize(gen, body.add_generation_prompt)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": backend.max_model_len}

@@ -15,8 +15,9 @@ catalog's url says which). A chat prefix (last assistant message with `prefix`) 
 `prefix: true` (DeepSeek serves it at its `/beta` base URL), and to vLLM and SGLang as
 `continue_final_message` without a generation prompt, their spelling of the same thing.
 
-Tokenizer endpoints: vLLM and SGLang have `/tokenize` and `/detokenize` at the server's root (beside
-`/v1`); they are forwarded there. Other upstream kinds have none: 501.
+Tokenizer endpoints: vLLM, SGLang and flashserve have `/tokenize` and `/detokenize` at the server's root
+(beside `/v1`); they are forwarded there (an upstream that answers 404 has none: 501). DeepSeek's API has
+none: 501.
 
 Usage is normalized into ours: DeepSeek's `prompt_cache_hit_tokens`, or `prompt_tokens_details.cached_tokens`
 (vLLM, SGLang, OpenAI); reasoning tokens from `completion_tokens_details.reasoning_tokens` or SGLang's
@@ -268,7 +269,7 @@ class RemoteBackend:
     max_model_len: int | None = None  # the upstream's; a tokenize answer from it reports its own
 
     async def tokenize(self, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
-        """The upstream's own token ids, from its `/tokenize` (vLLM, SGLang); 501 for other kinds."""
+        """The upstream's own token ids, from its `/tokenize` (vLLM, SGLang, flashserve); 501 without one."""
         body: dict[str, Any] = {"model": self.upstream.model}
         if request.raw_prompt is not None:
             body["prompt"] = request.raw_prompt
@@ -291,9 +292,12 @@ class RemoteBackend:
         return text
 
     async def _tokenizer_call(self, path: str, body: dict[str, Any]) -> Any:
-        if self.upstream.kind not in ("vllm", "sglang"):
-            raise FlashserveError(501, f"This model's upstream ({self.upstream.kind}) has no tokenizer endpoint.",
-                                  INVALID_REQUEST, None, "tokenizer_unavailable")
+        """POST to the upstream server's root `path` (vLLM, SGLang, another flashserve: kind "openai", which
+        may also be a server without one: its 404 is our 501); DeepSeek's API has none."""
+        unavailable = FlashserveError(501, f"This model's upstream ({self.upstream.kind}) has no tokenizer "
+                                      "endpoint.", INVALID_REQUEST, None, "tokenizer_unavailable")
+        if self.upstream.kind == "deepseek":
+            raise unavailable
         headers = {"Authorization": f"Bearer {self.upstream.api_key}"} if self.upstream.api_key else {}
         url = self.upstream.url.rstrip("/").removesuffix("/v1") + path
         try:
@@ -304,6 +308,8 @@ class RemoteBackend:
         except httpx.HTTPError as exc:
             raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
                                   "upstream_unavailable") from exc
+        if response.status_code in (404, 405):
+            raise unavailable
         if response.status_code != 200:
             raise upstream_error(response.status_code, response.text, response.headers)
         try:

@@ -273,6 +273,10 @@ async def test_tokenize_and_detokenize(api: Api, prefix: str) -> None:
     ("/detokenize", {"model": "fake-local", "tokens": [-1]}, 400, "tokens[0]"),
     ("/detokenize", {"model": "fake-local", "tokens": "abc"}, 400, "tokens"),
     ("/tokenize", {"model": "remote", "prompt": "a"}, 501, None),
+    ("/tokenize", {"model": "fake-local", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0]"),
+    ("/tokenize", {"model": "fake-local", "messages": [{"role": "user", "content": "a", "prefix": True}]}, 400,
+     "messages[0].prefix"),
 ])
 async def test_bad_tokenizer_requests(api: Api, path: str, payload: dict[str, Any], status: int,
                                       param: str | None) -> None:
