@@ -8,6 +8,12 @@ behind a router). Specs are plain data: `server.py` (composition) builds the
 backends from them, so nothing here imports `backends/`. `make_card` is the one
 place a `ModelCard` is built. `Catalog` is generic in the backend type
 (`api/state.py` holds a `Catalog[Backend]`).
+
+Aliases are catalog entries too: another name for a served model, optionally with thinking switched on or
+off by default (`Alias`). DeepSeek's own names are built in (`DEEPSEEK_ALIASES`: `deepseek-v4-flash`,
+and the legacy `deepseek-chat` / `deepseek-reasoner` with thinking off / on) whenever the reference id is
+served; a catalog file adds its own with `alias_of` (and `thinking`). A request names an alias and is
+served, billed and recorded as the model it resolves to.
 """
 
 from __future__ import annotations
@@ -108,6 +114,29 @@ def make_card(model_id: str, *, context_length: int, reasoning: ReasoningSpec, w
                      max_output_tokens=max_output_tokens)
 
 
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """Another name for a served model. `thinking`: the default thinking switch of requests that name the
+    alias and set neither `thinking` nor `reasoning_effort` themselves (None: the model's own default)."""
+
+    id: str
+    target: str
+    thinking: bool | None = None
+
+    def to_openai(self, card: ModelCard) -> dict[str, object]:
+        """The target's model object under the alias's id, naming its target."""
+        out = card.to_openai()
+        out["id"] = self.id
+        out["alias_of"] = self.target
+        out["alias_thinking"] = self.thinking
+        return out
+
+
+# DeepSeek's own names for the reference model: its API's current id and the legacy chat / reasoner pair.
+DEEPSEEK_ALIASES = (Alias("deepseek-v4-flash", REFERENCE_MODEL_ID),
+                    Alias("deepseek-chat", REFERENCE_MODEL_ID, thinking=False),
+                    Alias("deepseek-reasoner", REFERENCE_MODEL_ID, thinking=True))
+
 B = TypeVar("B")
 
 
@@ -120,18 +149,50 @@ class Served(Generic[B]):
 @dataclass(slots=True)
 class Catalog(Generic[B]):
     entries: dict[str, Served[B]] = field(default_factory=dict)
+    aliases: dict[str, Alias] = field(default_factory=dict)
 
     def add(self, card: ModelCard, backend: B) -> None:
-        if card.id in self.entries:
+        if card.id in self.entries or card.id in self.aliases:
             raise ValueError(f"model {card.id} listed twice")
         self.entries[card.id] = Served(card, backend)
 
+    def add_alias(self, alias: Alias) -> None:
+        """Another name for a served model (an alias of an alias is refused: one hop, always)."""
+        if alias.id in self.entries or alias.id in self.aliases:
+            raise ValueError(f"model {alias.id} listed twice")
+        if alias.target not in self.entries:
+            raise ValueError(f"alias {alias.id} names {alias.target}, which is not a served model")
+        self.aliases[alias.id] = alias
+
+    def alias(self, model_id: str) -> Alias | None:
+        return self.aliases.get(model_id)
+
     def resolve(self, model_id: str) -> tuple[ModelCard, B]:
+        """The card and backend of a model id or alias (an alias gives its target's card: usage rows and
+        billing record the resolved model)."""
+        alias = self.aliases.get(model_id)
         try:
-            served = self.entries[model_id]
+            served = self.entries[alias.target if alias is not None else model_id]
         except KeyError:
             raise model_not_found(model_id) from None
         return served.card, served.backend
+
+    def models(self) -> list[dict[str, object]]:
+        """Every model and alias as OpenAI model objects (GET /v1/models)."""
+        out = [card.to_openai() for card in self.cards()]
+        out.extend(alias.to_openai(self.entries[alias.target].card) for alias in self.aliases.values())
+        return out
+
+    def add_aliases(self, entries: dict[str, CatalogEntry]) -> None:
+        """DeepSeek's built-in names (when the reference model is served) and the catalog file's aliases;
+        a file alias of the same id replaces a built-in one, a served model of that id wins over both."""
+        wanted = {a.id: a for a in DEEPSEEK_ALIASES if a.target in self.entries}
+        for entry in entries.values():
+            if entry.alias_of is not None:
+                wanted[entry.model_id] = Alias(entry.model_id, entry.alias_of, entry.thinking)
+        for alias in wanted.values():
+            if alias.id not in self.entries:
+                self.add_alias(alias)
 
     def cards(self) -> list[ModelCard]:
         return [served.card for served in self.entries.values()]
@@ -197,6 +258,8 @@ class CatalogEntry:
     context_length: int | None = None
     reasoning: bool | None = None
     max_output_tokens_cap: int | None = None  # clamps max_tokens (over the server's max_output_tokens_cap)
+    alias_of: str | None = None  # this id is an alias of that served model (no backend, prices or card keys)
+    thinking: bool | None = None  # an alias's default thinking switch
 
 
 class CatalogError(ValueError):
@@ -213,6 +276,12 @@ def load_catalog_file(path: str | Path) -> dict[str, CatalogEntry]:
         input_cache_hit = "0.0028"
         input_cache_miss = "0.14"
         output = "0.28"
+
+    An alias is an entry of its own::
+
+        [models."fast-chat"]
+        alias_of = "deepseek/deepseek-v4-flash"
+        thinking = false    # optional: the alias's default thinking switch
 
     Returns {model_id: CatalogEntry}. Prices are strings (or integers) so that no float
     rounding creeps into money.
@@ -239,16 +308,27 @@ def load_catalog_file(path: str | Path) -> dict[str, CatalogEntry]:
                 entry["prices"] = _prices(path, text, model_id, value)
             elif key == "backend":
                 entry["backend"] = _backend(path, text, model_id, value)
-            elif key in ("context_length", "reasoning", "max_output_tokens_cap"):
+            elif key in ("context_length", "reasoning", "max_output_tokens_cap", "thinking"):
                 entry[key] = _card_value(path, line, f"{where}.{key}", value)
+            elif key == "alias_of":
+                if not isinstance(value, str) or not value:
+                    raise CatalogError(f"{path}:{line}: {where}.alias_of must be a model id")
+                entry[key] = value
             else:
                 raise CatalogError(f"{path}:{line}: unknown key '{where}.{key}'")
+        if "alias_of" in entry and set(entry) - {"alias_of", "thinking"}:
+            other = sorted(set(entry) - {"alias_of", "thinking"})[0]
+            raise CatalogError(f"{path}:{_line_of(text, other, after=model_id)}: {where} is an alias "
+                               f"(alias_of): '{other}' belongs to the model it names")
+        if "thinking" in entry and "alias_of" not in entry:
+            raise CatalogError(f"{path}:{_line_of(text, 'thinking', after=model_id)}: {where}.thinking is "
+                               "an alias's setting: it needs alias_of")
         out[model_id] = CatalogEntry(model_id, **entry)
     return out
 
 
 def _card_value(path: Path, line: int, where: str, value: Any) -> int | bool:
-    if where.endswith("reasoning"):
+    if where.endswith(("reasoning", "thinking")):
         if not isinstance(value, bool):
             raise CatalogError(f"{path}:{line}: {where} must be true or false")
         return value

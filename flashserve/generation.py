@@ -13,8 +13,9 @@ Room left for the surfaces to come, without building them:
   "none" and "named" (its {"type": "tool"}), `reasoning.thinking` + `reasoning.budget_tokens`.
 - Responses: `response_format` (its text.format json_schema), `cache_key` (prompt_cache_key: routing
   affinity), `user`.
-- Legacy completions: `raw_prompt` (a prompt string sent as is, no chat template) and `suffix` (FIM),
-  `sampling.logprobs`. No backend serves a raw prompt yet: they answer 400 `unsupported_parameter`.
+- Legacy completions (`api/completions.py`): `raw_prompt` (a prompt string sent as is, no chat template)
+  and `suffix` (fill in the middle: the local backend renders the model family's FIM format, a remote one
+  forwards both to its upstream's /completions).
 """
 
 from __future__ import annotations

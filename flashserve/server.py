@@ -152,7 +152,7 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             created=created, entry=entries.get(model_id, CatalogEntry(model_id)),
             max_output_tokens=settings.max_output_tokens_cap,
         ), backend)
-
+    catalog.add_aliases(entries)
     return _finish_server(settings, catalog, checkpoint.name)
 
 
@@ -208,4 +208,5 @@ def _build_router_server(settings: Settings, path: Path) -> Server:
             description=f"{path.name} behind a router of {len(workers.urls)} engine workers", created=created,
             max_output_tokens=settings.max_output_tokens_cap,
         ), router)
+    catalog.add_aliases({})
     return _finish_server(settings, catalog, path.name)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
-from flashserve.api import admin, anthropic, chat, models, responses, usage
+from flashserve.api import admin, anthropic, chat, completions, models, responses, tokenizer, usage
 from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
@@ -172,6 +172,8 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     app.add_middleware(_Admission)
     install_error_handlers(app)
     app.include_router(chat.router)
+    app.include_router(completions.router)
+    app.include_router(tokenizer.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
     app.include_router(models.router)

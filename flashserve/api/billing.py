@@ -59,6 +59,17 @@ class Meter:
                                "limits_unavailable", retry_after_s=1) from None
         return cls(accounts, principal, model, prices, request_id, lease)
 
+    @staticmethod
+    async def admit_free(accounts: Accounts, principal: Principal) -> None:
+        """A request that costs nothing (tokenize): it takes a request slot of the key's limits (429 when
+        none is left) and gives it back at once, with no tokens and no usage row."""
+        try:
+            lease = accounts.limiter.acquire(principal.key_id, principal.limits)
+        except RateLimited as exc:
+            raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
+                                  headers={"retry-after": str(exc.retry_after)}) from None
+        lease.release(0)
+
     def cost(self, usage: Usage) -> int:
         return self.prices.cost(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
 

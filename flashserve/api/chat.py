@@ -1,5 +1,9 @@
 """POST /v1/chat/completions: OpenAI's chat completions as an adapter over `api/core.py`.
 
+Also served where DeepSeek's SDK examples send it: `/chat/completions` (base URL without `/v1`) and
+`/beta/chat/completions` (DeepSeek's beta base URL, home of chat prefix completion; prefix completion
+works on every one of these paths).
+
 This module owns only the wire format: the request body (`api/schemas.py: ChatCompletionRequest`) ->
 `generation.py: GenerationRequest` (`generation_request`), the checks that need the model card, and the
 core's deltas -> one `chat.completion` JSON object or `chat.completion.chunk` server-sent events. Billing,
@@ -20,7 +24,7 @@ from flashserve.accounts.pricing import format_usd, usd_from_pusd
 from flashserve.api.auth import require_api_key
 from flashserve.api.core import COST_HEADER, Call, Failed, Finished, KeepAlive, open_call
 from flashserve.api.errors import openai_body
-from flashserve.api.schemas import ChatCompletionRequest, ChatMessage, ContentPart
+from flashserve.api.schemas import ChatCompletionRequest, ChatMessage, ContentPart, ThinkingSwitch
 from flashserve.catalog import ModelCard
 from flashserve.errors import invalid_request
 from flashserve.generation import (
@@ -42,6 +46,8 @@ KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see t
 
 
 @router.post("/v1/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None, include_in_schema=False)
+@router.post("/beta/chat/completions", response_model=None, include_in_schema=False)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: Annotated[Principal, Depends(require_api_key)]
 ) -> JSONResponse | StreamingResponse:
@@ -72,7 +78,7 @@ def generation_request(body: ChatCompletionRequest) -> GenerationRequest:
                                      ("service_tier", body.service_tier)) if v is not None}
     return GenerationRequest(
         model=body.model,
-        messages=[_message(m) for m in body.messages],
+        messages=[message_of(m) for m in body.messages],
         tools=tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters, t.function.strict)
                     for t in body.tools or ()),
         tool_choice=tool_choice,
@@ -84,7 +90,7 @@ def generation_request(body: ChatCompletionRequest) -> GenerationRequest:
             frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, n=body.n or 1,
             logprobs=body.logprobs, top_logprobs=body.top_logprobs,
         ),
-        reasoning=Reasoning(effort=body.reasoning_effort),
+        reasoning=reasoning(body.reasoning_effort, body.thinking),
         stream=bool(body.stream),
         user=body.user,
         modalities=tuple(body.modalities) if body.modalities is not None else None,
@@ -93,7 +99,17 @@ def generation_request(body: ChatCompletionRequest) -> GenerationRequest:
     )
 
 
-def _message(message: ChatMessage) -> Message:
+def reasoning(effort: str | None, switch: ThinkingSwitch | None) -> Reasoning:
+    """`reasoning_effort` and DeepSeek's `thinking` switch together: disabled wins over any effort (which
+    is then ignored: clients send both); enabled without an effort thinks in the default mode."""
+    if switch is None:
+        return Reasoning(effort=effort)
+    if switch.type == "disabled":
+        return Reasoning(thinking=False)
+    return Reasoning(effort=effort if effort != "none" else None, thinking=True, budget_tokens=switch.budget_tokens)
+
+
+def message_of(message: ChatMessage) -> Message:
     return Message(
         role=message.role,
         content=_text(message.content),
@@ -101,6 +117,7 @@ def _message(message: ChatMessage) -> Message:
         tool_calls=tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()),
         tool_call_id=message.tool_call_id,
         name=message.name,
+        prefix=bool(message.prefix),
     )
 
 
@@ -119,14 +136,13 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid_request("Invalid value for 'top_logprobs': it is only allowed when 'logprobs' is true.",
                               "top_logprobs", "invalid_value")
-    call_ids: set[str] = set()
-    for i, message in enumerate(body.messages):
-        for call in message.tool_calls or ():
-            call_ids.add(call.id)
-        if message.role == "tool" and message.tool_call_id not in call_ids:
-            raise invalid_request(f"messages[{i}] answers tool call '{message.tool_call_id}', but no earlier "
-                                  "assistant message made a call with that id.", f"messages[{i}].tool_call_id",
-                                  "invalid_tool_call_id")
+    check_messages(body.messages)
+    check_content_parts(body.messages, card)
+
+
+def check_content_parts(messages: list[ChatMessage], card: ModelCard) -> None:
+    """Content parts the model cannot read are refused (their text would be all that is left)."""
+    for i, message in enumerate(messages):
         if not isinstance(message.content, list):
             continue
         for j, part in enumerate(message.content):
@@ -134,6 +150,31 @@ def check_request(body: ChatCompletionRequest, card: ModelCard) -> None:
                 raise invalid_request(
                     f"Content parts of type '{part.type}' are not supported: the model '{card.id}' accepts "
                     "text only.", f"messages[{i}].content[{j}]", "unsupported_content_type")
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """Message fields that change the request's meaning are served or refused, never dropped; tool results
+    answer earlier calls."""
+    call_ids: set[str] = set()
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        if message.prefix and (i != last or message.role != "assistant"):
+            raise invalid_request(f"messages[{i}] has 'prefix': only the last message, and only an assistant "
+                                  "message, can be a prefix the answer continues.", f"messages[{i}].prefix",
+                                  "invalid_value")
+        if message.function_call is not None:
+            raise invalid_request(f"messages[{i}].function_call is the deprecated function calling: send the "
+                                  "call as 'tool_calls'.", f"messages[{i}].function_call", "unsupported_parameter")
+        if message.audio is not None:
+            raise invalid_request(f"messages[{i}].audio refers to an earlier audio answer, which this server "
+                                  "never gives: send its transcript as 'content'.", f"messages[{i}].audio",
+                                  "unsupported_parameter")
+        for call in message.tool_calls or ():
+            call_ids.add(call.id)
+        if message.role == "tool" and message.tool_call_id not in call_ids:
+            raise invalid_request(f"messages[{i}] answers tool call '{message.tool_call_id}', but no earlier "
+                                  "assistant message made a call with that id.", f"messages[{i}].tool_call_id",
+                                  "invalid_tool_call_id")
 
 
 # -- response --------------------------------------------------------------------------------------------

@@ -11,22 +11,25 @@ completions next) parses its wire format into a `generation.py: GenerationReques
     # or not streaming: every delta handed over, the client's disconnect watched
     cost = await call.collect(on_delta, request)  # None: the client left
 
-What happens here and nowhere else: the model is resolved (404), the balance and limits are checked
-(402; 429 per key, account and end user; 503 when a shared limiter fails closed: `api/billing.py: Meter`),
-the backend is opened under the request's id and tenant (the account, narrowed by a router's cache salt),
-a stream waiting on the engine yields `KeepAlive` every `sse_keepalive_s`, a client disconnect aborts the
-generation, and whatever ends the request (completion, error, disconnect, the drain's abort) the
-generation is aborted and the usage row written exactly once, shielded from cancellation.
+What happens here and nowhere else: the model is resolved (404; an alias gives its target, and its
+default thinking switch when the request sets neither `thinking` nor an effort), the balance and limits
+are checked (402; 429 per key, account and end user; 503 when a shared limiter fails closed:
+`api/billing.py: Meter`), the backend is opened under the request's id and tenant (the account, narrowed
+by a router's cache salt and by the request's `user`: end users of one account do not share cached
+prefixes), a stream waiting on the engine yields `KeepAlive` every `sse_keepalive_s`, a client disconnect
+aborts the generation, and whatever ends the request (completion, error, disconnect, the drain's abort)
+the generation is aborted and the usage row written exactly once, shielded from cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -76,16 +79,12 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
     """Resolve the model, run the surface's checks against its card, admit the request (balance, limits)
     and open the backend. Nothing is charged when this raises."""
     state = app_state(request)
-    card, backend = state.catalog.resolve(gen.model)
+    card, backend = resolve_model(request, gen)
     if check is not None:
         check(card)
     # The model's output cap clamps max_tokens (and fills it in when absent), never refuses it.
     gen.sampling.max_tokens = card.clamp_max_tokens(gen.sampling.max_tokens)
-    # A router in front (backends/router.py) passes its tenant along: it can only narrow the namespace of
-    # this account's prefix cache, never reach another account's.
-    salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
-    tenant = principal.account_id + (f"/{salt}" if salt else "")
-    ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant)
+    ctx = RequestContext(request_id=request_id(id_prefix), tenant=cache_tenant(request, principal, gen.user))
     meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id, gen.user)
     try:
         generation = await backend.open(gen, ctx)
@@ -94,6 +93,36 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
             await meter.release_unused()
         raise
     return Call(ctx.request_id, int(time.time()), card, backend, generation, meter, state.sse_keepalive_s)
+
+
+def resolve_model(request: Request, gen: GenerationRequest) -> tuple[ModelCard, Backend]:
+    """The card and backend of the request's model (404 when not served). An alias resolves to its target
+    and lends the request its default thinking switch when the request sets neither `thinking` nor an
+    effort (deepseek-chat: off; deepseek-reasoner: on)."""
+    catalog = app_state(request).catalog
+    card, backend = catalog.resolve(gen.model)
+    alias = catalog.alias(gen.model)
+    if alias is not None and alias.thinking is not None and gen.reasoning.thinking is None \
+            and gen.reasoning.effort is None:
+        gen.reasoning = replace(gen.reasoning, thinking=alias.thinking)
+    return card, backend
+
+
+def cache_tenant(request: Request, principal: Principal, user: str | None) -> str:
+    """The prefix cache's namespace: the account, narrowed by a router's salt (a router in front passes its
+    tenant along; it can only narrow this account's namespace, never reach another's) and by the end user
+    (`user`, hashed: as DeepSeek's user id, it keeps one end user's cached prefixes from another's)."""
+    salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
+    tenant = principal.account_id + (f"/{salt}" if salt else "")
+    if user:
+        tenant += "/user:" + hashlib.blake2b(user.encode(), digest_size=12).hexdigest()
+    return tenant
+
+
+async def admit_free(request: Request, principal: Principal) -> None:
+    """Admission of a free request (tokenize, detokenize): it counts against the key's requests per minute
+    (429 past them) and charges nothing, writes no usage row."""
+    await Meter.admit_free(app_state(request).accounts, principal)
 
 
 class Call:

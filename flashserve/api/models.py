@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{id}: the catalog as OpenAI model objects."""
+"""GET /v1/models and /v1/models/{id} (also at the root, DeepSeek's base URL): the catalog as OpenAI model
+objects, aliases included as entries of their own that name their target (`alias_of`)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.get("/v1/models")
+@router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [card.to_openai() for card in app_state(request).catalog.cards()]}
+    return {"object": "list", "data": app_state(request).catalog.models()}
 
 
 @router.get("/v1/models/{model_id:path}")
+@router.get("/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
-    card, _ = app_state(request).catalog.resolve(model_id)
-    return card.to_openai()
+    catalog = app_state(request).catalog
+    card, _ = catalog.resolve(model_id)
+    alias = catalog.alias(model_id)
+    return alias.to_openai(card) if alias is not None else card.to_openai()

@@ -6,7 +6,11 @@ Requests are validated strictly, as OpenAI does: `"0.7"` is not a number and
 `1.0` is not an integer. Unknown top-level fields are rejected rather than
 silently ignored; unknown fields inside a message are tolerated because
 clients echo back assistant messages with extra keys (`refusal`,
-`annotations`, ...).
+`annotations`, `provider_specific_fields`, ...): those describe an earlier
+answer and change nothing. Message fields that would change the request's
+meaning are declared, so none is silently dropped: `prefix` (DeepSeek's chat
+prefix completion) is served; the legacy `function_call` and an assistant's
+`audio` are refused (`api/chat.py: check_request`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    prefix: bool | None = None  # DeepSeek: the last (assistant) message is a prefix the answer continues
+    # Declared only to be refused (api/chat.py): each would change the request if it were read.
+    function_call: Any = None
+    audio: Any = None
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> ChatMessage:
@@ -134,6 +142,14 @@ class ResponseFormat(_Strict):
     json_schema: JSONSchemaSpec | None = None
 
 
+class ThinkingSwitch(_Strict):
+    """DeepSeek's thinking switch. `budget_tokens` (Anthropic's spelling, which some clients add) caps the
+    thinking tokens when enabled."""
+
+    type: Literal["enabled", "disabled"]
+    budget_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
 class AudioParams(_Strict):
     format: str
     voice: str
@@ -166,6 +182,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    thinking: ThinkingSwitch | None = None
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioParams | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1

@@ -30,6 +30,21 @@ class Backend(Protocol):
         exact for the local engine, a documented estimate where the tokenizer is not ours."""
         ...
 
+    async def tokenize(self, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids as `open` would send them (POST /tokenize); a conversation without the
+        assistant's opening when `add_generation_prompt` is false. A backend that cannot tokenize (an
+        upstream without a tokenizer endpoint) raises a 501 `FlashserveError`."""
+        ...
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids (POST /detokenize); 400 for an id outside the vocabulary."""
+        ...
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest sequence the model takes (None: not known here, e.g. behind an upstream)."""
+        ...
+
     @property
     def load(self) -> int:
         """Requests in flight through this backend now (a router balances on it)."""

@@ -4,6 +4,15 @@ Turns a chat request into prompt tokens (template + tokenizer), checks it
 against the model (context length, vocabulary), starts one engine request per
 choice, and turns the engines' token streams back into text deltas with stop
 strings applied. Usage comes from the engine's own counters.
+
+Besides a conversation, a prompt can be:
+- a chat prefix (the last message is an assistant message with `prefix`): the conversation before it is
+  rendered with the assistant's turn opened, and the prefix's text follows, unclosed, for the model to
+  continue. With thinking, the message's `reasoning_content` is the thinking so far: without `content` the
+  model goes on thinking; with it, the thinking block is closed and the answer continues.
+- a raw prompt (legacy completions): the text itself, no chat template (after the family's BOS);
+- fill in the middle (a raw prompt with a `suffix`): the family's FIM format (`Template.fim_prompt`); a
+  family without one answers 400 naming `suffix`.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -21,7 +30,7 @@ from flashserve.chat.formats import Template, ToolParser
 from flashserve.chat.logprob_alignment import ContentLogprobs, TokenTexts
 from flashserve.chat.model_output import ModelOutputParser
 from flashserve.chat.output import ChoiceOutput
-from flashserve.chat.reasoning import ReasoningSpec, Thinking, resolve_thinking
+from flashserve.chat.reasoning import THINK_END, ReasoningSpec, Thinking, resolve_thinking
 from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import TemplateError
 from flashserve.chat.tools import ToolCallParser, ToolPlan, plan_tools, tool_dict, with_tools_in_system_prompt
@@ -66,7 +75,13 @@ class LocalBackend:
 
     # -- request preparation ---------------------------------------------------
     def render_prompt(self, messages: list[Message], plan: ToolPlan, thinking: bool = False,
-                      effort_mode: str | None = None) -> list[int]:
+                      effort_mode: str | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids: the conversation through the chat template; a last message with
+        `prefix` is the opened assistant turn's beginning (`continuation`)."""
+        tail = ""
+        if messages and messages[-1].prefix:
+            tail = continuation(messages[-1], thinking, len(messages) - 1)
+            messages, add_generation_prompt = messages[:-1], True
         dicts = [_message_dict(m) for m in messages]
         tools = None
         if plan.tools:
@@ -79,11 +94,36 @@ class LocalBackend:
             extra: dict[str, Any] = {}
             if self.model.reasoning.can_think:
                 extra = {"thinking": thinking, "enable_thinking": thinking, "reasoning_effort": effort_mode}
-            text = self.model.template.render(dicts, tools=tools, **extra)
+            text = self.model.template.render(dicts, add_generation_prompt, tools=tools, **extra) + tail
         except TemplateError as exc:
             raise invalid_request(f"The messages could not be rendered by the model's chat template: {exc}",
                                   "messages") from exc
         return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render_raw(self, prompt: str, suffix: str | None) -> list[int]:
+        """A legacy completion's prompt: the text as is, or with `suffix` the family's fill-in-the-middle
+        format (400 naming `suffix` for a family without one)."""
+        template = self.model.template
+        if suffix is None:
+            text = template.raw_prompt(prompt)
+        else:
+            fim = template.fim_prompt(prompt, suffix)
+            if fim is None:
+                raise invalid_request("This model has no fill-in-the-middle format: 'suffix' cannot be used.",
+                                      "suffix", "unsupported_parameter")
+            text = fim
+        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        for i, token in enumerate(token_ids):
+            if not 0 <= token < self.model.vocab_size:
+                raise invalid_request(f"tokens[{i}] = {token} is not a token id of this model (0 to "
+                                      f"{self.model.vocab_size - 1}).", "tokens", "invalid_value")
+        return self.model.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.model.max_model_len
 
     def sampling_params(self, request: GenerationRequest, choice: int) -> SamplingParams:
         sampling = request.sampling
@@ -116,10 +156,8 @@ class LocalBackend:
 
     def check_supported(self, request: GenerationRequest) -> None:
         """Fields the embedded engine does not implement yet answer 400, never silently ignored."""
-        if request.raw_prompt is not None or request.suffix is not None:
-            raise unsupported_parameter("prompt", "is not supported yet: send chat messages.")
-        if request.messages and request.messages[-1].prefix:
-            raise unsupported_parameter("prefix", "completion is not supported yet.")
+        if request.suffix is not None and request.raw_prompt is None:
+            raise unsupported_parameter("suffix", "needs a prompt (legacy completions).")
         if request.sampling.top_k is not None:
             raise unsupported_parameter("top_k", "is not supported yet.")
         if request.audio is not None:
@@ -133,29 +171,46 @@ class LocalBackend:
             raise unsupported_parameter("tools", "are not available: constrained decoding is not set up.")
 
     # -- Backend -----------------------------------------------------------------
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], ToolPlan, Any | None, Thinking]:
-        """The prompt's token ids, the tool plan, the grammar and the thinking mode of a request."""
+    def _prepare(self, request: GenerationRequest,
+                 add_generation_prompt: bool = True) -> tuple[list[int], ToolPlan, Any | None, Thinking]:
+        """The prompt's token ids, the tool plan, the grammar and the thinking mode of a request (a prefix
+        that closed its thinking block, or a raw prompt, gives the output as not thinking)."""
         self.check_supported(request)
         plan = plan_tools(request)
+        if request.raw_prompt is not None:
+            return self.render_raw(request.raw_prompt, request.suffix), plan, None, Thinking(False)
         grammar = self._grammar(request, plan)
+        prefix = request.messages[-1] if request.messages and request.messages[-1].prefix else None
+        if prefix is not None and grammar is not None:
+            raise invalid_request("A prefix the answer continues cannot be combined with constrained output "
+                                  "(tools or a JSON response_format).", f"messages[{len(request.messages) - 1}]"
+                                  ".prefix", "unsupported_parameter")
         # Constrained output starts at the first token, so a constrained request does not think first.
         thinking = self._thinking(request)
         if grammar is not None or not self.model.think_end_ids:
             thinking = Thinking(False)
-        return self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode), plan, grammar, thinking
+        prompt = self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode, add_generation_prompt)
+        if prefix is not None and thinking.enabled and prefix.content:
+            thinking = replace(thinking, enabled=False)  # the prefix closed the thinking block: the answer goes on
+        return prompt, plan, grammar, thinking
 
     async def count_tokens(self, request: GenerationRequest) -> int:
         """Exact: the prompt rendered and tokenized as `open` would; nothing reaches the engine."""
         return len(self._prepare(request)[0])
 
+    async def tokenize(self, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's token ids as `open` would send them (a conversation rendered without the assistant's
+        opening when `add_generation_prompt` is false)."""
+        return self._prepare(request, add_generation_prompt)[0]
+
     async def open(self, request: GenerationRequest, ctx: RequestContext) -> LocalGeneration:
         prompt, plan, grammar, thinking = self._prepare(request)
         limit = self.model.max_model_len
         if len(prompt) >= limit:
+            what = "messages" if request.raw_prompt is None else "prompt"
             raise invalid_request(
-                f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
-                f"{len(prompt)} tokens. Please reduce the length of the messages.",
-                "messages", "context_length_exceeded")
+                f"This model's maximum context length is {limit} tokens. However, your {what} resulted in "
+                f"{len(prompt)} tokens. Please reduce the length of the {what}.", what, "context_length_exceeded")
         control = ThinkingControl(self.model.think_end_ids, thinking.budget) if thinking.enabled else None
         params = [self.sampling_params(request, i) for i in range(request.sampling.n)]
         ids = [choice_id(ctx.request_id, i) for i in range(len(params))]
@@ -350,6 +405,21 @@ class LocalGeneration:
             if not done:
                 await stream.abort()
         self._done = [True] * len(self._streams)
+
+
+def continuation(message: Message, thinking: bool, index: int) -> str:
+    """The text a prefix message puts after the opened assistant turn. Thinking: its `reasoning_content` is
+    the thinking so far, closed by the end-of-thinking marker when `content` follows. Not thinking: its
+    `content` (a `reasoning_content` would be dropped, which changes the request: refused)."""
+    if not thinking:
+        if message.reasoning_content:
+            raise invalid_request(f"messages[{index}].reasoning_content is a thinking prefix, but this request "
+                                  "does not think: enable thinking or leave it out.",
+                                  f"messages[{index}].reasoning_content", "invalid_value")
+        return message.content or ""
+    if message.content:
+        return (message.reasoning_content or "") + THINK_END + message.content
+    return message.reasoning_content or ""
 
 
 def _engine_failed() -> FlashserveError:

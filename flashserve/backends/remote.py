@@ -9,6 +9,16 @@ as a stream (whatever the client asked: a non-streaming answer is assembled from
   `reasoning_effort` ("high" or "max"); vLLM and SGLang take it through `chat_template_kwargs` (the
   DeepSeek-V4 template reads `thinking` and `reasoning_effort`); another flashserve takes it as is.
 
+A legacy completion (a raw prompt, with `suffix` for fill in the middle) goes to the upstream's
+`/completions` with `prompt` and `suffix` as given (DeepSeek's FIM lives at its `/beta` base URL: the
+catalog's url says which). A chat prefix (last assistant message with `prefix`) is sent as DeepSeek's
+`prefix: true` (DeepSeek serves it at its `/beta` base URL), and to vLLM and SGLang as
+`continue_final_message` without a generation prompt, their spelling of the same thing.
+
+Tokenizer endpoints: vLLM, SGLang and flashserve have `/tokenize` and `/detokenize` at the server's root
+(beside `/v1`); they are forwarded there (an upstream that answers 404 has none: 501). DeepSeek's API has
+none: 501.
+
 Usage is normalized into ours: DeepSeek's `prompt_cache_hit_tokens`, or `prompt_tokens_details.cached_tokens`
 (vLLM, SGLang, OpenAI); reasoning tokens from `completion_tokens_details.reasoning_tokens` or SGLang's
 top-level `reasoning_tokens`. vLLM's `reasoning` delta field becomes `reasoning_content`.
@@ -71,10 +81,18 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     """Our internal request as an OpenAI-compatible upstream wants it: a chat completions body, always
     streamed, with usage, in its own model name and reasoning dialect. Fields the client did not give
     are left out, so the upstream's defaults apply."""
-    if request.raw_prompt is not None or request.suffix is not None:
-        raise unsupported_parameter("prompt", "is not supported by remote engines yet: send chat messages.")
     sampling = request.sampling
-    body: dict[str, Any] = {"model": upstream.model, "messages": [_message_body(m) for m in request.messages]}
+    if request.raw_prompt is not None:
+        body: dict[str, Any] = {"model": upstream.model, "prompt": request.raw_prompt}
+        if request.suffix is not None:
+            body["suffix"] = request.suffix
+    elif request.suffix is not None:
+        raise unsupported_parameter("suffix", "needs a prompt (legacy completions).")
+    else:
+        body = {"model": upstream.model, "messages": [_message_body(m) for m in request.messages]}
+        if request.messages and request.messages[-1].prefix and upstream.kind in ("vllm", "sglang"):
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
     optional: dict[str, Any] = {
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "max_tokens": sampling.max_tokens, "stop": list(sampling.stop) or None, "seed": sampling.seed,
@@ -92,6 +110,14 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     body.update(request.passthrough)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
+    if request.raw_prompt is not None:
+        if request.tools or request.response_format is not None:
+            raise unsupported_parameter("prompt", "cannot be combined with tools or a response_format.")
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "modalities", "audio", "top_logprobs"):
+            body.pop(key, None)
+        if sampling.logprobs:
+            body["logprobs"] = sampling.top_logprobs or 0  # the legacy API's spelling: how many alternatives
+        return body  # a raw prompt has no chat template to tell about thinking
     effort, switch = request.reasoning.effort, request.reasoning.thinking
     if upstream.raw_text is not None and effort is None and switch is None:
         effort = "high"  # a raw-text upstream is told explicitly: raw_thinking() reads the same default
@@ -204,6 +230,25 @@ def _token_and_logprob(entry: Any) -> tuple[str, float, tuple[int, ...]] | None:
     return token, logprob, data
 
 
+def legacy_logprobs(raw: Any) -> list[TokenLogprob]:
+    """A legacy completions chunk's `logprobs` ({tokens, token_logprobs, top_logprobs}) as our entries (a
+    token without a value is left out); other shapes (chat's `content` list) give none here."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("tokens"), list):
+        return []
+    values = raw.get("token_logprobs") or []
+    tops = raw.get("top_logprobs") or []
+    out = []
+    for i, token in enumerate(raw["tokens"]):
+        if i >= len(values) or not isinstance(values[i], int | float):
+            continue  # no value (an echoed prompt's first token): nothing to report
+        value = values[i]
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        alternatives = tuple(TopLogprob(str(t), float(v), tuple(str(t).encode())) for t, v in top.items()
+                             if isinstance(v, int | float))
+        out.append(TokenLogprob(str(token), float(value), tuple(str(token).encode()), alternatives))
+    return out
+
+
 def normalize_usage(raw: dict[str, Any]) -> Usage:
     prompt = int(raw.get("prompt_tokens") or 0)
     if raw.get("prompt_cache_hit_tokens") is not None:  # DeepSeek's API
@@ -254,6 +299,58 @@ class RemoteBackend:
         ours): `estimate_tokens`."""
         return estimate_tokens(request)
 
+    max_model_len: int | None = None  # the upstream's; a tokenize answer from it reports its own
+
+    async def tokenize(self, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
+        """The upstream's own token ids, from its `/tokenize` (vLLM, SGLang, flashserve); 501 without one."""
+        body: dict[str, Any] = {"model": self.upstream.model}
+        if request.raw_prompt is not None:
+            body["prompt"] = request.raw_prompt
+        else:
+            body["messages"] = [_message_body(m) for m in request.messages]
+            body["add_generation_prompt"] = add_generation_prompt
+        answer = await self._tokenizer_call("/tokenize", body)
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list):
+            raise FlashserveError(502, "The upstream's /tokenize answer has no token list.", SERVER_ERROR, None,
+                                  "upstream_error")
+        return [int(t) for t in tokens]
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        answer = await self._tokenizer_call("/detokenize", {"model": self.upstream.model, "tokens": token_ids})
+        text = answer.get("prompt") if isinstance(answer, dict) else None
+        if not isinstance(text, str):
+            raise FlashserveError(502, "The upstream's /detokenize answer has no prompt.", SERVER_ERROR, None,
+                                  "upstream_error")
+        return text
+
+    async def _tokenizer_call(self, path: str, body: dict[str, Any]) -> Any:
+        """POST to the upstream server's root `path` (vLLM, SGLang, another flashserve: kind "openai", which
+        may also be a server without one: its 404 is our 501); DeepSeek's API has none."""
+        unavailable = FlashserveError(501, f"This model's upstream ({self.upstream.kind}) has no tokenizer "
+                                      "endpoint.", INVALID_REQUEST, None, "tokenizer_unavailable")
+        if self.upstream.kind == "deepseek":
+            raise unavailable
+        headers = {"Authorization": f"Bearer {self.upstream.api_key}"} if self.upstream.api_key else {}
+        url = self.upstream.url.rstrip("/").removesuffix("/v1") + path
+        try:
+            response = await self._client.post(url, json=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise FlashserveError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
+                                  "upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
+                                  "upstream_unavailable") from exc
+        if response.status_code in (404, 405):
+            raise unavailable
+        if response.status_code != 200:
+            raise upstream_error(response.status_code, response.text, response.headers)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise FlashserveError(502, "The upstream's answer is not JSON.", SERVER_ERROR, None,
+                                  "upstream_error") from exc
+
     @property
     def active(self) -> int:
         return len(self._open)
@@ -277,7 +374,8 @@ class RemoteBackend:
             headers[CACHE_SALT_HEADER] = ctx.tenant
         if self.upstream.api_key:
             headers["Authorization"] = f"Bearer {self.upstream.api_key}"
-        url = self.upstream.url.rstrip("/") + "/chat/completions"
+        path = "/completions" if request.raw_prompt is not None else "/chat/completions"
+        url = self.upstream.url.rstrip("/") + path
         delay = 0.2
         for attempt in range(self.upstream.retries + 1):
             last = attempt == self.upstream.retries
@@ -330,7 +428,8 @@ class RemoteGeneration:
         self._response = response
         self._backend = backend
         self._calls: dict[tuple[int, int], dict[str, str]] = {}
-        self._raw = backend.upstream.raw_text
+        # A raw prompt's answer is plain text: there is no chat template whose output would need parsing.
+        self._raw = backend.upstream.raw_text if request is None or request.raw_prompt is None else None
         self._raw_parsers: dict[int, ModelOutputParser] = {}  # per choice, for a raw-text upstream
         self._raw_logprobs: dict[int, ContentLogprobs] = {}  # per choice, for a raw-text upstream
         self._thinking = request is not None and raw_thinking(request)
@@ -391,9 +490,9 @@ class RemoteGeneration:
                                 self._calls[k]["arguments"] or "{}") for k in done]
             for k in done:
                 del self._calls[k]
-        content = raw.get("content") or ""
+        content = raw.get("content") or choice.get("text") or ""  # `text`: a legacy completion's chunk
         reasoning = raw.get("reasoning_content") or raw.get("reasoning") or ""  # vLLM calls it `reasoning`
-        logprobs = token_logprobs(choice.get("logprobs"))
+        logprobs = token_logprobs(choice.get("logprobs")) or legacy_logprobs(choice.get("logprobs"))
         if self._raw is not None:
             parser = self._raw_parser(index)
             # The upstream's logprobs cover the raw text (thinking and call markup too): keep the content's.

@@ -129,6 +129,20 @@ class Router:
         replica = next((r for r in self.replicas if r.healthy), self.replicas[0])
         return await replica.backend.count_tokens(request)
 
+    def _any_replica(self) -> Replica:
+        return next((r for r in self.replicas if r.healthy), self.replicas[0])
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.replicas[0].backend.max_model_len
+
+    async def tokenize(self, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
+        """The replicas serve one model: the first healthy one tokenizes."""
+        return await self._any_replica().backend.tokenize(request, add_generation_prompt)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._any_replica().backend.detokenize(token_ids)
+
     @property
     def load(self) -> int:
         return sum(r.active for r in self.replicas)

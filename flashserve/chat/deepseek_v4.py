@@ -35,6 +35,10 @@ golden prompts shipped beside them. The documented facts it follows:
   by a blank line. A developer message is a user turn of its own.
 - In thinking mode with reasoning effort "max", a fixed preamble precedes
   everything after the BOS token; other efforts add nothing.
+- Fill in the middle (DeepSeek's FIM completion, prefix-suffix-middle order):
+  `<｜begin▁of▁sentence｜><｜fim▁begin｜>` prefix `<｜fim▁hole｜>` suffix
+  `<｜fim▁end｜>`, and the model writes the middle (`fim_prompt`). A raw
+  completion prompt is the BOS token and the text (`raw_prompt`).
 
 Where this module departs from the reference on purpose: it raises
 `ValueError` where the reference would guess (a tool result for no known
@@ -59,6 +63,9 @@ ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 DSML = "｜DSML｜"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_END = "<｜fim▁end｜>"
 
 TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"
 TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
@@ -144,6 +151,11 @@ def encode_messages(
     layout = _Layout(thinking, keeps_all_reasoning=bool(tools), last_user=_last_user_index(turns))
     body = "".join(_render_turn(turns, i, layout, add_generation_prompt) for i in range(len(turns)))
     return BOS + preamble + body
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """Fill in the middle: the text before the hole and after it; the model writes the middle."""
+    return BOS + FIM_BEGIN + prefix + FIM_HOLE + suffix + FIM_END
 
 
 def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
@@ -381,6 +393,14 @@ class DeepseekV4Template:
     effort mode ("high" or "max") the backend resolved."""
 
     handles_tools = True
+
+    @staticmethod
+    def raw_prompt(text: str) -> str:
+        return text if text.startswith(BOS) else BOS + text
+
+    @staticmethod
+    def fim_prompt(prefix: str, suffix: str) -> str:
+        return fim_prompt(prefix, suffix)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
                tools: list[dict[str, Any]] | None = None, thinking: bool = False,

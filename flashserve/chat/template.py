@@ -183,6 +183,15 @@ class ChatTemplate:
         """The checkpoint's own template, or ChatML when it ships none."""
         return cls(checkpoint.chat_template or CHATML_TEMPLATE, checkpoint.bos_token, checkpoint.eos_token)
 
+    def raw_prompt(self, text: str) -> str:
+        """A legacy completion's prompt: the text as is (no template; the checkpoint's template decides
+        nothing here, and a Jinja chat template has no notion of a bare prompt)."""
+        return text
+
+    def fim_prompt(self, prefix: str, suffix: str) -> str | None:
+        """Fill in the middle: no format is known for a checkpoint's own Jinja template."""
+        return None
+
     def prepare_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The message rules of the module docstring, on deep copies."""
         prepared: list[dict[str, Any]] = []

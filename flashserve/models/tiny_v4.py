@@ -27,6 +27,9 @@ from flashserve.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalL
 from flashserve.models.fp_formats import quantize_fp4_groups, quantize_fp8_blocks
 
 SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜▁pad▁｜>"]
+# Fill-in-the-middle markers (chat/deepseek_v4.py: fim_prompt): special, added after the trained vocabulary
+# so the ids of everything before them stay as they were.
+FIM_TOKENS = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
 # Added but not special: they must come back as text when decoded (the reasoning splitter and the DSML
 # parser read them).
 TEXT_MARKERS = ["<think>", "</think>", "｜DSML｜"]
@@ -99,13 +102,15 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TEXT_MARKERS), special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TEXT_MARKERS) - len(FIM_TOKENS),
+                                  special_tokens=SPECIAL_TOKENS,
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
               '{"location": "Paris", "unit": "celsius", "temperature": 21}', "def add(a, b):\n    return a + b",
               "Let me think step by step about the weather tool call."] * 20
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.add_tokens([AddedToken(marker, special=False, normalized=False) for marker in TEXT_MARKERS])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in FIM_TOKENS])
     assert tokenizer.get_vocab_size() <= vocab_size
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(

@@ -14,6 +14,7 @@ Models in the catalog:
 - `remote-impatient` (a 0.2 s timeout, 2 retries) and `remote-wrong-key` (a key "up-a" refuses): the same
   upstream, for timeouts and credentials.
 - `routed`: the real `Router` (round robin) over two `RemoteBackend`s against "up-b" and "up-c".
+- `scripted-thinker`: an alias of `scripted` that thinks by default (`catalog.py: Alias`).
 
 Requests go through `transport.py: StreamingASGITransport`, which streams (httpx's own ASGITransport
 buffers the whole body, so no test could leave mid-stream with it). Every test here is an anyio test on
@@ -40,7 +41,7 @@ from flashserve.backends.base import Backend
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.backends.remote import RemoteBackend
 from flashserve.backends.router import Replica, Router
-from flashserve.catalog import Catalog, RemoteSpec, make_card
+from flashserve.catalog import Alias, Catalog, RemoteSpec, make_card
 from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
@@ -162,6 +163,7 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[A
                                        ("remote-impatient", impatient, 4096), ("remote-wrong-key", wrong_key, 4096)):
         catalog.add(make_card(model_id, context_length=context, reasoning=ReasoningSpec(), weights="none",
                               description=f"{model_id} (api tier)", created=created), backend)
+    catalog.add_alias(Alias("scripted-thinker", "scripted", thinking=True))
     accounts = Accounts(url, Bootstrap(api_key=API_KEY, admin_key=ADMIN_KEY, default_balance_pusd=DEFAULT_BALANCE_PUSD))
     app = create_app(catalog, accounts, sse_keepalive_s=0.2)
     transport = StreamingASGITransport(app)

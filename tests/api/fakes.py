@@ -33,7 +33,7 @@ from starlette.routing import Route
 from tokenizers import AddedToken, Tokenizer, decoders, models
 
 from flashserve.errors import server_error
-from flashserve.generation import ChoiceDelta, GenerationRequest, RequestContext, Usage
+from flashserve.generation import ChoiceDelta, GenerationRequest, RequestContext, TokenLogprob, TopLogprob, Usage
 from tests.unit.fake_model import CountingModel
 
 # -- the fake model's tokenizer ---------------------------------------------------------------------------
@@ -69,6 +69,8 @@ class PacedCountingModel(CountingModel):
 
 # -- the scripted backend ----------------------------------------------------------------------------------
 def _script(request: GenerationRequest) -> list[str]:
+    if request.raw_prompt is not None:  # a legacy completion: the prompt is the script
+        return request.raw_prompt.split()
     users = [m for m in request.messages if m.role == "user"]
     return (users[-1].content or "").split() if users else []
 
@@ -83,13 +85,17 @@ class ScriptedBackend:
     generations: list[ScriptedGeneration] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    opened: list[tuple[GenerationRequest, RequestContext]] = field(default_factory=list)  # as the core sent them
 
     async def open(self, request: GenerationRequest, ctx: RequestContext) -> ScriptedGeneration:
         script = _script(request)
         if "@refuse" in script:
             raise server_error(503, "The server is overloaded; please retry shortly.", "overloaded", retry_after_s=1)
-        prompt = sum(len((m.content or "").split()) for m in request.messages)
-        generation = ScriptedGeneration(self, ctx.request_id, script, prompt, request.sampling.n)
+        prompt = sum(len((m.content or "").split()) for m in request.messages) + len(script) * (
+            request.raw_prompt is not None)
+        generation = ScriptedGeneration(self, ctx.request_id, script, prompt, request.sampling.n,
+                                        request.sampling.top_logprobs if request.sampling.logprobs else None)
+        self.opened.append((request, ctx))
         self.generations.append(generation)
         return generation
 
@@ -126,7 +132,8 @@ class ScriptedBackend:
 
 class ScriptedGeneration:
     def __init__(self, backend: ScriptedBackend, request_id: str, script: list[str], prompt_tokens: int,
-                 n: int) -> None:
+                 n: int, top_logprobs: int | None = None) -> None:
+        self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.backend = backend
         self.request_id = request_id
         self.script = script
@@ -149,12 +156,21 @@ class ScriptedGeneration:
                 elif not word.startswith("@"):
                     for i in range(self.n):
                         self.usage.completion_tokens += 1
-                        yield ChoiceDelta(i, word + " ")
+                        yield ChoiceDelta(i, word + " ", logprobs=self._logprobs(word + " "))
                         await asyncio.sleep(0)
             for i in range(self.n):
                 yield ChoiceDelta(i, finish_reason="stop")
         finally:
             self.ended = True
+
+    def _logprobs(self, token: str) -> list[TokenLogprob]:
+        """With logprobs asked for: the word as one token of log-probability -0.5 (-1 per letter of length for
+        the alternatives: `top_logprobs` of them, the token itself first)."""
+        if self.top_logprobs is None:
+            return []
+        alternatives = [TopLogprob(token, -0.5, tuple(token.encode()))]
+        alternatives += [TopLogprob(f"alt{k}", -1.0 - k, tuple(f"alt{k}".encode())) for k in range(1, 21)]
+        return [TokenLogprob(token, -0.5, tuple(token.encode()), tuple(alternatives[:self.top_logprobs]))]
 
     async def _hold(self) -> None:
         release = asyncio.ensure_future(self.backend.released.wait())
@@ -208,6 +224,7 @@ class FakeUpstream:
         self.streams_closed_by_client = 0
         self.released = asyncio.Event()
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                                     Route("/v1/completions", self._completions, methods=["POST"]),
                                      Route("/health", self._health)])
 
     def release(self) -> None:
@@ -233,6 +250,24 @@ class FakeUpstream:
         if "@stall" in script:
             await self.released.wait()
         return StreamingResponse(self._events(script), media_type="text/event-stream")
+
+    async def _completions(self, request: Request) -> Response:
+        """Legacy completions (fill in the middle): one text chunk, the prompt and the suffix it was sent."""
+        body = await request.json()
+        self.seen.append({"headers": dict(request.headers), "body": body})
+        text = f"{body['prompt']} | {body.get('suffix', '')}"
+
+        async def events() -> AsyncIterator[str]:
+            logprobs = None if body.get("logprobs") is None else {
+                "tokens": [text], "token_logprobs": [-0.25], "top_logprobs": [{text: -0.25, "x": -3.0}],
+                "text_offset": [0]}
+            for chunk in ({"choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]},
+                          {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+                          {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _events(self, script: list[str]) -> AsyncIterator[str]:
         self.streams_started += 1

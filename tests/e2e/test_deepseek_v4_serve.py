@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -158,3 +159,55 @@ def test_max_effort_under_auto_keeps_calls_parseable(v4: openai.OpenAI) -> None:
     assert "DSML" not in (choice.message.content or "") and "DSML" not in (choice.message.reasoning_content or "")
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"
+
+
+# -- issue 17: FIM, chat prefix completion with thinking, DeepSeek's names and thinking switch -----------------
+def _root(v4: openai.OpenAI, path: str, body: dict[str, object]) -> dict[str, object]:
+    base = str(v4.base_url).rstrip("/").removesuffix("/v1")
+    r = httpx.post(base + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _text_of(v4: openai.OpenAI, body: dict[str, object]) -> str:
+    tokens = _root(v4, "/tokenize", {"model": MODEL, **body})["tokens"]
+    return str(_root(v4, "/detokenize", {"model": MODEL, "tokens": tokens})["prompt"])
+
+
+def test_fill_in_the_middle_uses_v4s_fim_tokens(v4: openai.OpenAI) -> None:
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c"
+    fim = v4.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=4, temperature=0)
+    assert fim.object == "text_completion" and isinstance(fim.choices[0].text, str)
+    # BOS, the three FIM markers (one token each) and the two texts: nothing else reached the model.
+    parts = [int(_root(v4, "/tokenize", {"model": MODEL, "prompt": p})["count"]) - 1 for p in (prefix, suffix)]
+    assert fim.usage is not None and fim.usage.prompt_tokens == 1 + 3 + sum(parts)
+    beta = httpx.post(str(v4.base_url).rstrip("/").removesuffix("/v1") + "/beta/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "deepseek-chat", "prompt": prefix, "suffix": suffix, "max_tokens": 4,
+                            "temperature": 0})
+    assert beta.status_code == 200 and beta.json()["choices"][0]["text"] == fim.choices[0].text
+
+
+def test_a_thinking_prefix_continues_the_thinking(v4: openai.OpenAI) -> None:
+    user = {"role": "user", "content": "What is the weather?"}
+    thinking = {"model": MODEL, "thinking": {"type": "enabled"}}
+    open_thought = [user, {"role": "assistant", "content": "", "reasoning_content": "Let me think", "prefix": True}]
+    assert _text_of(v4, {**thinking, "messages": open_thought}).endswith("<｜Assistant｜><think>Let me think")
+    answered = [user, {"role": "assistant", "content": "It is", "reasoning_content": "Sunny.", "prefix": True}]
+    assert _text_of(v4, {**thinking, "messages": answered}).endswith("<｜Assistant｜><think>Sunny.</think>It is")
+    chat_mode = [user, {"role": "assistant", "content": "It is", "prefix": True}]
+    assert _text_of(v4, {"model": MODEL, "messages": chat_mode}).endswith("<｜Assistant｜></think>It is")
+    r = chat(v4, messages=open_thought, max_tokens=6, extra_body={"thinking": {"type": "enabled"}})
+    assert getattr(r.choices[0].message, "reasoning_content", None)  # still thinking
+    r = chat(v4, messages=answered, max_tokens=6, extra_body={"thinking": {"type": "enabled"}})
+    assert not getattr(r.choices[0].message, "reasoning_content", None)  # the answer goes on
+
+
+def test_deepseek_chat_and_reasoner_and_the_thinking_switch(v4: openai.OpenAI) -> None:
+    assert not getattr(chat(v4, model="deepseek-chat").choices[0].message, "reasoning_content", None)
+    assert getattr(chat(v4, model="deepseek-reasoner").choices[0].message, "reasoning_content", None)
+    on = chat(v4, extra_body={"thinking": {"type": "enabled"}})
+    assert on.usage.completion_tokens_details.reasoning_tokens > 0
+    off = chat(v4, model="deepseek-reasoner", reasoning_effort="max", extra_body={"thinking": {"type": "disabled"}})
+    assert off.usage.completion_tokens_details.reasoning_tokens == 0  # disabled: the effort is ignored
+    assert off.usage.prompt_tokens == chat(v4, max_tokens=1).usage.prompt_tokens  # no max-effort preamble

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashserve.chat.deepseek_v4 import encode_messages, render_tool_calls
+from flashserve.chat.deepseek_v4 import DeepseekV4Template, encode_messages, render_tool_calls
 from flashserve.chat.dsml import DsmlToolCallParser
 from flashserve.chat.tools import ParsedCall
 from tests.unit.test_tools import feed_all
@@ -360,3 +360,11 @@ def test_any_text_split_anywhere_never_raises_and_loses_nothing_without_calls(
         assert content == text
     for c in calls:
         assert isinstance(json.loads(c.arguments), dict)
+
+
+def test_fill_in_the_middle_and_raw_prompts() -> None:
+    template = DeepseekV4Template()
+    assert template.fim_prompt("def f(", "return 1") == (
+        "<｜begin▁of▁sentence｜><｜fim▁begin｜>def f(<｜fim▁hole｜>return 1<｜fim▁end｜>")
+    assert template.raw_prompt("Once") == "<｜begin▁of▁sentence｜>Once"
+    assert template.raw_prompt("<｜begin▁of▁sentence｜>Once") == "<｜begin▁of▁sentence｜>Once"  # not twice

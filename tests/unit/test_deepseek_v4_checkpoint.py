@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from flashserve.chat.deepseek_v4 import FIM_BEGIN, FIM_END, FIM_HOLE
 from flashserve.models.deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, dequantize_checkpoint
 from flashserve.models.loading import load_checkpoint
-from flashserve.models.tiny_v4 import SPECIAL_TOKENS, TEXT_MARKERS, TINY_CONFIG, make_tiny_v4
+from flashserve.models.tiny_v4 import FIM_TOKENS, SPECIAL_TOKENS, TEXT_MARKERS, TINY_CONFIG, make_tiny_v4
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,11 @@ def test_tokenizer_has_the_special_tokens_first(tiny: Path) -> None:
     ckpt = load_checkpoint(tiny)
     assert [ckpt.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS[:2]] == [0, 1]
     assert ckpt.bos_token == SPECIAL_TOKENS[0] and ckpt.eos_token == SPECIAL_TOKENS[1] and 1 in ckpt.stop_token_ids
-    for token in SPECIAL_TOKENS + TEXT_MARKERS:
+    for token in SPECIAL_TOKENS + TEXT_MARKERS + FIM_TOKENS:
         assert ckpt.tokenizer.encode(f"a{token}b").tokens.count(token) == 1, token
+    # The fill-in-the-middle markers are V4's own spelling (chat/deepseek_v4.py writes them), one id each.
+    assert FIM_TOKENS == [FIM_BEGIN, FIM_HOLE, FIM_END]
+    assert all(ckpt.tokenizer.token_to_id(t) < 512 for t in FIM_TOKENS)
     for marker in TEXT_MARKERS:  # the thinking and DSML markers come back as text
         ids = ckpt.tokenizer.encode(f"x{marker}y", add_special_tokens=False).ids
         assert ckpt.tokenizer.decode(ids, skip_special_tokens=True) == f"x{marker}y"

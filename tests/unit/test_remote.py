@@ -3,15 +3,25 @@ normalization from each engine's fields, error mapping, and the catalog's backen
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
-from flashserve.backends.remote import RemoteGeneration, Upstream, normalize_usage, upstream_body, upstream_error
+from flashserve.backends.remote import (
+    RemoteBackend,
+    RemoteGeneration,
+    Upstream,
+    normalize_usage,
+    upstream_body,
+    upstream_error,
+)
 from flashserve.catalog import CatalogError, RemoteSpec, load_catalog_file
-from flashserve.generation import GenerationRequest
+from flashserve.errors import FlashserveError
+from flashserve.generation import GenerationRequest, Message
 
 
 def request(**kw: object) -> GenerationRequest:
@@ -143,3 +153,63 @@ def test_logprobs_go_upstream_and_come_back() -> None:
     delta = gen._delta({"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [entry]}})
     assert delta is not None and [(e.token, e.logprob, e.bytes) for e in delta.logprobs] == [("Hi", -0.5, (72, 105))]
     assert [(t.token, t.logprob) for t in delta.logprobs[0].top] == [("Hi", -0.5), ("Yo", -1.5)]
+
+
+def test_thinking_switch_per_upstream_kind() -> None:
+    def body(kind: str, **fields: object) -> dict:
+        request = generation_request(ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}))
+        return upstream_body(request, Upstream(url="http://u/v1", model="up", kind=kind))
+
+    off = {"thinking": {"type": "disabled"}, "reasoning_effort": "max"}
+    disabled = body("deepseek", **off)
+    assert disabled["thinking"] == {"type": "disabled"} and "reasoning_effort" not in disabled
+    assert body("vllm", **off)["chat_template_kwargs"] == {"thinking": False}
+    on = body("deepseek", thinking={"type": "enabled"})
+    assert on["thinking"] == {"type": "enabled"} and on["reasoning_effort"] == "high"
+
+
+def test_prefix_and_fim_bodies() -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "It is", "prefix": True}]
+    request = generation_request(ChatCompletionRequest.model_validate({"model": "m", "messages": messages}))
+    deepseek = upstream_body(request, Upstream(url="http://u/v1", model="up", kind="deepseek"))
+    assert deepseek["messages"][-1]["prefix"] is True and "continue_final_message" not in deepseek
+    vllm = upstream_body(request, Upstream(url="http://u/v1", model="up", kind="vllm"))
+    assert vllm["continue_final_message"] is True and vllm["add_generation_prompt"] is False
+    fim = upstream_body(GenerationRequest(model="m", messages=[], raw_prompt="def f(", suffix="return 1"),
+                        Upstream(url="http://u/v1", model="up", kind="deepseek"))
+    assert (fim["prompt"], fim["suffix"], "messages" in fim, "thinking" in fim) == ("def f(", "return 1", False, False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_tokenize_goes_to_the_upstreams_root() -> None:
+    seen: list[tuple[str, dict]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.url.path, body))
+        if request.url.host == "plain":  # an OpenAI-compatible server without tokenizer endpoints
+            return httpx.Response(404)
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [5, 6], "count": 2, "max_model_len": 99})
+        if request.url.path == "/detokenize":
+            return httpx.Response(200, json={"prompt": "hi"})
+        return httpx.Response(404)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    vllm = RemoteBackend(Upstream(url="http://u:8000/v1", model="up", kind="vllm"), client)
+    assert await vllm.tokenize(GenerationRequest(model="m", messages=[Message("user", "hi")]), False) == [5, 6]
+    assert await vllm.detokenize([5, 6]) == "hi"
+    assert seen[0] == ("/tokenize", {"model": "up", "messages": [{"role": "user", "content": "hi"}],
+                                     "add_generation_prompt": False})
+    for kind in ("deepseek", "openai"):  # none at all / a server answering 404 there
+        other = RemoteBackend(Upstream(url="http://plain/v1", model="up", kind=kind), client)
+        with pytest.raises(FlashserveError) as err:
+            await other.tokenize(GenerationRequest(model="m", messages=[], raw_prompt="hi"))
+        assert err.value.status == 501 and err.value.code == "tokenizer_unavailable"
+    await client.aclose()
