@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.ledger import UsageRecord
-from flashserve.accounts.limits import Lease, LimiterUnavailable, RateLimited, scopes_of
+from flashserve.accounts.limits import Lease, LimiterUnavailable, RateLimited, Scope, scopes_of
 from flashserve.accounts.pricing import TokenPrices
 from flashserve.accounts.service import Accounts
 from flashserve.errors import INVALID_REQUEST, RATE_LIMIT, FlashserveError, server_error
@@ -49,26 +50,17 @@ class Meter:
                               None, "insufficient_balance")
         scopes = scopes_of(principal.key_id, principal.limits, principal.account_id, principal.account_limits,
                            user, principal.user_limits)
-        try:
-            lease = await accounts.limiter.acquire(scopes)
-        except RateLimited as exc:
-            raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
-                              headers={"retry-after": str(exc.retry_after)}) from None
-        except LimiterUnavailable:
-            raise server_error(503, "Rate limits cannot be checked right now; retry shortly.",
-                               "limits_unavailable", retry_after_s=1) from None
+        lease = await _acquire(accounts, scopes)
         return cls(accounts, principal, model, prices, request_id, lease)
 
     @staticmethod
-    async def admit_free(accounts: Accounts, principal: Principal) -> None:
-        """A request that costs nothing (tokenize): it takes a request slot of the key's limits (429 when
-        none is left) and gives it back at once, with no tokens and no usage row."""
-        try:
-            lease = accounts.limiter.acquire(principal.key_id, principal.limits)
-        except RateLimited as exc:
-            raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
-                                  headers={"retry-after": str(exc.retry_after)}) from None
-        lease.release(0)
+    async def admit_free(accounts: Accounts, principal: Principal, user: str | None = None) -> None:
+        """A request that costs nothing (tokenize): it takes a request slot in every scope of limits (429
+        when none is left) and gives it back at once, with no tokens and no usage row."""
+        scopes = scopes_of(principal.key_id, principal.limits, principal.account_id, principal.account_limits,
+                           user, principal.user_limits)
+        lease = await _acquire(accounts, scopes)
+        await lease.release(0)
 
     def cost(self, usage: Usage) -> int:
         return self.prices.cost(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
@@ -103,3 +95,16 @@ class Meter:
                     raise
                 await asyncio.sleep(0.1 * 2**attempt)
         return cost
+
+
+async def _acquire(accounts: Accounts, scopes: Sequence[Scope]) -> Lease:
+    """A lease in every scope, or the surface-neutral error: 429 with retry-after, 503 when a shared
+    limiter cannot be reached and fails closed."""
+    try:
+        return await accounts.limiter.acquire(scopes)
+    except RateLimited as exc:
+        raise FlashserveError(429, str(exc), RATE_LIMIT, None, "rate_limit_exceeded",
+                              headers={"retry-after": str(exc.retry_after)}) from None
+    except LimiterUnavailable:
+        raise server_error(503, "Rate limits cannot be checked right now; retry shortly.",
+                           "limits_unavailable", retry_after_s=1) from None
