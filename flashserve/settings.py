@@ -70,6 +70,12 @@ class Settings:
     workers: int = 0
     routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
     routing_margin: int = 4  # prefix_aware: requests in flight a preferred replica may have beyond the least
+    # The web console (/console/): self-service accounts with a password: "off", "open" or "invite" (needs
+    # console_invite_code); a new account's granted starting balance; how long a sign-in lasts.
+    console_registration: str = "off"
+    console_invite_code: str | None = None
+    console_granted_balance_usd: str = "0"
+    console_session_hours: float = 12.0
 
     def __post_init__(self) -> None:
         # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
@@ -94,6 +100,12 @@ class Settings:
                self.anthropic_model_map, "must be 'pattern=model id' pairs")
         _check(self.max_output_tokens_cap is None or self.max_output_tokens_cap > 0, "max_output_tokens_cap",
                self.max_output_tokens_cap, "must be positive")
+        _check(self.console_registration in ("off", "open", "invite"), "console_registration",
+               self.console_registration, "must be off, open or invite")
+        _check(self.console_registration != "invite" or bool(self.console_invite_code), "console_invite_code",
+               self.console_invite_code, "must be set when console_registration is invite")
+        _check(self.console_session_hours > 0, "console_session_hours", self.console_session_hours,
+               "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 

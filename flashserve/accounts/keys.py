@@ -133,6 +133,12 @@ class KeyStore:
                                .values(revoked_at=utcnow()))
         return await self.get(key_id)
 
+    async def set_limits(self, key_id: str, limits: KeyLimits) -> dict[str, Any] | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id)
+                               .values(max_concurrent=limits.max_concurrent, rpm=limits.rpm, tpm=limits.tpm))
+        return await self.get(key_id)
+
 
 class _Obj:
     """Attribute access over a dict, so a freshly inserted row renders like a fetched one."""
