@@ -120,12 +120,26 @@ async def usage_data(ctx: Ctx, account_id: str | None, start: str | None, end: s
     """The usage page's numbers for `account_id` (None: every account, for the admin)."""
     accounts = app_state(ctx.request).accounts
     first, last, begin, finish = date_range(start, end)
-    by_day = await accounts.ledger.report(account_id, begin, finish, "day")
+    by_day = _every_day(await accounts.ledger.report(account_id, begin, finish, "day"), begin, finish)
     by_model = await accounts.ledger.report(account_id, begin, finish, "model")
     records = await accounts.usage_views.records(account_id, begin, finish, limit=200)
     total = sum(row["cost_pusd"] for row in by_day)
     return {"from": first, "to": last, "by_day": by_day, "by_model": by_model, "records": records,
             "total_cost_usd": format_usd(total), "total_requests": sum(row["requests"] for row in by_day)}
+
+
+def _every_day(rows: list[dict[str, Any]], begin: datetime, finish: datetime) -> list[dict[str, Any]]:
+    """The report's days with the empty ones between filled in as zeros, so a chart spans the whole range."""
+    seen = {row["group"]: row for row in rows}
+    out = []
+    day = begin
+    while day < finish and len(out) < 3660:
+        key = day.date().isoformat()
+        out.append(seen.get(key) or {"group": key, "requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                                     "completion_tokens": 0, "reasoning_tokens": 0, "total_tokens": 0,
+                                     "cache_hit_ratio": 0.0, "cost_pusd": 0, "cost_usd": "0"})
+        day += timedelta(days=1)
+    return out
 
 
 @router.get("/usage", include_in_schema=False)

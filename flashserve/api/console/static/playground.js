@@ -84,6 +84,8 @@
     // The finished turn moves into the transcript; the live view is for the next one.
     const text = $("pg-output").dataset.raw || "";
     if (text) addTurn("assistant", text);
+    $("pg-output").dataset.raw = "";
+    $("pg-turn").classList.add("hidden");
   }
 
   async function send() {
@@ -91,6 +93,7 @@
     try { body = buildBody(); settingsError(""); } catch (e) { settingsError(String(e.message || e)); return; }
     lastBody = body;
     resetTurnView();
+    $("pg-turn").classList.remove("hidden");
     $("pg-send").disabled = true; $("pg-regenerate").disabled = true; $("pg-stop").disabled = false;
     controller = new AbortController();
     const started = performance.now();
@@ -225,6 +228,7 @@
     resetTurnView();
     $("pg-cost").textContent = "–";
     $("pg-output").dataset.raw = "";
+    $("pg-turn").classList.add("hidden");
   });
 
   $("pg-view-code").addEventListener("click", function () {

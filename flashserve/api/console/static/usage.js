@@ -22,10 +22,10 @@
     };
     document.querySelectorAll("[data-chart]").forEach(function (node) {
       const series = charts[node.dataset.chart];
-      if (!days.length) { node.textContent = "No requests in this range."; node.classList.add("muted"); return; }
+      if (!days.length) { node.textContent = "No days in this range."; node.classList.add("muted"); return; }
       const width = Math.max(240, node.clientWidth || 300);
       const opts = {
-        width: width, height: 180,
+        width: width, height: 180, legend: { live: false },
         axes: [{ stroke: color("--muted"), grid: { stroke: color("--border") } },
                { stroke: color("--muted"), grid: { stroke: color("--border") }, size: 60 }],
         series: [{}].concat(series.map(function (s, i) {
