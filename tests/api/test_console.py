@@ -90,7 +90,7 @@ async def test_pages_need_the_right_sign_in(api: Api) -> None:
 
 async def test_state_changes_need_the_csrf_token(api: Api) -> None:
     c, token = await signed_in(api)
-    before = len((await api.accounts.keys.list(await api.default_account())))
+    before = len(await api.accounts.keys.list(await api.default_account()))
     for data in ({"name": "x"}, {"name": "x", "csrf": "forged"}, {"name": "x", "csrf": token + "A"}):
         r = await c.post("/console/keys", data=data)
         assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"

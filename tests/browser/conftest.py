@@ -34,7 +34,8 @@ XSS_MODEL = "scripted/xss"
 XSS_REPLY = ("Here you go: **bold text**\n\n<script>window.__xss = 'script'</script>\n\n"
              "<img src=\"x\" onerror=\"window.__xss = 'img'\">\n\n"
              "[click me](javascript:window.__xss='link') and <a href=\"javascript:window.__xss='a'\">this</a>\n\n"
-             "<svg><script>window.__xss='svg'</script></svg><iframe src=\"javascript:window.__xss='iframe'\"></iframe>\n\n"
+             "<svg><script>window.__xss='svg'</script></svg>\n\n"
+             "<iframe src=\"javascript:window.__xss='iframe'\"></iframe>\n\n"
              "SAFE-END")
 
 

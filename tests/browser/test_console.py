@@ -15,6 +15,16 @@ import pytest
 from tests.browser.conftest import MONEY, XSS_MODEL, Console, csrf_of, shoot, sign_in
 
 MODEL = "deepseek/deepseek-v4-flash"
+OUTPUT_HAS = "(text) => document.querySelector('[data-testid=playground-output]').textContent.includes(text)"
+COST_SHOWN = "() => /^\\$[0-9.]+$/.test(document.querySelector('[data-testid=playground-cost]').textContent)"
+WATCH_OUTPUT = """() => {
+    window.__seen = new Set();
+    const out = document.querySelector('[data-testid=playground-output]');
+    new MutationObserver(() => window.__seen.add(out.textContent))
+        .observe(out, {childList: true, subtree: true, characterData: true});
+}"""
+READABLE_STORAGE = ("() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage), "
+                    "document.cookie])")
 
 
 def _openai(console: Console, key: str) -> openai.OpenAI:
@@ -55,7 +65,7 @@ def test_sign_in_playground_streams_paris_and_cost_is_the_ledgers(console: Conso
     sign_in(page, console.api_key)
     assert page.get_by_test_id("sign-out").is_visible()
     # The key is in no storage the page can read, nor in the URL.
-    storage = page.evaluate("() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage), document.cookie])")
+    storage = page.evaluate(READABLE_STORAGE)
     assert console.api_key not in storage and console.api_key not in page.url
     page.goto("/console/playground")
     page.get_by_test_id("playground-model").select_option(MODEL)
@@ -63,13 +73,10 @@ def test_sign_in_playground_streams_paris_and_cost_is_the_ledgers(console: Conso
     page.get_by_test_id("playground-max-tokens").fill("32")
     page.get_by_test_id("playground-input").fill("What is the capital of France?")
     # Record how the output grows: a streamed answer is seen in more than one state.
-    page.evaluate("""() => { window.__seen = new Set(); const out = document.querySelector('[data-testid=playground-output]');
-        new MutationObserver(() => window.__seen.add(out.textContent)).observe(out, {childList: true, subtree: true, characterData: true}); }""")
+    page.evaluate(WATCH_OUTPUT)
     page.get_by_test_id("playground-send").click()
-    page.wait_for_function("() => document.querySelector('[data-testid=playground-output]').textContent.includes('Paris')",
-                          timeout=120_000)
-    page.wait_for_function("() => /^\\$[0-9.]+$/.test(document.querySelector('[data-testid=playground-cost]').textContent)",
-                          timeout=60_000)
+    page.wait_for_function(OUTPUT_HAS, arg="Paris", timeout=120_000)
+    page.wait_for_function(COST_SHOWN, timeout=60_000)
     assert page.evaluate("() => window.__seen.size") >= 2, "the answer did not stream in"
     cost = page.get_by_test_id("playground-cost").inner_text()
     request_id = page.get_by_test_id("playground-cost").get_attribute("data-request-id")
@@ -127,8 +134,7 @@ def test_model_output_is_sanitized(console: Console, new_page) -> None:  # noqa:
     page.get_by_test_id("playground-model").select_option(XSS_MODEL)
     page.get_by_test_id("playground-input").fill("Show me some HTML")
     page.get_by_test_id("playground-send").click()
-    page.wait_for_function("() => document.querySelector('[data-testid=playground-output]').textContent.includes('SAFE-END')",
-                          timeout=60_000)
+    page.wait_for_function(OUTPUT_HAS, arg="SAFE-END", timeout=60_000)
     output = page.get_by_test_id("playground-output")
     assert output.locator("strong").inner_text() == "bold text"  # Markdown is rendered...
     html = output.inner_html()
