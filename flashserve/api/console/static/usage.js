@@ -32,7 +32,8 @@
           return { label: s[0], stroke: palette[i % palette.length], fill: palette[i % palette.length] + "33",
                    width: 2, paths: s[2] ? bars : undefined, points: { show: days.length < 3 } };
         })),
-        scales: { x: { time: true } },
+        // Half a day of margin each side, so the first and last days' bars are whole.
+        scales: { x: { time: true, range: [days[0] - 43200, days[days.length - 1] + 43200] } },
       };
       const plot = new uPlot(opts, [days].concat(series.map(function (s) { return s[1]; })), node);
       window.addEventListener("resize", function () { plot.setSize({ width: Math.max(240, node.clientWidth), height: 180 }); });
