@@ -220,3 +220,53 @@ async def test_a_top_up_code_is_redeemed_once_even_when_raced(api: Api) -> None:
     assert audit["balance_pusd"] == audit["topups_pusd"] - audit["spent_pusd"]
     page = (await admin.get("/console/admin/codes")).text
     assert "2 / 3" in page
+
+
+async def test_an_admin_session_ends_when_the_admin_key_changes(api: Api) -> None:
+    admin, _ = await signed_in(api, ADMIN_KEY)
+    assert (await admin.get("/console/admin")).status_code == 200
+    api.accounts.bootstrap.admin_key = ADMIN_KEY + "-rotated"
+    try:
+        assert (await admin.get("/console/admin")).status_code == 303
+    finally:
+        api.accounts.bootstrap.admin_key = ADMIN_KEY
+
+
+async def test_registration_by_invite_code_with_a_granted_balance(api: Api) -> None:
+    from flashserve.api.console.config import ConsoleConfig
+
+    state = api.app.state.console
+    c = browser(api)
+    token = csrf_in((await c.get("/console/signin")).text)
+    assert (await c.get("/console/register")).status_code == 404  # off by default
+    assert (await c.post("/console/register", data={"csrf": token, "name": "n", "password": "p" * 10})
+            ).status_code == 404
+    state.config = ConsoleConfig(registration="invite", invite_code="let-me-in", granted_balance_pusd=250_000_000_000)
+    name = "invited-" + str(id(c))
+    form = {"csrf": token, "name": name, "password": "long enough pw"}
+    assert (await c.post("/console/register", data={**form, "invite_code": "wrong"})).status_code == 403
+    assert (await c.post("/console/register", data={**form, "invite_code": "let-me-in", "password": "short"})
+            ).status_code == 400
+    r = await c.post("/console/register", data={**form, "invite_code": "let-me-in"})
+    assert r.status_code == 303 and r.headers["location"] == "/console/keys"
+    account = await api.accounts.ledger.account_by_name(name)
+    assert account is not None and account["balance_pusd"] == 250_000_000_000
+    # Registering signed c in with a new session: the old form's token is void (no fixation), a fresh one works.
+    assert (await c.post("/console/register", data={**form, "invite_code": "let-me-in"})).status_code == 403
+    form["csrf"] = csrf_in((await c.get("/console/models")).text)
+    r = await c.post("/console/register", data={**form, "invite_code": "let-me-in"})
+    assert r.status_code == 400 and "taken" in r.text
+    # Registration off again: the user still signs in with name and password, and the playground bills them.
+    state.config = ConsoleConfig()
+    d = browser(api)
+    token = csrf_in((await d.get("/console/signin")).text)
+    r = await d.post("/console/signin", data={"csrf": token, "name": name, "password": "long enough pw"})
+    assert r.status_code == 303
+    token = csrf_in((await d.get("/console/playground")).text)
+    r = await d.post("/console/api/chat/completions", headers={"x-csrf-token": token},
+                     json={"model": "scripted", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    [record] = await api.records(account["id"])
+    assert record["request_id"] == r.json()["id"]
+    stored = await api.accounts.console_users._row(name)
+    assert stored.password_hash.startswith("scrypt$") and "long enough pw" not in stored.password_hash

@@ -10,7 +10,16 @@ from starlette.responses import RedirectResponse, Response
 
 from flashserve.api.console import session as sessions
 from flashserve.api.console.model_docs import EXAMPLE_LABELS, REQUEST_FIELDS, cost_example, examples, response_example
-from flashserve.api.console.web import Ctx, base_url, console_state, context, form, redirect, render
+from flashserve.api.console.web import (
+    Ctx,
+    admin_fingerprint,
+    base_url,
+    console_state,
+    context,
+    form,
+    redirect,
+    render,
+)
 from flashserve.api.state import app_state
 
 router = APIRouter()
@@ -83,13 +92,13 @@ async def signin(ctx: Context) -> Response:
     session = None
     if key:
         if state.accounts.is_admin(key):
-            session = sessions.new_session(ttl, admin=True, who="admin")
+            session = sessions.new_session(ttl, admin=True, admin_fp=admin_fingerprint(ctx.request), who="admin")
         else:
             principal = await state.accounts.keys.verify(key)
             if principal is not None:
                 session = sessions.new_session(ttl, account_id=principal.account_id, key_id=principal.key_id,
                                                who=f"{principal.prefix}…")
-    elif name and password and console.config.registration != "off":
+    elif name and password:  # registered users keep signing in after registration is turned off
         user = await state.accounts.console_users.authenticate(name, password)
         if user is not None:
             session = sessions.new_session(ttl, account_id=user.account_id, key_id=user.key_id, who=user.name)

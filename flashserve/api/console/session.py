@@ -38,6 +38,7 @@ class Session:
     account_id: str | None = None  # signed in to an account (with a key or a password)
     key_id: str | None = None  # the key the playground bills: the one signed in with, or a console user's
     admin: bool = False  # signed in with the admin key
+    admin_fp: str = ""  # which admin key: a session outlives no change of FLASHSERVE_ADMIN_KEY
     who: str = ""  # what the header shows: the key's prefix, the user's name, "admin"
 
     @property

@@ -90,14 +90,27 @@ class Ctx:
                          KeyLimits(key["max_concurrent"], key["rpm"], key["tpm"]))
 
 
+def admin_fingerprint(request: Request) -> str:
+    """A keyed fingerprint of the current admin key: an admin session carries it, and a new admin key makes
+    every earlier admin session void. Empty when the server has no admin key."""
+    state = app_state(request)
+    admin_key = state.accounts.bootstrap.admin_key
+    if not admin_key:
+        return ""
+    return state.server_key.keyed_hash(sessions.PURPOSE, b"admin|" + admin_key.encode())[:32]
+
+
 async def context(request: Request) -> Ctx:
-    """Dependency: the console session of this request. An account session whose key was revoked is over."""
+    """Dependency: the console session of this request. An account session whose key was revoked is over,
+    and so is an admin session from before the admin key changed."""
     key = app_state(request).server_key
     ttl = console_state(request).config.session_ttl_s
     session = sessions.decode(request.cookies.get(sessions.COOKIE), key)
     if session is None:
         return Ctx(request, sessions.new_session(ttl), True)
     ctx = Ctx(request, session, False)
+    if session.admin and (not session.admin_fp or session.admin_fp != admin_fingerprint(request)):
+        return Ctx(request, sessions.new_session(ttl), True)
     if session.account_id is not None and await ctx.principal() is None:
         return Ctx(request, sessions.new_session(ttl), True)
     return ctx
