@@ -94,3 +94,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("tier times")
         for tier, seconds in sorted(_TIER_SECONDS.items()):
             terminalreporter.write_line(f"{tier:<14} {seconds:8.1f} s")
+
+
+BROWSER_TIER = Path(__file__).parent / "browser"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`tests/browser` (the console in Chromium, `make test-browser`) runs only when named on the command line,
+    not in the default `pytest -q` of `make test`."""
+    named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    if any(p == BROWSER_TIER or BROWSER_TIER in p.parents for p in named):
+        return None
+    return True if collection_path.resolve() == BROWSER_TIER else None

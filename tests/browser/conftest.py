@@ -5,7 +5,7 @@ That server serves the embedded model (the playground's "Paris" test) and, throu
 `scripted/xss` played by the scripted raw-V4 upstream (`tests/e2e/scripted_v4_upstream.py`), whose answer
 is hostile Markdown/HTML: the sanitization test. Registration with a password is open on it.
 
-Not part of `make test` (`pytest -q` skips this folder, see `pytest_ignore_collect`); run it with
+Not part of `make test` (`pytest -q` skips this folder: `tests/conftest.py: pytest_ignore_collect`); run it with
 `make test-browser`. Screenshots go to `$FLASHSERVE_SCREENSHOTS` when set (`make console-screenshots`
 sets it to docs/console/), else to a temporary folder.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import tests.e2e.conftest as e2e
 from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
 from tests.e2e.scripted import _wait_upstream
 
@@ -37,15 +38,6 @@ XSS_REPLY = ("Here you go: **bold text**\n\n<script>window.__xss = 'script'</scr
              "<svg><script>window.__xss='svg'</script></svg>\n\n"
              "<iframe src=\"javascript:window.__xss='iframe'\"></iframe>\n\n"
              "SAFE-END")
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """`pytest` without this folder named (the default `make test`) leaves the browser tier out."""
-    here = Path(__file__).parent
-    named = [Path(str(a).split("::")[0]).resolve() for a in config.args]
-    if any(here == p or here in p.parents for p in named):
-        return None
-    return True if collection_path.resolve() == here else None
 
 
 @dataclass(frozen=True)
@@ -106,6 +98,8 @@ raw_text = "deepseek_v4"
             "FLASHSERVE_CONSOLE_REGISTRATION": "open", "FLASHSERVE_CONSOLE_GRANTED_BALANCE_USD": "0.5",
         }, unset=("FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
         try:
+            # Loading the model on a busy CI machine can take minutes: more patience than the e2e default.
+            e2e.STARTUP_TIMEOUT_S = max(e2e.STARTUP_TIMEOUT_S, 420.0)
             _wait_ready(base, process, log)
             yield Console(base, API_KEY, ADMIN_KEY, shots)
         finally:
