@@ -104,6 +104,8 @@ class Settings:
                self.console_registration, "must be off, open or invite")
         _check(self.console_registration != "invite" or bool(self.console_invite_code), "console_invite_code",
                self.console_invite_code, "must be set when console_registration is invite")
+        _check(_is_usd(self.console_granted_balance_usd), "console_granted_balance_usd",
+               self.console_granted_balance_usd, "must be a non-negative decimal USD amount")
         _check(self.console_session_hours > 0, "console_session_hours", self.console_session_hours,
                "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
@@ -141,6 +143,15 @@ class Settings:
 
 class SettingsError(ValueError):
     """A setting with a value the server cannot run with; the message names it."""
+
+
+def _is_usd(value: str) -> bool:
+    from flashserve.accounts.pricing import pusd_from_usd
+
+    try:
+        return pusd_from_usd(value) >= 0
+    except (ArithmeticError, ValueError):
+        return False
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -151,6 +151,34 @@ def test_model_output_is_sanitized(console: Console, new_page) -> None:  # noqa:
     assert [e for e in page.errors if "Content Security Policy" not in e and "404" not in e] == []
 
 
+def test_playground_tools_json_mode_and_view_code(console: Console, new_page) -> None:  # noqa: ANN001
+    page = new_page()
+    sign_in(page, console.api_key)
+    page.goto(f"/console/playground?model={XSS_MODEL}")
+    assert page.get_by_test_id("playground-model").input_value() == XSS_MODEL
+    page.get_by_test_id("playground-tools").fill('[{"type": "function", "function": {"name": "get_weather", '
+                                                  '"parameters": {"type": "object", "properties": {"city": '
+                                                  '{"type": "string"}}, "required": ["city"]}}}]')
+    page.get_by_test_id("playground-input").fill("Weather in Paris?")
+    page.get_by_test_id("playground-send").click()
+    calls = page.get_by_test_id("playground-tool-calls")
+    calls.locator("pre").first.wait_for(timeout=60_000)
+    assert "get_weather" in calls.inner_text() and '"city"' in calls.inner_text()
+    page.wait_for_function(COST_SHOWN, timeout=60_000)
+    # A bad tools editor is caught before anything is sent.
+    page.get_by_test_id("playground-tools").fill("[not json")
+    page.get_by_test_id("playground-input").fill("again")
+    page.get_by_test_id("playground-send").click()
+    assert page.locator("#pg-settings-error").is_visible()
+    page.get_by_test_id("playground-tools").fill("")
+    page.get_by_test_id("playground-format").select_option("json_object")
+    page.get_by_test_id("playground-view-code").click()
+    curl = page.get_by_test_id("playground-code-curl").inner_text()
+    assert f"{console.base}/v1/chat/completions" in curl and XSS_MODEL in curl and "json_object" in curl
+    assert console.api_key not in curl and "$FLASHSERVE_API_KEY" in curl
+    assert page.errors == []
+
+
 def test_csrf_is_required(console: Console, new_page) -> None:  # noqa: ANN001
     page = new_page()
     sign_in(page, console.api_key)

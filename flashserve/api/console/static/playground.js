@@ -8,7 +8,6 @@
   const config = JSON.parse($("pg-config").textContent);
   let history = [];          // the conversation as chat messages (assistant turns as sent back)
   let controller = null;     // aborts the turn in flight (Stop)
-  let lastBody = null;       // the last request body (View code)
 
   function renderMarkdown(node, text) {
     const html = window.marked.parse(text, { async: false, gfm: true, breaks: true });
@@ -32,11 +31,13 @@
     $("pg-schema-label").classList.toggle("hidden", $("pg-format").value !== "json_schema");
   });
 
-  function buildBody() {
+  // The request for the current settings and conversation, plus `userText` as a new turn when given.
+  function buildBody(userText) {
     const body = { model: $("pg-model").value, messages: [], stream: true, stream_options: { include_usage: true } };
     const system = $("pg-system").value.trim();
     if (system) body.messages.push({ role: "system", content: system });
     body.messages = body.messages.concat(history);
+    if (userText) body.messages.push({ role: "user", content: userText });
     const temperature = $("pg-temperature").value;
     if (temperature !== "") body.temperature = Number(temperature);
     const maxTokens = $("pg-max-tokens").value;
@@ -88,10 +89,15 @@
     $("pg-turn").classList.add("hidden");
   }
 
-  async function send() {
+  async function send(userText) {
     let body;
-    try { body = buildBody(); settingsError(""); } catch (e) { settingsError(String(e.message || e)); return; }
-    lastBody = body;
+    try { body = buildBody(userText); settingsError(""); } catch (e) { settingsError(String(e.message || e)); return; }
+    if (userText) {  // the turn joins the conversation only once its request could be built
+      archiveTurnView();
+      history.push({ role: "user", content: userText });
+      addTurn("user", userText);
+      $("pg-input").value = "";
+    }
     resetTurnView();
     $("pg-turn").classList.remove("hidden");
     $("pg-send").disabled = true; $("pg-regenerate").disabled = true; $("pg-stop").disabled = false;
@@ -205,11 +211,7 @@
     event.preventDefault();
     const text = $("pg-input").value.trim();
     if (!text || controller) return;
-    archiveTurnView();
-    history.push({ role: "user", content: text });
-    addTurn("user", text);
-    $("pg-input").value = "";
-    send();
+    send(text);
   });
   $("pg-input").addEventListener("keydown", function (event) {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("pg-form").requestSubmit(); }
@@ -219,7 +221,7 @@
     if (controller) return;
     if (history.length && history[history.length - 1].role === "assistant") history.pop();
     if (!history.length) return;
-    send();
+    send(null);
   });
   $("pg-clear").addEventListener("click", function () {
     if (controller) controller.abort();
@@ -233,8 +235,8 @@
 
   $("pg-view-code").addEventListener("click", function () {
     let body;
-    try { body = lastBody || buildBody(); } catch (e) { settingsError(String(e.message || e)); return; }
-    if (!body.messages.length) body.messages = [{ role: "user", content: $("pg-input").value || "Hello!" }];
+    try { body = buildBody($("pg-input").value.trim() || null); } catch (e) { settingsError(String(e.message || e)); return; }
+    if (!body.messages.length) body.messages = [{ role: "user", content: "Hello!" }];
     const plain = Object.assign({}, body);
     const json = JSON.stringify(plain, null, 2);
     $("code-curl-text").textContent = "curl " + config.base_url + "/v1/chat/completions -N \\\n" +
