@@ -10,6 +10,10 @@
     const css = getComputedStyle(document.documentElement);
     const color = function (name) { return css.getPropertyValue(name).trim() || "#888"; };
     const palette = [color("--accent"), "#e3a008", "#1a7f37", "#a371f7"];
+    // Axis labels that stay readable for the tiny dollar amounts of a small model's requests.
+    const ticks = function (u, values) {
+      return values.map(function (v) { return v === 0 ? "0" : Math.abs(v) < 0.01 ? v.toPrecision(2) : String(+v.toFixed(2)); });
+    };
     const bars = uPlot.paths && uPlot.paths.bars ? uPlot.paths.bars({ size: [0.6, 40] }) : undefined;
     const charts = {
       requests: [["requests", pick("requests"), true]],
@@ -27,7 +31,7 @@
       const opts = {
         width: width, height: 180, legend: { live: false },
         axes: [{ stroke: color("--muted"), grid: { stroke: color("--border") } },
-               { stroke: color("--muted"), grid: { stroke: color("--border") }, size: 60 }],
+               { stroke: color("--muted"), grid: { stroke: color("--border") }, size: 60, values: ticks }],
         series: [{}].concat(series.map(function (s, i) {
           return { label: s[0], stroke: palette[i % palette.length], fill: palette[i % palette.length] + "33",
                    width: 2, paths: s[2] ? bars : undefined, points: { show: days.length < 3 } };
