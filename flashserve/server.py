@@ -25,6 +25,7 @@ from flashserve.accounts.limits import make_limiter
 from flashserve.accounts.pricing import pusd_from_usd
 from flashserve.accounts.service import Accounts, Bootstrap
 from flashserve.api.app import create_app
+from flashserve.api.console import ConsoleConfig
 from flashserve.backends.base import Backend
 from flashserve.backends.local import LocalBackend, LocalModel
 from flashserve.backends.remote import RemoteBackend
@@ -185,7 +186,11 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
     app = create_app(catalog, accounts, sse_keepalive_s=settings.sse_keepalive_s,
                      max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models,
                      responses_retention_days=settings.responses_retention_days,
-                     responses_purge_interval_s=settings.responses_purge_interval_s)
+                     responses_purge_interval_s=settings.responses_purge_interval_s,
+                     console_config=ConsoleConfig(
+                         registration=settings.console_registration, invite_code=settings.console_invite_code,
+                         granted_balance_pusd=pusd_from_usd(settings.console_granted_balance_usd),
+                         session_ttl_s=int(settings.console_session_hours * 3600)))
     return Server(app=app, catalog=catalog, api_key=api_key, admin_key=admin_key, checkpoint_name=checkpoint_name)
 
 

@@ -79,6 +79,12 @@ class Settings:
     redis_lease_ttl_s: float = 30.0  # a concurrency slot not renewed for this long (a dead gateway's) frees
     redis_timeout_s: float = 1.0  # connect/read timeout of one Redis call; past it Redis counts as down
     redis_key_prefix: str = "flashserve"  # several deployments can share one Redis under their own prefix
+    # The web console (/console/): self-service accounts with a password: "off", "open" or "invite" (needs
+    # console_invite_code); a new account's granted starting balance; how long a sign-in lasts.
+    console_registration: str = "off"
+    console_invite_code: str | None = None
+    console_granted_balance_usd: str = "0"
+    console_session_hours: float = 12.0
 
     def __post_init__(self) -> None:
         # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
@@ -107,6 +113,14 @@ class Settings:
                "must be open or closed")
         _check(self.redis_lease_ttl_s > 0, "redis_lease_ttl_s", self.redis_lease_ttl_s, "must be positive")
         _check(self.redis_timeout_s > 0, "redis_timeout_s", self.redis_timeout_s, "must be positive")
+        _check(self.console_registration in ("off", "open", "invite"), "console_registration",
+               self.console_registration, "must be off, open or invite")
+        _check(self.console_registration != "invite" or bool(self.console_invite_code), "console_invite_code",
+               self.console_invite_code, "must be set when console_registration is invite")
+        _check(_is_usd(self.console_granted_balance_usd), "console_granted_balance_usd",
+               self.console_granted_balance_usd, "must be a non-negative decimal USD amount")
+        _check(self.console_session_hours > 0, "console_session_hours", self.console_session_hours,
+               "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 
@@ -142,6 +156,15 @@ class Settings:
 
 class SettingsError(ValueError):
     """A setting with a value the server cannot run with; the message names it."""
+
+
+def _is_usd(value: str) -> bool:
+    from flashserve.accounts.pricing import pusd_from_usd
+
+    try:
+        return pusd_from_usd(value) >= 0
+    except (ArithmeticError, ValueError):
+        return False
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -102,3 +102,15 @@ def redis_url() -> str:
     from tests.redis_server import redis_url as url
 
     return url()
+
+
+BROWSER_TIER = Path(__file__).parent / "browser"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`tests/browser` (the console in Chromium, `make test-browser`) runs only when named on the command line,
+    not in the default `pytest -q` of `make test`."""
+    named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    if any(p == BROWSER_TIER or BROWSER_TIER in p.parents for p in named):
+        return None
+    return True if collection_path.resolve() == BROWSER_TIER else None

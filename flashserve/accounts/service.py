@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from flashserve.accounts.console_users import ConsoleUsers
 from flashserve.accounts.db import create_engine, migrate
 from flashserve.accounts.keys import KeyStore
 from flashserve.accounts.ledger import Ledger
 from flashserve.accounts.limits import Limiter, MemoryLimiter
 from flashserve.accounts.stored_responses import ResponseStore
+from flashserve.accounts.topup_codes import TopUpCodes
+from flashserve.accounts.usage_views import UsageViews
 
 log = logging.getLogger(__name__)
 DEFAULT_ACCOUNT = "default"
@@ -52,6 +55,21 @@ class Accounts:
     def responses(self) -> ResponseStore:
         """The Responses API's stored responses (`store: true`)."""
         return ResponseStore(self._started())
+
+    @property
+    def codes(self) -> TopUpCodes:
+        """Single-use top-up codes (the console's admin page makes them, customers redeem them)."""
+        return TopUpCodes(self._started())
+
+    @property
+    def console_users(self) -> ConsoleUsers:
+        """The console's optional name-and-password users."""
+        return ConsoleUsers(self._started())
+
+    @property
+    def usage_views(self) -> UsageViews:
+        """Read-only usage views for the console."""
+        return UsageViews(self._started())
 
     def _started(self) -> AsyncEngine:
         if self.engine is None:

@@ -89,3 +89,32 @@ stored_responses = sa.Table(
     sa.Column("input_items", sa.Text, nullable=False),
     sa.Column("conversation", sa.Text, nullable=False),
 )
+
+# Top-up codes (migration 0006): single-use codes, made in batches by an admin and sold offline; each is
+# worth `amount_pusd`. Only the code's SHA-256 digest is stored (like a key's). Redeeming sets
+# `redeemed_at`/`redeemed_by` and writes a `topups` row (`topup_id`), in one transaction.
+topup_codes = sa.Table(
+    "topup_codes", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("batch_id", sa.String(40), nullable=False, index=True),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(32), nullable=False),
+    sa.Column("amount_pusd", sa.BigInteger, nullable=False),
+    sa.Column("note", sa.String(200), nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("redeemed_at", sa.DateTime, nullable=True),
+    sa.Column("redeemed_by", sa.String(40), sa.ForeignKey("accounts.id"), nullable=True),
+    sa.Column("topup_id", sa.BigInteger, nullable=True),
+)
+
+# Console users who sign in with a name and a password (migration 0006): the scrypt hash of the password,
+# the account they own, and the key the console bills their playground to (its plaintext is never kept).
+console_users = sa.Table(
+    "console_users", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(300), nullable=False),
+    sa.Column("account_id", sa.String(40), sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("api_keys.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flashserve import __version__
 from flashserve.accounts.service import Accounts
-from flashserve.api import admin, anthropic, chat, completions, models, responses, tokenizer, usage
+from flashserve.api import admin, anthropic, chat, completions, console, models, responses, tokenizer, usage
 from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
@@ -123,7 +123,8 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
                max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None,
                anthropic_models: dict[str, str] | None = None, responses_retention_days: float = 30.0,
-               responses_purge_interval_s: float = 3600.0) -> FastAPI:
+               responses_purge_interval_s: float = 3600.0, console_config: console.ConsoleConfig | None = None
+               ) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
@@ -145,6 +146,8 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     Anthropic surface's model names (glob patterns, e.g. "claude-*") to catalog ids; default: every
     `claude-*` -> deepseek/deepseek-v4-flash. Stored responses (`/v1/responses` with `store: true`) are kept
     `responses_retention_days`; a lifespan task purges expired ones every `responses_purge_interval_s`.
+    The web console (`api/console/`) is served under /console/ with `console_config` (default: sign-in with
+    API keys only).
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -179,6 +182,7 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    console.install(app, console_config or console.ConsoleConfig())
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

@@ -51,6 +51,13 @@ KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see t
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: Annotated[Principal, Depends(require_api_key)]
 ) -> JSONResponse | StreamingResponse:
+    return await serve_chat_completion(body, request, principal)
+
+
+async def serve_chat_completion(body: ChatCompletionRequest, request: Request,
+                                principal: Principal) -> JSONResponse | StreamingResponse:
+    """A chat completion for `principal`, however it was authenticated (a Bearer key here; the console's
+    session for its playground, `api/console/playground.py`): the same core, billing and streaming."""
     call = await open_call(request, principal, generation_request(body), id_prefix="chatcmpl",
                            check=lambda card: check_request(body, card))
     n = body.n or 1

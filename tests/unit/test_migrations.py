@@ -1,5 +1,6 @@
 """Alembic migrations over a database that already holds rows: an upgrade keeps every row of the older
-schema, and the new tables work on top of it (0002: stored responses, cascading with their account)."""
+schema, and the new tables work on top of it (0002: stored responses, cascading with their account; 0006:
+top-up codes and console users)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.ext.asyncio
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from flashserve.accounts.db import alembic_config, create_engine, migrate
@@ -34,6 +36,12 @@ def _upgrade_to(revision: str):  # noqa: ANN202 - a run_sync callable
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     return upgrade
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -73,7 +81,7 @@ async def test_0002_upgrades_a_populated_0001_database(empty_database: str) -> N
 
     await migrate(engine)  # what start-up runs: 0001 -> head
     async with engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0004"
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == _head()
         assert (await conn.execute(sa.text("SELECT balance_pusd FROM accounts"))).scalar() == 5000
         assert (await conn.execute(sa.text("SELECT count(*) FROM usage_records"))).scalar() == 1
         fks = await conn.run_sync(lambda c: sa.inspect(c).get_foreign_keys("stored_responses"))
@@ -113,7 +121,7 @@ async def test_0004_upgrades_a_populated_0002_database(empty_database: str) -> N
 
     await migrate(engine)  # 0002 -> head
     async with engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == "0004"
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == _head()
         assert (await conn.execute(sa.text("SELECT count(*) FROM stored_responses"))).scalar() == 1
     ledger, keys = Ledger(engine), KeyStore(engine)
     account = await ledger.get_account("acct_old")
@@ -140,4 +148,49 @@ async def test_0004_upgrades_a_populated_0002_database(empty_database: str) -> N
         columns = await conn.run_sync(lambda c: [col["name"] for col in sa.inspect(c).get_columns("accounts")])
         assert "user_rpm" not in columns
         assert (await conn.execute(sa.text("SELECT balance_pusd FROM accounts"))).scalar() == 5000
+    await engine.dispose()
+
+
+async def test_0006_upgrades_a_populated_0002_database(empty_database: str) -> None:
+    """0006 (top-up codes, console users) over a database holding 0002's rows: every row stays, and a code
+    redeemed on the upgraded database credits an old account once, with its audit row."""
+    from flashserve.accounts.console_users import ConsoleUsers
+    from flashserve.accounts.ledger import Ledger
+    from flashserve.accounts.topup_codes import RedeemError, TopUpCodes
+
+    engine = create_engine(empty_database)
+    now = datetime(2026, 12, 1, 12, 0, 0)
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade_to("0002"))
+        await conn.execute(sa.text("INSERT INTO accounts (id, name, balance_pusd, created_at) "
+                                   "VALUES ('acct_old', 'old', 5000, :t)"), {"t": now})
+        await conn.execute(sa.text("INSERT INTO topups (account_id, amount_pusd, note, created_at) "
+                                   "VALUES ('acct_old', 5000, 'opening balance', :t)"), {"t": now})
+        await conn.execute(sa.text("INSERT INTO api_keys (id, account_id, name, prefix, digest, created_at) "
+                                   "VALUES ('key_old', 'acct_old', 'k', 'sk-', :d, :t)"), {"d": "1" * 64, "t": now})
+        await conn.execute(sa.text(
+            "INSERT INTO stored_responses (id, account_id, created_at, expires_at, response, input_items, "
+            "conversation) VALUES ('resp_old', 'acct_old', :t, :t, '{}', '[]', '[]')"), {"t": now})
+        tables = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+        assert "topup_codes" not in tables and "console_users" not in tables
+
+    await migrate(engine)
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar() == _head()
+        assert (await conn.execute(sa.text("SELECT count(*) FROM stored_responses"))).scalar() == 1
+        assert (await conn.execute(sa.text("SELECT count(*) FROM api_keys"))).scalar() == 1
+    codes = TopUpCodes(engine)
+    _, [code] = await codes.create_batch(1, 7000, "migration test")
+    assert (await codes.redeem(code, "acct_old")).amount_pusd == 7000
+    with pytest.raises(RedeemError):
+        await codes.redeem(code, "acct_old")
+    ledger = Ledger(engine)
+    assert await ledger.balance("acct_old") == 12000
+    audit = await ledger.audit("acct_old")
+    assert audit["balance_pusd"] == audit["topups_pusd"] - audit["spent_pusd"] == 12000
+    users = ConsoleUsers(engine)
+    name = f"user-{uuid.uuid4().hex[:8]}"
+    user = await users.register(name, "a long password", 0)
+    assert (await users.authenticate(name, "a long password")) == user
+    assert await users.authenticate(name, "wrong password") is None
     await engine.dispose()
