@@ -177,6 +177,12 @@ class Catalog(Generic[B]):
             raise model_not_found(model_id) from None
         return served.card, served.backend
 
+    def model_object(self, model_id: str) -> dict[str, object]:
+        """One model or alias as an OpenAI model object (GET /v1/models/{id}, and the console's page)."""
+        card, _ = self.resolve(model_id)
+        alias = self.aliases.get(model_id)
+        return alias.to_openai(card) if alias is not None else card.to_openai()
+
     def models(self) -> list[dict[str, object]]:
         """Every model and alias as OpenAI model objects (GET /v1/models)."""
         out = [card.to_openai() for card in self.cards()]

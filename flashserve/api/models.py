@@ -22,7 +22,4 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 @router.get("/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
-    catalog = app_state(request).catalog
-    card, _ = catalog.resolve(model_id)
-    alias = catalog.alias(model_id)
-    return alias.to_openai(card) if alias is not None else card.to_openai()
+    return app_state(request).catalog.model_object(model_id)

@@ -44,18 +44,18 @@ async def home(ctx: Context) -> Response:
 
 @router.get("/console/models", include_in_schema=False)
 async def models_list(ctx: Context) -> Response:
-    cards = [card.to_openai() for card in app_state(ctx.request).catalog.cards()]
+    cards = app_state(ctx.request).catalog.models()
     return render(ctx, "models.html", cards=cards, title="Models")
 
 
 @router.get("/console/models/{model_id:path}", include_in_schema=False)
 async def model_page(model_id: str, ctx: Context) -> Response:
     catalog = app_state(ctx.request).catalog
-    if model_id not in catalog.entries:
+    if model_id not in catalog.entries and catalog.alias(model_id) is None:
         return render(ctx, "error.html", status=404, title="Model not found",
                       message=f"No model with id '{model_id}' is served here.")
     card, _ = catalog.resolve(model_id)
-    return render(ctx, "model.html", title=card.id, card=card.to_openai(), example=cost_example(card),
+    return render(ctx, "model.html", title=model_id, card=catalog.model_object(model_id), example=cost_example(card),
                   examples=examples(card, base_url(ctx.request)), labels=EXAMPLE_LABELS,
                   request_fields=REQUEST_FIELDS, response_example=response_example(card))
 
