@@ -33,6 +33,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from flashserve import request_scope
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.pricing import format_usd
 from flashserve.api.billing import Meter
@@ -85,8 +86,14 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
     # this account's prefix cache, never reach another account's.
     salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
     tenant = principal.account_id + (f"/{salt}" if salt else "")
-    ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant)
-    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id)
+    scope = request_scope.current()
+    trace_id = scope.request_id if scope is not None else request_scope.new_request_id()
+    if scope is not None:
+        scope.account, scope.key_id, scope.model = principal.account_id, principal.key_id, card.id
+    ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant, trace_id=trace_id,
+                         cache_salt=state.server_key.keyed_hash("cache-salt", tenant.encode())[:32])
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id,
+                              trace_id=trace_id)
     try:
         generation = await backend.open(gen, ctx)
     except BaseException:
@@ -122,7 +129,13 @@ class Call:
         shielded from a disconnect's cancellation so neither is lost."""
         with anyio.CancelScope(shield=True):
             await self.generation.abort()
-            return await self.meter.record(self.generation.usage, status or self.status)
+            usage = self.generation.usage
+            cost = await self.meter.record(usage, status or self.status)
+            scope = request_scope.current()
+            if scope is not None:
+                scope.prompt_tokens, scope.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+                scope.completion_tokens, scope.cost_usd = usage.completion_tokens, format_usd(cost)
+            return cost
 
     # -- streaming ---------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -140,7 +153,11 @@ class Call:
                 yield KeepAlive() if delta is None else delta
         except Exception as exc:  # noqa: BLE001 - the response has begun: reported in-band
             self.status = "error"
-            yield Failed(self._domain_error(exc))
+            error = self._domain_error(exc)
+            scope = request_scope.current()
+            if scope is not None:
+                scope.code = error.code or error.type
+            yield Failed(error)
             return
         self.status = "ok"
         cost = await self.finish()
