@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -57,6 +58,7 @@ from flashserve.generation import (
 )
 from flashserve.request_scope import REQUEST_ID_HEADER, as_uuid
 
+log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {500, 502, 503, 504}
 
 
@@ -235,15 +237,17 @@ def normalize_usage(raw: dict[str, Any]) -> Usage:
 def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str],
                    upstream: Upstream | None = None) -> FlashserveError:
     """Our error object for an upstream's non-200 answer. One with an empty body names the upstream (its
-    kind and URL) and its status, so the operator knows who refused and the client knows it was not us."""
+    kind and model; the URL goes to the log) and its status: the client knows who refused it and how."""
     try:
         detail = json.loads(text).get("error") or {}
         message = detail.get("message") if isinstance(detail, dict) else str(detail)
     except (ValueError, AttributeError):
         detail, message = {}, None
     if not message and not text.strip():
-        who = f"{upstream.kind} upstream at {upstream.url}" if upstream is not None else "upstream"
+        # The client learns which upstream (kind and model) refused and how; the URL, internal, is only logged.
+        who = f"{upstream.kind} upstream (model '{upstream.model}')" if upstream is not None else "upstream"
         message = f"the {who} answered HTTP {status} with an empty body"
+        log.warning("%s at %s answered HTTP %d with an empty body", who, upstream.url if upstream else "?", status)
     message = message or text[:500]
     param = detail.get("param") if isinstance(detail, dict) else None
     if status == 429:
