@@ -117,7 +117,7 @@ class LLMEngine:
             if out.finished:
                 self.runner.release(out.request_id)
         if self.series is not None:
-            self._record(batch.sampling_requests, outputs)
+            self._record(sampling, outputs)  # the list taken before `update` moved the requests on
         return outputs
 
     def _record(self, sampled: list[Request], outputs: list[RequestOutput]) -> None:
