@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -193,3 +195,15 @@ def test_exported_names_are_the_wire_names() -> None:
     for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:prompt_tokens_total", "vllm:num_requests_running",
                  "vllm:kv_cache_usage_perc", "flashserve_requests_total", "flashserve_cost_picodollars_total"):
         assert name in names
+
+
+def test_every_dashboard_query_names_an_exported_series() -> None:
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exported = metrics.exported_names()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert exprs
+    for expr in exprs:
+        named = re.findall(r"\b(vllm:[a-z0-9_]+|flashserve_[a-z0-9_]+)", expr)
+        assert named, expr
+        missing = [n for n in named if n not in exported]
+        assert not missing, (expr, missing)
