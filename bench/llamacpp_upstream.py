@@ -100,12 +100,12 @@ def cases(client: openai.OpenAI, base: str, upstream: str) -> list[dict[str, Any
 
     def stream() -> dict[str, Any]:
         trace = "bench-trace-" + uuid.uuid4().hex[:8]
+        t0 = time.monotonic()  # before the request: llama.cpp's whole answer comes before the first byte
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_headers={"x-request-id": trace})
         assert raw.headers.get("x-request-id") == trace, raw.headers.get("x-request-id")
         pieces, usage, first = [], None, None
-        t0 = time.monotonic()
         for chunk in raw.parse():
             for choice in chunk.choices:
                 if choice.delta.content:
