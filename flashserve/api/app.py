@@ -61,13 +61,12 @@ class _RequestIds:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in ("/health", "/metrics"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode())
         request_scope = RequestScope(accept_request_id(given.decode("latin-1") if given else None),
                                      surface=surface_of(scope["path"]))
-        scope.setdefault("state", {})["request_scope"] = request_scope
         status = 500
         header = (REQUEST_ID_HEADER.encode(), request_scope.request_id.encode())
 
@@ -83,12 +82,20 @@ class _RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            elapsed = time.monotonic() - request_scope.started
-            metrics.REQUESTS.labels(request_scope.model or "", request_scope.surface, str(status),
-                                    request_scope.code or "").inc()
-            metrics.REQUEST_LATENCY.labels(request_scope.surface).observe(elapsed)
-            access_log.info("request done", extra=request_scope.summary(status))
+            if scope["path"] not in _UNCOUNTED:
+                _count_and_log(request_scope, status)
             CURRENT.reset(token)
+
+
+_UNCOUNTED = ("/health", "/metrics")  # probes and scrapes: answered with an id, neither counted nor logged
+
+
+def _count_and_log(request_scope: RequestScope, status: int) -> None:
+    elapsed = time.monotonic() - request_scope.started
+    metrics.REQUESTS.labels(request_scope.model or "", request_scope.surface, str(status),
+                            request_scope.code or "").inc()
+    metrics.REQUEST_LATENCY.labels(request_scope.surface).observe(elapsed)
+    access_log.info("request done", extra=request_scope.summary(status))
 
 
 class _Admission:

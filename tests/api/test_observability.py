@@ -57,6 +57,9 @@ async def test_every_answer_carries_a_request_id(api: Api) -> None:
         "models": await api.client.get("/v1/models"),
         "admin": await api.admin.get("/admin/accounts"),
         "not found": await api.client.get("/v1/nothing-here"),
+        "health": await api.client.get("/health"),
+        "metrics": await api.admin.get("/metrics"),
+        "metrics refused": await api.client.get("/metrics"),
     }
     assert answers["chat ok"].status_code == 200 and answers["unknown model"].status_code == 404
     assert answers["bad field"].status_code == 400 and answers["no key"].status_code == 401

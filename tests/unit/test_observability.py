@@ -207,3 +207,31 @@ def test_every_dashboard_query_names_an_exported_series() -> None:
         assert named, expr
         missing = [n for n in named if n not in exported]
         assert not missing, (expr, missing)
+
+
+def test_log_format_and_metrics_bind_settings() -> None:
+    from flashserve.settings import Settings, SettingsError
+
+    assert Settings(log_format="json", metrics_bind="0.0.0.0:9400").metrics_address == ("0.0.0.0", 9400)
+    assert Settings().metrics_address is None
+    for bad in ({"log_format": "xml"}, {"metrics_bind": "9400"}, {"metrics_bind": "host:99999"}):
+        with pytest.raises(SettingsError):
+            Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_metrics_bind_serves_the_registry_apart_without_a_key(tmp_path: Path) -> None:
+    import socket
+
+    import httpx
+
+    from flashserve.catalog import Catalog
+    from flashserve.server import _finish_server
+    from flashserve.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _finish_server(Settings(data_dir=tmp_path, metrics_bind=f"127.0.0.1:{port}"), Catalog(), "none")
+    r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert r.status_code == 200 and "# TYPE flashserve_requests_total counter" in r.text, r.text[:500]
+    assert "/metrics" not in {getattr(route, "path", "") for route in server.app.routes}  # not on the API's address
