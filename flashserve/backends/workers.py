@@ -9,7 +9,9 @@ which keeps the API, the keys and the billing in the front process.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +50,7 @@ class WorkerPool:
                    "--data-dir", str(data)] + (["--model", str(path)] if settings.model else [])
             with open(data / "worker.log", "wb") as log_file:
                 processes.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL))
+                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
             urls.append(f"http://127.0.0.1:{port}")
         pool = cls(processes, urls, key, 0, admin_key)
         deadline = time.monotonic() + timeout_s
@@ -79,6 +81,14 @@ class WorkerPool:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it runs: on Linux, SIGTERM it when the front process dies, however it dies (a
+    SIGKILL, or a SIGTERM while it still waits for the workers to start), so no worker outlives its router."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
