@@ -9,6 +9,12 @@ as a stream (whatever the client asked: a non-streaming answer is assembled from
   `reasoning_effort` ("high" or "max"); vLLM and SGLang take it through `chat_template_kwargs` (the
   DeepSeek-V4 template reads `thinking` and `reasoning_effort`); another flashserve takes it as is.
 
+What else an upstream receives depends on its kind (`request_headers`): the request's `x-request-id` (as a
+UUID for llama.cpp's server, which refuses anything else with an empty 400), the opaque cache salt only for
+another flashserve (`kind = "flashserve"`, e.g. a `--workers` process), never anything naming an account.
+llama.cpp's server (`kind = "llamacpp"`) gets only the fields it reads and is asked for whole answers
+(`_llamacpp_body`: its stream carries no usage), which `WholeAnswer` hands on as deltas.
+
 Usage is normalized into ours: DeepSeek's `prompt_cache_hit_tokens`, or `prompt_tokens_details.cached_tokens`
 (vLLM, SGLang, OpenAI); reasoning tokens from `completion_tokens_details.reasoning_tokens` or SGLang's
 top-level `reasoning_tokens`. vLLM's `reasoning` delta field becomes `reasoning_content`.
