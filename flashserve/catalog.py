@@ -211,7 +211,11 @@ class Catalog(Generic[B]):
 
 
 # -- backend specs: plain data, built into backends by server.py ----------------------------------------
-KINDS = ("openai", "deepseek", "vllm", "sglang")
+# What each kind of upstream receives is its own (backends/remote.py: request_headers, upstream_body):
+# "flashserve" (another flashserve, e.g. a --workers process) gets the request id as is and the opaque cache
+# salt; "llamacpp" (llama-cpp-python's server) a UUID request id and only the fields it knows; the others the
+# request id as is and never the salt.
+KINDS = ("openai", "deepseek", "vllm", "sglang", "flashserve", "llamacpp")
 RAW_TEXT_FORMATS = ("deepseek_v4",)  # model output syntaxes a raw-text upstream's content is parsed from
 POLICIES = ("round_robin", "least_load", "prefix_aware")
 
@@ -350,9 +354,9 @@ _BACKEND_KEYS = {"type", "url", "replicas", "policy", "model", "kind", "api_key_
 def _backend(path: Path, text: str, model_id: str, table: Any) -> RemoteSpec | ReplicaSetSpec:
     """A model's `backend` table: type = "remote", an OpenAI-compatible `url` (…/v1) or a list of them as
     `replicas` (with a routing `policy`), the upstream's `model` name, its `kind` (openai, deepseek, vllm,
-    sglang), the environment variable holding its key (`api_key_env`: the key never sits in the file),
-    `timeout_s`, `retries`, and `raw_text = "deepseek_v4"` for an upstream whose content is the model's raw
-    text (flashserve splits the thinking and parses the DSML calls itself)."""
+    sglang, flashserve, llamacpp), the environment variable holding its key (`api_key_env`: the key never
+    sits in the file), `timeout_s`, `retries`, and `raw_text = "deepseek_v4"` for an upstream whose content
+    is the model's raw text (flashserve splits the thinking and parses the DSML calls itself)."""
     where = f'models."{model_id}".backend'
     line = _line_of(text, "backend", after=model_id)
     if not isinstance(table, dict):

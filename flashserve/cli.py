@@ -7,7 +7,6 @@ names the base URL, the API key and every served model with its weights.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
@@ -49,7 +48,9 @@ def serve(
     settings = Settings.load(config, model=model, host=host, port=port, data_dir=data_dir, dtype=dtype,
                              weight_dtype=weight_dtype, weight_quant=weight_quant,
                              kv_cache_tokens=kv_cache_tokens, catalog=catalog, workers=workers)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flashserve.request_scope import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from flashserve.server import build_server
 
     with Progress(TextColumn("[bold]loading weights"), BarColumn(), MofNCompleteColumn(),
@@ -62,8 +63,9 @@ def serve(
         server = build_server(settings, on_tensor)
     _banner(settings, server)
     sys.stdout.flush()
+    # log_config=None: uvicorn's loggers go through the root handler, in the chosen format with request ids.
     config = uvicorn.Config(server.app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, log_config=None)
     _DrainingServer(config, settings.shutdown_drain_s).run()
 
 

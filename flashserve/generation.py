@@ -122,8 +122,14 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    request_id: str
+    request_id: str  # the object's id (chatcmpl-…, msg_…, resp_…): server-generated, never the client's
     tenant: str = ""  # namespaces the prefix cache: the account, narrowed by a router's salt
+    # The HTTP request's correlation id (`x-request-id`: the client's when well-formed, else a UUID),
+    # forwarded upstream in the form each upstream kind accepts (backends/remote.py: request_headers).
+    trace_id: str = ""
+    # The tenant as an opaque keyed hash (server_key.py, purpose "cache-salt"): what a flashserve worker
+    # receives to namespace its prefix cache, so no account id ever leaves the gateway.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ Kept apart from the CLI so tests and benchmarks build the same server the comman
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
+from flashserve import metrics
 from flashserve.accounts.keys import generate_key
 from flashserve.accounts.limits import make_limiter
 from flashserve.accounts.pricing import pusd_from_usd
@@ -48,8 +51,10 @@ from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
 from flashserve.kernels import cpu_ops
 from flashserve.memory import off_main_thread, return_freed_memory
+from flashserve.metrics import EngineSeries
 from flashserve.models.loading import Checkpoint, embedded_model_path, load_checkpoint
 from flashserve.models.registry import MemorySetting, build_model, model_family
+from flashserve.server_key import ServerKey
 from flashserve.settings import Settings
 
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
@@ -65,9 +70,11 @@ class Server:
     checkpoint_name: str
 
 
-def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngine, LocalModel]:
+def build_engine(checkpoint: Checkpoint, settings: Settings,
+                 model_name: str = EMBEDDED_MODEL_ID) -> tuple[AsyncEngine, LocalModel]:
     """The checkpoint's engine and what the local backend needs to know of its model, each piece as the
-    checkpoint's `ModelFamily` says (`models/registry.py`): runner, memory, template, tools, reasoning."""
+    checkpoint's `ModelFamily` says (`models/registry.py`): runner, memory, template, tools, reasoning.
+    `model_name` labels the engine's metrics (vLLM's `model_name`)."""
     family = model_family(checkpoint.architecture)
     dtype = _DTYPES[settings.dtype]
     model = build_model(checkpoint, dtype, settings.weight_quant, _DTYPES[settings.weight_dtype], consume=True)
@@ -83,7 +90,9 @@ def build_engine(checkpoint: Checkpoint, settings: Settings) -> tuple[AsyncEngin
                           enable_prefix_caching=settings.enable_prefix_caching, dtype=dtype,
                           kv_cache_dtype=_DTYPES[settings.kv_cache_dtype], snapshot_bytes=memory.snapshot_bytes)
     vocab = int(checkpoint.config["vocab_size"])
-    engine = AsyncEngine(LLMEngine(model, config, vocab, runner=family.runner))
+    llm = LLMEngine(model, config, vocab, runner=family.runner)
+    llm.series = EngineSeries(model_name)  # the engine's /metrics series (vLLM's names)
+    engine = AsyncEngine(llm)
     tokens = checkpoint.tokenizer.get_vocab(with_added_tokens=True)
     by_id = [""] * max(len(tokens), 1)
     for text, token_id in tokens.items():
@@ -116,16 +125,17 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
     if settings.workers:
         return _build_router_server(settings, path)
 
+    own_id = _own_model_id(settings, path)
+
     def load() -> tuple[Checkpoint, AsyncEngine, LocalModel]:
         checkpoint = load_checkpoint(path, _DTYPES[settings.dtype], progress)
-        return checkpoint, *build_engine(checkpoint, settings)
+        return checkpoint, *build_engine(checkpoint, settings, own_id)
 
     checkpoint, engine, local = off_main_thread(load)
     return_freed_memory()
     engine.start()
     backend = LocalBackend(engine, local, max_active=settings.max_num_seqs + settings.max_queued_requests)
 
-    own_id = _own_model_id(settings, path)
     ids = list(dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]))
     entries = load_catalog_file(settings.catalog) if settings.catalog else {}
     catalog: Catalog[Backend] = Catalog()
@@ -135,7 +145,8 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
             continue
         upstream = entry.backend if isinstance(entry.backend, RemoteSpec) else entry.backend.upstreams[0]
         catalog.add(make_card(
-            model_id, context_length=1 << 20, reasoning=ReasoningSpec(can_think=upstream.kind != "openai"),
+            model_id, context_length=1 << 20,
+            reasoning=ReasoningSpec(can_think=upstream.kind not in ("openai", "llamacpp")),
             weights=f"{upstream.model} at {upstream.url} ({upstream.kind})",
             description=f"{upstream.model} on a remote {upstream.kind} engine", created=created, entry=entry,
             max_output_tokens=settings.max_output_tokens_cap,
@@ -183,10 +194,19 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
         api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)),
         limiter)
+    # The deployment secret (FLASHSERVE_SECRET_KEY, else data_dir/secret_key): gateways sharing it seal,
+    # sign and hash cache salts alike.
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    server_key = ServerKey.load(Path(settings.data_dir), os.environ)
+    metrics.set_key_allowlist(settings.metrics_key_ids)
+    address = settings.metrics_address
+    if address is not None:
+        start_http_server(address[1], addr=address[0], registry=metrics.REGISTRY)
     app = create_app(catalog, accounts, sse_keepalive_s=settings.sse_keepalive_s,
                      max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models,
                      responses_retention_days=settings.responses_retention_days,
-                     responses_purge_interval_s=settings.responses_purge_interval_s,
+                     responses_purge_interval_s=settings.responses_purge_interval_s, server_key=server_key,
+                     serve_metrics=address is None,
                      console_config=ConsoleConfig(
                          registration=settings.console_registration, invite_code=settings.console_invite_code,
                          granted_balance_pusd=pusd_from_usd(settings.console_granted_balance_usd),
@@ -199,11 +219,19 @@ def _build_router_server(settings: Settings, path: Path) -> Server:
     local port and an internal key, behind one router that keeps the API, the keys and the billing here."""
     workers = WorkerPool.start(settings, path)
     own_id = _own_model_id(settings, path)
-    replicas = [Replica(url, RemoteBackend(RemoteSpec(f"{url}/v1", own_id, "openai", workers.key, retries=0)),
+    replicas = [Replica(url, RemoteBackend(RemoteSpec(f"{url}/v1", own_id, "flashserve", workers.key, retries=0)),
                         health_url=f"{url}/health", pid=process.pid)
                 for url, process in zip(workers.urls, workers.processes, strict=True)]
     router = Router(replicas, settings.routing_policy, settings.routing_margin)
-    router.on_close = workers.stop
+    # The router's /metrics includes every worker's engine series (metrics.py: WorkerScrape says how).
+    scrape = metrics.WorkerScrape(workers.urls, workers.admin_key)
+    metrics.REGISTRY.register(scrape)
+
+    def stop() -> None:
+        metrics.REGISTRY.unregister(scrape)
+        workers.stop()
+
+    router.on_close = stop
     catalog: Catalog[Backend] = Catalog()
     created = int(time.time())
     for model_id in dict.fromkeys([*(settings.served_model_ids or (REFERENCE_MODEL_ID,)), own_id]):

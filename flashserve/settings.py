@@ -60,6 +60,15 @@ class Settings:
     max_output_tokens_cap: int | None = None
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
     log_level: str = "info"
+    # "text" or "json" (one object per line: time, level, request id, account, key id, model; the per-request
+    # summary line adds status, tokens, cost and latency). Never a prompt, a completion or a key.
+    log_format: str = "text"
+    # GET /metrics: on the API's address behind the admin key (the default, None), or "HOST:PORT" to serve
+    # the same series there instead, without a key (for a scraper on an internal network).
+    metrics_bind: str | None = None
+    # Key ids whose billing series carry their own `key` label (comma-separated); every other key's is "".
+    # Bounded by this list so that label never grows with the number of keys.
+    metrics_key_ids: tuple[str, ...] = ()
     # The Anthropic surface's model names: "pattern=catalog model id" pairs (glob patterns, first match wins;
     # env: comma-separated). Claude Code sends claude-* names; DeepSeek's own endpoint maps them the same way.
     anthropic_model_map: tuple[str, ...] = ("claude-*=deepseek/deepseek-v4-flash",)
@@ -121,6 +130,9 @@ class Settings:
                self.console_granted_balance_usd, "must be a non-negative decimal USD amount")
         _check(self.console_session_hours > 0, "console_session_hours", self.console_session_hours,
                "must be positive")
+        _check(self.log_format in ("text", "json"), "log_format", self.log_format, "must be text or json")
+        _check(self.metrics_bind is None or _host_port(self.metrics_bind) is not None, "metrics_bind",
+               self.metrics_bind, "must be HOST:PORT")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 
@@ -145,6 +157,11 @@ class Settings:
         return {pattern.strip(): model.strip() for pattern, model in pairs}
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """`metrics_bind` as (host, port), or None: /metrics is served on the API's address."""
+        return None if self.metrics_bind is None else _host_port(self.metrics_bind)
+
+    @property
     def resolved_database_url(self) -> str:
         from flashserve.accounts.db import default_url
 
@@ -165,6 +182,14 @@ def _is_usd(value: str) -> bool:
         return pusd_from_usd(value) >= 0
     except (ArithmeticError, ValueError):
         return False
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    """HOST:PORT as (host, port); None when it is not that."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:

@@ -42,6 +42,7 @@ class UsageRecord:
     status: str
     latency_ms: int
     created_at: datetime = field(default_factory=utcnow)
+    x_request_id: str | None = None  # the HTTP request's correlation id (migration 0005; None in older rows)
 
     def __post_init__(self) -> None:
         # Checked with real errors, not asserts: `python -O` must not let a bad row reach the ledger.
@@ -204,4 +205,5 @@ def _record_view(row: Any) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens, "reasoning_tokens": row.reasoning_tokens,
         "cost_pusd": int(row.cost_pusd), "cost_usd": format_usd(int(row.cost_pusd)), "status": row.status,
         "latency_ms": row.latency_ms, "created_at": row.created_at.isoformat() + "Z",
+        "x_request_id": row.x_request_id,
     }

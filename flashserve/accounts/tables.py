@@ -72,6 +72,8 @@ usage_records = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("latency_ms", sa.Integer, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    # The HTTP request's x-request-id (migration 0005): joins a usage row to the request's log lines.
+    sa.Column("x_request_id", sa.String(128), nullable=True, index=True),
     sa.Index("ix_usage_account_created", "account_id", "created_at"),
 )
 

@@ -14,24 +14,88 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from flashserve import __version__
+from flashserve import __version__, metrics
 from flashserve.accounts.service import Accounts
 from flashserve.api import admin, anthropic, chat, completions, console, models, responses, tokenizer, usage
+from flashserve.api import metrics as metrics_route
 from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
 from flashserve.backends.base import Backend
 from flashserve.catalog import Catalog
 from flashserve.errors import FlashserveError
+from flashserve.request_scope import CURRENT, REQUEST_ID_HEADER, RequestScope, accept_request_id
 from flashserve.server_key import ServerKey
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("flashserve.access")
+
+
+_SURFACES = (("/v1/chat/completions", "chat"), ("/v1/messages", "anthropic"), ("/anthropic/v1/messages", "anthropic"),
+             ("/v1/responses", "responses"), ("/v1/completions", "completions"), ("/v1/models", "models"),
+             ("/admin/", "admin"), ("/v1/usage", "usage"))
+
+
+def surface_of(path: str) -> str:
+    """The API surface a path belongs to: a bounded label for the request counters."""
+    for prefix, surface in _SURFACES:
+        if path.startswith(prefix):
+            return surface
+    return "other"
+
+
+class _RequestIds:
+    """Outermost: gives each request its id (the client's `x-request-id` when well-formed, else a new one),
+    echoes it on every response (errors, 413 and 503 included), opens the `request_scope.RequestScope` every
+    log line of the request carries, and when the response ends counts it (`flashserve_requests_total`) and
+    logs its summary line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode())
+        request_scope = RequestScope(accept_request_id(given.decode("latin-1") if given else None),
+                                     surface=surface_of(scope["path"]))
+        status = 500
+        header = (REQUEST_ID_HEADER.encode(), request_scope.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*(h for h in message.get("headers", []) if h[0].lower() != header[0]),
+                                      header]
+            await send(message)
+
+        token = CURRENT.set(request_scope)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in _UNCOUNTED:
+                _count_and_log(request_scope, status)
+            CURRENT.reset(token)
+
+
+_UNCOUNTED = ("/health", "/metrics")  # probes and scrapes: answered with an id, neither counted nor logged
+
+
+def _count_and_log(request_scope: RequestScope, status: int) -> None:
+    elapsed = time.monotonic() - request_scope.started
+    metrics.REQUESTS.labels(request_scope.model or "", request_scope.surface, str(status),
+                            request_scope.code or "").inc()
+    metrics.REQUEST_LATENCY.labels(request_scope.surface).observe(elapsed)
+    access_log.info("request done", extra=request_scope.summary(status))
 
 
 class _Admission:
@@ -123,8 +187,8 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s: float = 10.0,
                max_body_bytes: int = 8 << 20, server_key: ServerKey | None = None,
                anthropic_models: dict[str, str] | None = None, responses_retention_days: float = 30.0,
-               responses_purge_interval_s: float = 3600.0, console_config: console.ConsoleConfig | None = None
-               ) -> FastAPI:
+               responses_purge_interval_s: float = 3600.0, console_config: console.ConsoleConfig | None = None,
+               serve_metrics: bool = True) -> FastAPI:
     """The whole HTTP service around built parts: a `Catalog` (model ids -> card + backend; any object
     meeting `backends/base.py: Backend` serves, a fake one included) and `Accounts` (a SQLite file in a
     temporary directory will do). The lifespan opens the accounts database (migrating it) and, at the
@@ -148,6 +212,8 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     `responses_retention_days`; a lifespan task purges expired ones every `responses_purge_interval_s`.
     The web console (`api/console/`) is served under /console/ with `console_config` (default: sign-in with
     API keys only).
+    `serve_metrics`: whether `GET /metrics` (admin key) is a route here; False when the `metrics_bind`
+    setting serves them on an address of their own.
     """
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -173,6 +239,7 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     if anthropic_models is not None:
         app.state.flashserve.anthropic_models = dict(anthropic_models)
     app.add_middleware(_Admission)
+    app.add_middleware(_RequestIds)  # added last: outermost, so even _Admission's 413 and 503 carry the id
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
@@ -183,6 +250,8 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     app.include_router(usage.router)
     app.include_router(admin.router)
     console.install(app, console_config or console.ConsoleConfig())
+    if serve_metrics:
+        app.include_router(metrics_route.router)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from flashserve import metrics
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.ledger import UsageRecord
 from flashserve.accounts.limits import Lease, LimiterUnavailable, RateLimited, Scope, scopes_of
@@ -31,19 +32,20 @@ _WRITE_ATTEMPTS = 5
 
 class Meter:
     def __init__(self, accounts: Accounts, principal: Principal, model: str, prices: TokenPrices,
-                 request_id: str, lease: Lease) -> None:
+                 request_id: str, lease: Lease, trace_id: str | None = None) -> None:
         self.accounts = accounts
         self.principal = principal
         self.model = model
         self.prices = prices
         self.request_id = request_id
+        self.trace_id = trace_id  # the HTTP request's x-request-id, written in the usage row
         self._lease = lease
         self._started = time.monotonic()
         self.cost_pusd: int | None = None
 
     @classmethod
     async def admit(cls, accounts: Accounts, principal: Principal, model: str, prices: TokenPrices,
-                    request_id: str, user: str | None = None) -> Meter:
+                    request_id: str, user: str | None = None, trace_id: str | None = None) -> Meter:
         balance = await accounts.ledger.balance(principal.account_id)
         if balance is None or balance <= 0:
             raise FlashserveError(402, "Insufficient balance: top up the account to continue.", INVALID_REQUEST,
@@ -51,7 +53,7 @@ class Meter:
         scopes = scopes_of(principal.key_id, principal.limits, principal.account_id, principal.account_limits,
                            user, principal.user_limits)
         lease = await _acquire(accounts, scopes)
-        return cls(accounts, principal, model, prices, request_id, lease)
+        return cls(accounts, principal, model, prices, request_id, lease, trace_id)
 
     @staticmethod
     async def admit_free(accounts: Accounts, principal: Principal, user: str | None = None) -> None:
@@ -82,11 +84,13 @@ class Meter:
             request_id=self.request_id, account_id=self.principal.account_id, key_id=self.principal.key_id,
             model=self.model, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens, reasoning_tokens=usage.reasoning_tokens, cost_pusd=cost,
-            status=status, latency_ms=int((time.monotonic() - self._started) * 1000),
+            status=status, latency_ms=int((time.monotonic() - self._started) * 1000), x_request_id=self.trace_id,
         )
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 await self.accounts.ledger.record(rec)
+                metrics.record_billing(self.model, self.principal.key_id, usage.prompt_tokens, usage.cached_tokens,
+                                       usage.completion_tokens, usage.reasoning_tokens, cost)
                 return cost
             except Exception:  # noqa: BLE001 - retried, then reported without losing the record
                 if attempt == _WRITE_ATTEMPTS - 1:

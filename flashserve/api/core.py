@@ -36,6 +36,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from flashserve import request_scope
 from flashserve.accounts.keys import Principal
 from flashserve.accounts.pricing import format_usd
 from flashserve.api.billing import Meter
@@ -84,8 +85,15 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
         check(card)
     # The model's output cap clamps max_tokens (and fills it in when absent), never refuses it.
     gen.sampling.max_tokens = card.clamp_max_tokens(gen.sampling.max_tokens)
-    ctx = RequestContext(request_id=request_id(id_prefix), tenant=cache_tenant(request, principal, gen.user))
-    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id, gen.user)
+    tenant = cache_tenant(request, principal, gen.user)
+    scope = request_scope.current()
+    trace_id = scope.request_id if scope is not None else request_scope.new_request_id()
+    if scope is not None:
+        scope.account, scope.key_id, scope.model = principal.account_id, principal.key_id, card.id
+    ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant, trace_id=trace_id,
+                         cache_salt=state.server_key.keyed_hash("cache-salt", tenant.encode())[:32])
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id, gen.user,
+                              trace_id=trace_id)
     try:
         generation = await backend.open(gen, ctx)
     except BaseException:
@@ -152,7 +160,13 @@ class Call:
         shielded from a disconnect's cancellation so neither is lost."""
         with anyio.CancelScope(shield=True):
             await self.generation.abort()
-            return await self.meter.record(self.generation.usage, status or self.status)
+            usage = self.generation.usage
+            cost = await self.meter.record(usage, status or self.status)
+            scope = request_scope.current()
+            if scope is not None:
+                scope.prompt_tokens, scope.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+                scope.completion_tokens, scope.cost_usd = usage.completion_tokens, format_usd(cost)
+            return cost
 
     # -- streaming ---------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -170,7 +184,11 @@ class Call:
                 yield KeepAlive() if delta is None else delta
         except Exception as exc:  # noqa: BLE001 - the response has begun: reported in-band
             self.status = "error"
-            yield Failed(self._domain_error(exc))
+            error = self._domain_error(exc)
+            scope = request_scope.current()
+            if scope is not None:
+                scope.code = error.code or error.type
+            yield Failed(error)
             return
         self.status = "ok"
         cost = await self.finish()

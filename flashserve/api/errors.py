@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flashserve import request_scope
 from flashserve.errors import (
     AUTHENTICATION,
     INVALID_REQUEST,
@@ -78,7 +79,11 @@ def render_anthropic(error: FlashserveError) -> tuple[int, dict[str, Any], dict[
 
 
 def error_response(error: FlashserveError, path: str) -> JSONResponse:
-    """The error in the shape of the surface that `path` belongs to."""
+    """The error in the shape of the surface that `path` belongs to (its code noted for the request's
+    counter and summary log line)."""
+    scope = request_scope.current()
+    if scope is not None:
+        scope.code = error.code or error.type
     render = render_anthropic if is_anthropic_path(path) else render_openai
     status, body, headers = render(error)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -19,6 +19,12 @@ Tokenizer endpoints: vLLM, SGLang and flashserve have `/tokenize` and `/detokeni
 (beside `/v1`); they are forwarded there (an upstream that answers 404 has none: 501). DeepSeek's API has
 none: 501.
 
+What else an upstream receives depends on its kind (`request_headers`): the request's `x-request-id` (as a
+UUID for llama.cpp's server, which refuses anything else with an empty 400), the opaque cache salt only for
+another flashserve (`kind = "flashserve"`, e.g. a `--workers` process), never anything naming an account.
+llama.cpp's server (`kind = "llamacpp"`) gets only the fields it reads and is asked for whole answers
+(`_llamacpp_body`: its stream carries no usage), which `WholeAnswer` hands on as deltas.
+
 Usage is normalized into ours: DeepSeek's `prompt_cache_hit_tokens`, or `prompt_tokens_details.cached_tokens`
 (vLLM, SGLang, OpenAI); reasoning tokens from `completion_tokens_details.reasoning_tokens` or SGLang's
 top-level `reasoning_tokens`. vLLM's `reasoning` delta field becomes `reasoning_content`.
@@ -46,11 +52,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from flashserve import metrics
 from flashserve.catalog import RemoteSpec
 from flashserve.chat.logprob_alignment import ContentLogprobs
 from flashserve.chat.model_output import RAW_TEXT_PARSERS, ModelOutputParser
@@ -70,8 +79,11 @@ from flashserve.generation import (
     TopLogprob,
     Usage,
 )
+from flashserve.request_scope import REQUEST_ID_HEADER, as_uuid
 
+log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {500, 502, 503, 504}
+
 
 
 Upstream = RemoteSpec  # the catalog's spec of one upstream is all this backend needs
@@ -108,6 +120,8 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     body.update(request.passthrough)
+    if upstream.kind == "llamacpp":
+        return _llamacpp_body(body, request)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     if request.raw_prompt is not None:
@@ -139,6 +153,51 @@ def upstream_body(request: GenerationRequest, upstream: Upstream) -> dict[str, A
     elif effort is not None:
         body["reasoning_effort"] = effort if switch is not False else "none"
     return body
+
+
+# The top-level fields llama-cpp-python's server (0.3.x) reads: anything else it ignores without a word.
+LLAMACPP_FIELDS = frozenset({
+    "model", "messages", "functions", "function_call", "tools", "tool_choice", "max_tokens", "min_tokens",
+    "logprobs", "top_logprobs", "temperature", "top_p", "min_p", "stop", "stream", "presence_penalty",
+    "frequency_penalty", "logit_bias", "seed", "response_format", "n", "user", "top_k", "repeat_penalty",
+    "logit_bias_type", "mirostat_mode", "mirostat_tau", "mirostat_eta", "grammar"})
+
+
+def _llamacpp_body(body: dict[str, Any], request: GenerationRequest) -> dict[str, Any]:
+    """The body for llama-cpp-python's server, which differs from an OpenAI upstream in what it can do:
+    - its stream carries no usage (it has no `stream_options`), so it is asked for the whole answer at once
+      (`stream: false`), whose `usage` is exact; the client's stream then gets that answer in one piece;
+    - it ignores `n`: more than one choice is refused here rather than silently answered with one;
+    - it knows no `json_schema` response format: a schema goes as its `json_object` with `schema`;
+    - it has no reasoning switch, prefix completion or `reasoning_content` in messages: they are left out,
+      as are the fields it does not read (`parallel_tool_calls`, `store`, `metadata`...)."""
+    if request.sampling.n > 1:
+        raise unsupported_parameter("n", "must be 1 for this model: its upstream (llama.cpp) makes one choice.")
+    if request.modalities is not None or request.audio is not None:
+        raise unsupported_parameter("modalities", "is not supported by this model's upstream (llama.cpp).")
+    out = {k: v for k, v in body.items() if k in LLAMACPP_FIELDS}
+    out["messages"] = [{k: v for k, v in m.items() if k not in ("reasoning_content", "prefix")}
+                       for m in out["messages"]]
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        out["response_format"] = {"type": "json_object", **({"schema": fmt.schema} if fmt.schema else {})}
+    out["stream"] = False
+    return out
+
+
+def request_headers(upstream: Upstream, ctx: RequestContext) -> dict[str, str]:
+    """What one upstream kind receives besides the body: the request id in the form it accepts (llama.cpp's
+    server answers anything but a UUID with an empty 400), the opaque cache salt only for another flashserve
+    (it namespaces that worker's prefix cache; no other upstream gets anything derived from an account), and
+    the upstream's own key."""
+    headers: dict[str, str] = {}
+    if ctx.trace_id:
+        headers[REQUEST_ID_HEADER] = as_uuid(ctx.trace_id) if upstream.kind == "llamacpp" else ctx.trace_id
+    if upstream.kind == "flashserve" and ctx.cache_salt:
+        headers[CACHE_SALT_HEADER] = ctx.cache_salt
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    return headers
 
 
 def estimate_tokens(request: GenerationRequest) -> int:
@@ -261,14 +320,21 @@ def normalize_usage(raw: dict[str, Any]) -> Usage:
                  completion_tokens=int(raw.get("completion_tokens") or 0), reasoning_tokens=reasoning)
 
 
-def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str]) -> FlashserveError:
-    """Our error object for an upstream's non-200 answer."""
+def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str],
+                   upstream: Upstream | None = None) -> FlashserveError:
+    """Our error object for an upstream's non-200 answer. One with an empty body names the upstream (its
+    kind and model; the URL goes to the log) and its status: the client knows who refused it and how."""
     try:
         detail = json.loads(text).get("error") or {}
         message = detail.get("message") if isinstance(detail, dict) else str(detail)
     except (ValueError, AttributeError):
         detail, message = {}, None
-    message = message or text[:500] or f"HTTP {status}"
+    if not message and not text.strip():
+        # The client learns which upstream (kind and model) refused and how; the URL, internal, is only logged.
+        who = f"{upstream.kind} upstream (model '{upstream.model}')" if upstream is not None else "upstream"
+        message = f"the {who} answered HTTP {status} with an empty body"
+        log.warning("%s at %s answered HTTP %d with an empty body", who, upstream.url if upstream else "?", status)
+    message = message or text[:500]
     param = detail.get("param") if isinstance(detail, dict) else None
     if status == 429:
         retry = {"retry-after": headers.get("retry-after", "1")}
@@ -368,31 +434,34 @@ class RemoteBackend:
 
     async def open(self, request: GenerationRequest, ctx: RequestContext) -> RemoteGeneration:
         body = upstream_body(request, self.upstream)
-        headers = {"x-request-id": ctx.request_id}
-        if self.upstream.kind == "openai" and ctx.tenant:
-            # Another flashserve (a worker) namespaces its prefix cache with this too: tenants stay apart.
-            headers[CACHE_SALT_HEADER] = ctx.tenant
-        if self.upstream.api_key:
-            headers["Authorization"] = f"Bearer {self.upstream.api_key}"
+        headers = request_headers(self.upstream, ctx)
         path = "/completions" if request.raw_prompt is not None else "/chat/completions"
         url = self.upstream.url.rstrip("/") + path
+        labels = (self.upstream.url, self.upstream.kind)
         delay = 0.2
         for attempt in range(self.upstream.retries + 1):
             last = attempt == self.upstream.retries
+            started = time.monotonic()
             try:
                 response = await self._client.send(self._client.build_request("POST", url, json=body,
                                                                               headers=headers), stream=True)
             except httpx.TimeoutException as exc:
+                metrics.UPSTREAM_ERRORS.labels(*labels, "upstream_timeout").inc()
                 if last:
                     raise FlashserveError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
                                       "upstream_timeout") from exc
             except httpx.HTTPError as exc:
+                metrics.UPSTREAM_ERRORS.labels(*labels, "upstream_unavailable").inc()
                 if last:
                     raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
                                       "upstream_unavailable") from exc
             else:
+                metrics.UPSTREAM_LATENCY.labels(*labels).observe(time.monotonic() - started)
                 if response.status_code == 200:
+                    if not body["stream"]:
+                        return await WholeAnswer.read(response, self, request)
                     return RemoteGeneration(response, self, request)
+                metrics.UPSTREAM_ERRORS.labels(*labels, f"http_{response.status_code}").inc()
                 try:  # the refusal's text, for our error; the response is closed whatever happens here
                     text = (await response.aread()).decode(errors="replace")
                 except httpx.HTTPError:
@@ -400,7 +469,7 @@ class RemoteBackend:
                 finally:
                     await response.aclose()
                 if last or response.status_code not in RETRYABLE_STATUS:
-                    raise upstream_error(response.status_code, text, response.headers)
+                    raise upstream_error(response.status_code, text, response.headers, self.upstream)
             await asyncio.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -531,3 +600,44 @@ class RemoteGeneration:
             self._closed = True
             self._backend._open.discard(self)
             await self._response.aclose()
+
+
+class WholeAnswer:
+    """A non-streamed upstream answer (llama.cpp's: its stream has no usage) as our deltas: one delta per
+    choice with its whole content, reasoning and tool calls, and the answer's exact usage."""
+
+    def __init__(self, deltas: list[ChoiceDelta], usage: Usage) -> None:
+        self.usage = usage
+        self._deltas = deltas
+
+    @classmethod
+    async def read(cls, response: httpx.Response, backend: RemoteBackend,
+                   request: GenerationRequest) -> WholeAnswer:
+        try:
+            answer = json.loads(await response.aread())
+        except (httpx.HTTPError, ValueError) as exc:
+            raise FlashserveError(502, f"The {backend.upstream.kind} upstream at {backend.upstream.url} sent an "
+                                  "unreadable answer.", SERVER_ERROR, None, "upstream_error") from exc
+        finally:
+            await response.aclose()
+        deltas = []
+        for choice in answer.get("choices") or ():
+            message = choice.get("message") or {}
+            calls = [ToolCall(c.get("id") or f"call_{i}", (c.get("function") or {}).get("name") or "",
+                              (c.get("function") or {}).get("arguments") or "{}")
+                     for i, c in enumerate(message.get("tool_calls") or ())]
+            reason = choice.get("finish_reason") or "stop"
+            deltas.append(ChoiceDelta(int(choice.get("index") or 0), message.get("content") or "",
+                                      message.get("reasoning_content") or "", tool_calls=calls,
+                                      finish_reason=reason))
+        return cls(deltas, normalize_usage(answer.get("usage") or {}))
+
+    def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ChoiceDelta]:
+        while self._deltas:
+            yield self._deltas.pop(0)
+
+    async def abort(self) -> None:
+        self._deltas.clear()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from flashserve import metrics
 from flashserve.backends.base import Backend
 from flashserve.catalog import POLICIES
 from flashserve.errors import FlashserveError, server_error
@@ -89,6 +90,8 @@ class Router:
         if not replicas:
             raise ValueError("a router needs at least one replica")
         self.replicas = replicas
+        for replica in replicas:
+            metrics.REPLICA_HEALTHY.labels(replica.name).set(1 if replica.healthy else 0)
         self.policy = policy
         self.margin = margin
         self.max_prefixes = max_prefixes
@@ -118,6 +121,8 @@ class Router:
                     self._eject(replica, exc.message)
                     continue  # nothing has reached the client: the next replica may serve it
                 replica.served += 1
+                metrics.ROUTING_DECISIONS.labels(self.policy, replica.name,
+                                                 self._reason(replica, hashes, failover=len(tried) > 1)).inc()
                 replica.remember(hashes, self.max_prefixes)
                 routed = RoutedGeneration(generation, replica, self)
                 slot.hand_over()  # RoutedGeneration owns the count now, until it ends
@@ -168,10 +173,20 @@ class Router:
             return least
         return best
 
+    def _reason(self, replica: Replica, hashes: list[bytes], failover: bool) -> str:
+        """Why this replica, for the routing counter: failover (an earlier one failed), turn (round robin),
+        prefix (it holds part of the conversation) or load (the least loaded)."""
+        if failover:
+            return "failover"
+        if self.policy == "round_robin":
+            return "turn"
+        return "prefix" if self.policy == "prefix_aware" and replica.matched(hashes) else "load"
+
     def _eject(self, replica: Replica, why: str) -> None:
         if replica.healthy:
             log.warning("replica %s leaves the rotation: %s", replica.name, why)
         replica.healthy = False
+        metrics.REPLICA_HEALTHY.labels(replica.name).set(0)
 
     def _start_health_checks(self) -> None:
         if self._health is None and any(r.health_url for r in self.replicas):
@@ -192,6 +207,7 @@ class Router:
                     if not ok:
                         self._eject(replica, "health check failed")
                     replica.healthy = ok
+                    metrics.REPLICA_HEALTHY.labels(replica.name).set(1 if ok else 0)
                 await asyncio.sleep(self.health_interval_s)
 
     def stats(self) -> dict[str, object]:

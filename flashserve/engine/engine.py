@@ -10,6 +10,7 @@ in `RUNNERS`; the engine never probes the model.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from flashserve.engine.runner import ModelRunner, Runner, StepLogits
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import Scheduler, SchedulerConfig
 from flashserve.engine.state_runner import SequenceStateRunner, SnapshotPool
+from flashserve.metrics import EngineSeries
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), self.kv
         )
         self.sampler = Sampler(vocab_size)
+        self.series: EngineSeries | None = None  # the engine's Prometheus series (metrics.py), when exported
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     cache_salt: str = "", constraint: TokenConstraint | None = None,
@@ -115,6 +118,8 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self.runner.release(out.request_id)
+        if self.series is not None:
+            self._record(sampling, outputs)  # the list taken before `update` moved the requests on
         return outputs
 
     @staticmethod
@@ -128,6 +133,31 @@ class LLMEngine:
         tokens = [sampled[r.request_id] for r in wanting]
         found = sampled_logprobs(exact, tokens, [r.params.logprobs or 0 for r in wanting])
         return {r.request_id: lp for r, lp in zip(wanting, found, strict=True)}
+
+    def _record(self, sampled: list[Request], outputs: list[RequestOutput]) -> None:
+        """The step's figures for /metrics: per token (first-token, inter-token times), per finished
+        request (end-to-end, time per output token), and the batch and cache state after the step."""
+        series = self.series
+        assert series is not None
+        now = time.monotonic()
+        by_id = {r.request_id: r for r in sampled}
+        for out in outputs:
+            request = by_id.get(out.request_id)
+            if request is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = now
+                series.on_first_token(request.arrival_time, request.scheduled_time or now, now,
+                                      out.num_prompt_tokens, out.num_cached_tokens)
+                series.on_token(None)
+            else:
+                series.on_token(now - (request.last_token_time or now))
+            request.last_token_time = now
+            if out.finished:
+                series.on_finish(request.arrival_time, request.first_token_time, now, out.num_output_tokens,
+                                 str(out.finish_reason or "stop"))
+        series.on_step(len(self.scheduler.running), len(self.scheduler.waiting),
+                       self.kv.num_used_blocks / self.kv.num_blocks)
 
     def stats(self) -> dict[str, int]:
         return {**self.kv.stats(), **self.runner.stats(), "running": len(self.scheduler.running),

@@ -110,6 +110,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # keys of this request's full blocks, in order
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # first admitted to the running batch (queue time ends)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:

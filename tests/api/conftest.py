@@ -46,6 +46,7 @@ from flashserve.chat.reasoning import ReasoningSpec
 from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
+from flashserve.metrics import EngineSeries
 from tests.api.fakes import VOCAB_WORDS, FakeUpstream, PacedCountingModel, ScriptedBackend, char_tokenizer
 from tests.api.transport import StreamingASGITransport
 from tests.conftest import postgres_url
@@ -125,7 +126,9 @@ class Api:
 def _local_backend(model: PacedCountingModel) -> LocalBackend:
     config = EngineConfig(max_model_len=LOCAL_CONTEXT, num_kv_blocks=512, block_size=4, max_num_seqs=4,
                           max_num_batched_tokens=256)
-    engine = AsyncEngine(LLMEngine(model, config, len(VOCAB_WORDS)))
+    llm = LLMEngine(model, config, len(VOCAB_WORDS))
+    llm.series = EngineSeries("fake-local")  # its /metrics series, checked in test_observability.py
+    engine = AsyncEngine(llm)
     engine.start()
     card = LocalModel(char_tokenizer(), ChatTemplate(CHATML_TEMPLATE), (0,), LOCAL_CONTEXT, len(VOCAB_WORDS),
                       "fake" * 4)

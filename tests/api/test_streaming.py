@@ -9,6 +9,7 @@ model's answers stay there as the smoke set).
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -47,7 +48,8 @@ async def test_non_streaming_shape_usage_and_cost(api: Api) -> None:
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl")
-    assert r.headers["x-request-id"] == data["id"]
+    # x-request-id is the request's correlation id (a UUID when the client sent none), not the object's id
+    assert str(uuid.UUID(r.headers["x-request-id"])) == r.headers["x-request-id"] != data["id"]
     assert data["model"] == "scripted" and data["system_fingerprint"] == "fp_scripted0"
     assert data["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello there world "},
                                 "logprobs": None, "finish_reason": "stop"}]
@@ -68,7 +70,7 @@ async def test_sse_framing(api: Api, include_usage: bool) -> None:
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["cache-control"] == "no-cache"
     cs = chunks(r.text)
-    assert r.headers["x-request-id"] == cs[0]["id"]
+    assert uuid.UUID(r.headers["x-request-id"]) and r.headers["x-request-id"] != cs[0]["id"]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == cs[0]["id"] for c in cs)
     assert cs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all("role" not in c["choices"][0]["delta"] for c in cs[1:] if c["choices"])

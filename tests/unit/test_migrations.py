@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from flashserve.accounts.db import alembic_config, create_engine, migrate
 from flashserve.accounts.keys import KeyLimits, KeyStore, digest
-from flashserve.accounts.ledger import Ledger
+from flashserve.accounts.ledger import Ledger, UsageRecord
 from flashserve.accounts.stored_responses import ResponseStore
 from tests.conftest import postgres_url
 
@@ -193,4 +193,33 @@ async def test_0006_upgrades_a_populated_0002_database(empty_database: str) -> N
     user = await users.register(name, "a long password", 0)
     assert (await users.authenticate(name, "a long password")) == user
     assert await users.authenticate(name, "wrong password") is None
+    await engine.dispose()
+
+
+async def test_0005_adds_the_request_id_to_a_populated_0002_database(empty_database: str) -> None:
+    engine = create_engine(empty_database)
+    now = datetime(2026, 12, 1, 12, 0, 0)
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade_to("0002"))
+        await conn.execute(sa.text("INSERT INTO accounts (id, name, balance_pusd, created_at) "
+                                   "VALUES ('acct_old', 'old', 5000, :t)"), {"t": now})
+        await conn.execute(sa.text("INSERT INTO api_keys (id, account_id, name, prefix, digest, created_at) "
+                                   "VALUES ('key_old', 'acct_old', 'k', 'sk-', :d, :t)"), {"d": "0" * 64, "t": now})
+        await conn.execute(sa.text(
+            "INSERT INTO usage_records (request_id, account_id, key_id, model, prompt_tokens, cached_tokens, "
+            "completion_tokens, reasoning_tokens, cost_pusd, status, latency_ms, created_at) VALUES "
+            "('req-old', 'acct_old', 'key_old', 'm', 10, 0, 2, 0, 100, 'ok', 5, :t)"), {"t": now})
+
+    await migrate(engine)
+    ledger = Ledger(engine)
+    await ledger.record(UsageRecord("chatcmpl-new", "acct_old", "key_old", "m", 4, 0, 1, 0, 7, "ok", 3,
+                                    x_request_id="client-trace-42"))
+    rows = {r["request_id"]: r for r in await ledger.records("acct_old")}
+    assert rows["req-old"]["x_request_id"] is None and rows["req-old"]["cost_pusd"] == 100  # kept as it was
+    assert rows["chatcmpl-new"]["x_request_id"] == "client-trace-42"
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(lambda c: sa.inspect(c).get_indexes("usage_records"))
+        assert (await conn.execute(sa.text("SELECT balance_pusd FROM accounts"))).scalar() == 5000 - 7
+    assert any(ix["column_names"] == ["x_request_id"] for ix in indexes)
+    await migrate(engine)  # idempotent at head
     await engine.dispose()
