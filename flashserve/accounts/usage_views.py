@@ -46,11 +46,14 @@ class UsageViews:
         return [_view(r, names) for r in rows]
 
     async def record(self, account_id: str, request_id: str) -> dict[str, Any] | None:
-        """One of the account's usage rows by request id (None for another account's)."""
+        """One of the account's usage rows by its object id (chatcmpl-...) or by the HTTP request's
+        `x-request-id`, the newest if a client reused one (None for another account's)."""
         u = usage_records.c
+        query = (sa.select(usage_records)
+                 .where(u.account_id == account_id, sa.or_(u.request_id == request_id, u.x_request_id == request_id))
+                 .order_by(u.id.desc()).limit(1))
         async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(usage_records)
-                                      .where(u.request_id == request_id, u.account_id == account_id))).first()
+            row = (await conn.execute(query)).first()
             names = await self._key_names(conn, {row.key_id} if row else set())
         return None if row is None else _view(row, names)
 

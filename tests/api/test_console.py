@@ -145,7 +145,7 @@ async def test_playground_bills_the_session_key_through_the_core(api: Api) -> No
     usage = json.loads(lines[-2][6:])["usage"]
     [record] = await api.records(account)
     key_id = (await api.accounts.keys.find(key))["id"]
-    assert record["request_id"] == request_id and record["key_id"] == key_id
+    assert record["x_request_id"] == request_id and record["key_id"] == key_id
     assert record["completion_tokens"] == usage["completion_tokens"]
     row = (await c.get(f"/console/api/requests/{request_id}")).json()
     assert row["cost_usd"] == record["cost_usd"] and row["cost_pusd"] > 0
