@@ -28,7 +28,6 @@ Redis Cluster, where one script may not touch keys in several slots).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -52,7 +51,8 @@ from flashserve.accounts.limits import (
 
 log = logging.getLogger(__name__)
 FAILURE_MODES = ("open", "closed")
-_WARN_EVERY_S = 10.0  # at most one "Redis unreachable" warning per this many seconds
+_WARN_EVERY_S = 10.0
+_RENEWERS: set[asyncio.Task[None]] = set()  # at most one "Redis unreachable" warning per this many seconds
 
 # KEYS: per scope :req, :tok, :slots. ARGV: lease id, lease TTL (ms), window (ms), then per scope
 # max_concurrent, rpm, tpm (0: unlimited). Returns {} when admitted, else {scope number (1-based), which
@@ -221,14 +221,21 @@ class RedisLease:
         self._slot_keys = [limiter._keys(s)[2] for s in scopes if s.limits.max_concurrent]
         self._released = False
         self._renewer = asyncio.create_task(self._renew_forever()) if self._slot_keys else None
+        if self._renewer is not None:  # held until done: the loop keeps only weak references to tasks
+            _RENEWERS.add(self._renewer)
+            self._renewer.add_done_callback(_RENEWERS.discard)
 
     async def _renew_forever(self) -> None:
+        # Stops on the `_released` flag, not only on cancellation: a cancel that lands while redis-py's own
+        # socket timeout fires can come out as a TimeoutError, which this loop would otherwise outlive.
         limiter = self._limiter
-        while True:
+        while not self._released:
             await asyncio.sleep(limiter.lease_ttl_ms / 3000)
+            if self._released:
+                return
             try:
                 renewed = await limiter._renew(keys=self._slot_keys, args=[self.id, limiter.lease_ttl_ms])
-                if int(renewed) < len(self._slot_keys):
+                if int(renewed) < len(self._slot_keys) and not self._released:
                     # Not renewed for a whole TTL (this process stalled, or Redis lost it): the slot went to
                     # another request, so this one runs beyond the concurrency limit until it ends.
                     limiter.warn("a concurrency lease expired before its request ended; raise "
@@ -242,9 +249,9 @@ class RedisLease:
             return
         self._released = True
         if self._renewer is not None:
+            # Not awaited: the release must never wait on a renewal in flight. A renewal that lands after
+            # the release's ZREM cannot bring the slot back (ZADD XX only updates a member that exists).
             self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
         limiter = self._limiter
         keys: list[str] = []
         flags: list[int] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -166,3 +167,21 @@ async def test_unreachable_redis_fails_open_to_this_process_limits(caplog: pytes
     finally:
         await lim.close()
     assert redacted(url) == "redis://127.0.0.1:" + url.rsplit(":", 1)[1].split("/")[0]
+
+
+async def test_release_never_waits_on_a_renewal_in_flight(redis_url: str, prefix: str) -> None:
+    """Leases renewed every 10 ms, released at random moments (often mid-renewal): every release returns
+    promptly. (A release that awaited its cancelled renewer could hang when redis-py turned the cancel into a
+    timeout.)"""
+    lim = RedisLimiter(redis_url, prefix=prefix, lease_ttl_s=0.03, failure_mode="closed")
+
+    async def one(i: int) -> None:
+        lease = await lim.acquire(key(KeyLimits(max_concurrent=1000), f"k{i % 3}"))
+        await asyncio.sleep(random.random() * 0.1)
+        await asyncio.wait_for(lease.release(5), 5)
+
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(one(i) for i in range(40)))
+    finally:
+        await lim.close()
