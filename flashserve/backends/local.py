@@ -139,9 +139,10 @@ class LocalBackend:
         self.check_supported(request)
         plan = plan_tools(request)
         grammar = self._grammar(request, plan)
-        # Constrained output starts at the first token, so a constrained request does not think first.
+        # A constrained request thinks as any other: the engine applies its grammar from the first token
+        # after the end-of-thinking marker (engine/request.py: ThinkingControl).
         thinking = self._thinking(request)
-        if grammar is not None or not self.model.think_end_ids:
+        if not self.model.think_end_ids:
             thinking = Thinking(False)
         return self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode), plan, grammar, thinking
 
@@ -203,7 +204,9 @@ class LocalBackend:
             effort = "high"  # switched on without an effort: the default mode
         thinking = resolve_thinking(effort, self.model.reasoning)
         if thinking.enabled and reasoning.budget_tokens is not None:
-            thinking = Thinking(True, thinking.mode, reasoning.budget_tokens)
+            # The forced end marker itself is spent from the budget: a smaller one still thinks one token.
+            budget = max(reasoning.budget_tokens, len(self.model.think_end_ids) + 1)
+            thinking = Thinking(True, thinking.mode, budget)
         return thinking
 
     async def abort_all(self) -> int:
