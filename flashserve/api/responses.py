@@ -474,7 +474,7 @@ class _View:
         seal = ((lambda text: seal_reasoning(key, principal.account_id, text))
                 if ENCRYPTED_REASONING in include else None)
         self.out = OutputBuilder(bool(body.reasoning and body.reasoning.wants_summary), seal, prepared.namespaces)
-        self.id = "resp_" + call.id.removeprefix("resp-")
+        self.id = call.id  # resp_…: the request id (flashserve/ids.py)
 
     def response(self, status: str, usage: dict[str, Any] | None = None,
                  error: FlashserveError | None = None) -> dict[str, Any]:
