@@ -18,7 +18,10 @@ model's own text (thinking, `</think>`, the answer and DSML call blocks), as fro
 reasoning and tool parsers. It goes through the stage the local engine uses (`chat/model_output.py`), so
 reasoning_content, content and tool_calls (finish_reason `tool_calls`) come out as they would locally.
 Such an upstream is always told whether to think, and thinks unless the request turns it off (effort
-`none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts.
+`none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts
+(its model card says `reasoning_default: true`). No DSML markup from it reaches `content`: a malformed
+block is dropped, and so is an unfinished one when the stream ends (with a finish reason, or without one:
+`[DONE]` or the end of the body after a cut; a connection that breaks is a mid-stream error).
 
 Errors: an upstream answer other than 200 becomes our error object (its 4xx as a 400 with the upstream's
 message, 429 as 429 with its retry-after, its auth failure and 5xx as 502, a timeout as 504). Connection
@@ -315,7 +318,7 @@ class RemoteGeneration:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    break
                 chunk = json.loads(data)
                 if "error" in chunk:
                     error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
@@ -327,6 +330,8 @@ class RemoteGeneration:
                     delta = self._delta(choice)
                     if delta is not None:
                         yield delta
+            for delta in self._flush_raw():
+                yield delta
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self._closed:  # abort_all closed the stream under us (the server's drain time is up)
                 raise FlashserveError(503, "The request was aborted by the server.", SERVER_ERROR, None,
@@ -362,6 +367,7 @@ class RemoteGeneration:
             if reason:
                 rest, reason = parser.finish(reason)
                 pieces.add(rest)
+                del self._raw_parsers[index]  # finished: nothing left for _flush_raw
                 if calls and reason == "stop":
                     reason = "tool_calls"
             reasoning += pieces.reasoning
@@ -373,6 +379,17 @@ class RemoteGeneration:
         matched = choice.get("stop_reason") if reason == "stop" else None
         return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason,
                            stop_sequence=matched if isinstance(matched, str) else None)
+
+    def _flush_raw(self) -> list[ChoiceDelta]:
+        """A raw-text choice the upstream ended without a finish reason (a cut stream): its held-back text,
+        an unfinished call block dropped, never content; the finish reason stays the upstream's (none)."""
+        out = []
+        for index, parser in sorted(self._raw_parsers.items()):
+            pieces, _ = parser.finish(None)
+            if pieces.content or pieces.reasoning or pieces.calls:
+                out.append(ChoiceDelta(index, pieces.content, pieces.reasoning, tool_calls=pieces.calls))
+        self._raw_parsers.clear()
+        return out
 
     def _raw_parser(self, index: int) -> ModelOutputParser:
         parser = self._raw_parsers.get(index)

@@ -15,6 +15,10 @@ whichever engine wrote it. The rules (issue 16 §3, what vLLM and SGLang users r
   partial markup is dropped, never sent as content, and the finish reason stays what it was (`length` for
   max_tokens), which every client handles; the call was never made. A held-back partial opening tag at
   the end is dropped the same way.
+- A malformed call block in the answer (an unknown tool, arguments that do not parse, a block with no
+  calls, stray text inside it; possible from a raw upstream, whose output no grammar shaped) is dropped up
+  to its closing tag, never sent as content; the finish reason stays what it was. In the thinking it stays
+  reasoning text, like an unfinished one. So no markup reaches `content`, whatever the model wrote.
 - A choice that made calls and stopped by itself finishes with `tool_calls`.
 """
 
@@ -31,6 +35,8 @@ from flashserve.chat.tools import ParsedCall
 
 class CallParser(Protocol):
     calls: list[ParsedCall]
+    drop_malformed: bool  # a malformed block is dropped instead of returned as text
+    dropped_blocks: int
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]: ...
 
@@ -69,10 +75,17 @@ class ModelOutputParser:
         self._splitter = ReasoningSplitter(thinking)
         self._thinking = thinking
         self._parser = None if tool_names is None else tool_parser(tool_names, max_calls)
+        if self._parser is not None:
+            self._parser.drop_malformed = not thinking  # the answer: no markup reaches content
 
     @property
     def calls(self) -> list[ParsedCall]:
         return [] if self._parser is None else self._parser.calls
+
+    @property
+    def dropped_blocks(self) -> int:
+        """Malformed call blocks left out of the answer."""
+        return 0 if self._parser is None else self._parser.dropped_blocks
 
     def feed(self, text: str) -> TextPieces:
         reasoning, content = self._splitter.feed(text)
@@ -86,6 +99,7 @@ class ModelOutputParser:
             self._thinking = False
             if self._parser is not None:
                 out.reasoning += self._parser.finish()
+                self._parser.drop_malformed = True
         elif self._parser is not None:
             out.content += self._parser.finish(drop_unfinished=True)
         if self.calls and reason == "stop":
@@ -102,6 +116,7 @@ class ModelOutputParser:
         if self._thinking and not self._splitter.thinking:  # `</think>` arrived in this piece
             self._thinking = False
             out.reasoning += self._parser.finish()
+            self._parser.drop_malformed = True
         if content:
             text, calls = self._parser.feed(content)
             out.content += text
