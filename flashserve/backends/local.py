@@ -178,7 +178,7 @@ class LocalBackend:
         names = [t.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, list(request.sampling.stop), len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
-                               tool_parser=self.model.tool_parser)
+                               tool_parser=self.model.tool_parser, think_markers=bool(self.model.think_end_ids))
 
     def _admit(self, ids: list[str]) -> None:
         """Bound the engine's queue: past it, 503 before any model work (checked and counted without an
@@ -238,12 +238,15 @@ class LocalBackend:
 class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
                  prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
-                 max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser) -> None:
+                 max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser,
+                 think_markers: bool = False) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
         # Text -> reasoning, content and calls: the stage a raw-text remote upstream shares (chat/model_output.py).
-        self._outputs = [ModelOutputParser(thinking, tool_names, max_calls, tool_parser) for _ in streams]
+        # A thinking model's `<think>`/`</think>` are its control markers, never answer text (think_markers).
+        self._outputs = [ModelOutputParser(thinking, tool_names, max_calls, tool_parser, think_markers)
+                         for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)
         self._completion = [0] * len(streams)

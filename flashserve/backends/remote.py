@@ -396,7 +396,7 @@ class RemoteGeneration:
         if parser is None:
             assert self._raw is not None
             parser = ModelOutputParser(self._thinking, self._tool_names, self._max_calls,
-                                       RAW_TEXT_PARSERS[self._raw])
+                                       RAW_TEXT_PARSERS[self._raw], strip_think_markers=True)
             self._raw_parsers[index] = parser
         return parser
 

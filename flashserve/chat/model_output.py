@@ -19,6 +19,9 @@ whichever engine wrote it. The rules (issue 16 §3, what vLLM and SGLang users r
   calls, stray text inside it; possible from a raw upstream, whose output no grammar shaped) is dropped up
   to its closing tag, never sent as content; the finish reason stays what it was. In the thinking it stays
   reasoning text, like an unfinished one. So no markup reaches `content`, whatever the model wrote.
+- For a thinking model (`strip_think_markers`: V4 locally, a raw V4 upstream), `<think>` and `</think>`
+  are never answer text: one written in the answer (a stray `</think>` in chat mode, whose prompt already
+  closed the thinking) is dropped.
 - A choice that made calls and stopped by itself finishes with `tool_calls`.
 """
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flashserve.chat.dsml import DsmlToolCallParser
-from flashserve.chat.reasoning import ReasoningSplitter
+from flashserve.chat.reasoning import ReasoningSplitter, ThinkMarkerFilter
 from flashserve.chat.tools import ParsedCall
 
 
@@ -71,8 +74,9 @@ class ModelOutputParser:
     """
 
     def __init__(self, thinking: bool, tool_names: Sequence[str] | None = None, max_calls: int | None = None,
-                 tool_parser: CallParserType = DsmlToolCallParser) -> None:
+                 tool_parser: CallParserType = DsmlToolCallParser, strip_think_markers: bool = False) -> None:
         self._splitter = ReasoningSplitter(thinking)
+        self._markers = ThinkMarkerFilter() if strip_think_markers else None
         self._thinking = thinking
         self._parser = None if tool_names is None else tool_parser(tool_names, max_calls)
         if self._parser is not None:
@@ -89,11 +93,15 @@ class ModelOutputParser:
 
     def feed(self, text: str) -> TextPieces:
         reasoning, content = self._splitter.feed(text)
+        if self._markers is not None:
+            content = self._markers.feed(content)
         return self._route(reasoning, content)
 
     def finish(self, reason: str | None) -> tuple[TextPieces, str | None]:
         """What is left at the end of the stream, and the finish reason to report for `reason`."""
         reasoning, content = self._splitter.finish()
+        if self._markers is not None:
+            content = self._markers.feed(content) + self._markers.finish()
         out = self._route(reasoning, content)
         if self._thinking:  # the stream ended in thinking: an unfinished block there is thinking text
             self._thinking = False

@@ -129,6 +129,18 @@ def test_newlines_after_think_end_never_leak(pieces: list[str]) -> None:
     assert out.reasoning == "Plan." and out.content in ("", "Hello")
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_stray_think_marker_in_the_answer_is_not_content(thinking: bool) -> None:
+    parser = ModelOutputParser(thinking, NAMES, strip_think_markers=True)
+    out = TextPieces()
+    for piece in split("R.</think></think>Hi</th" + "ink> there.\n\n" + CALL, 3):
+        out.add(parser.feed(piece))
+    rest, reason = parser.finish("stop")
+    out.add(rest)
+    assert out.content == ("Hi there." if thinking else "R.Hi there.") and reason == "tool_calls"
+    assert out.reasoning == ("R." if thinking else "")
+
+
 def test_without_tools_the_text_is_content_and_thinking_is_split() -> None:
     out, reason = run(["Hm.</think>\n\nHi ", "there"], names=None)
     assert (out.reasoning, out.content, out.calls, reason) == ("Hm.", "Hi there", [], "stop")
