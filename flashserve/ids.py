@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-
 # Surfaces whose object ids are `prefix_…` (Anthropic's `msg_…`, OpenAI's `resp_…`): the request id is the
 # object's id itself, so the `x-request-id` header, the body's `id` and the usage row all read the same.
 _UNDERSCORE_PREFIXES = frozenset({"msg", "resp"})

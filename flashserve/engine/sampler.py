@@ -3,8 +3,9 @@
 Order of operations, per row: logit_bias, presence/frequency penalties over
 the tokens generated so far, the grammar's token mask (structured output;
 while a request still thinks, its grammar waits and only its stop tokens are
-masked, so it cannot end before the constrained answer), then greedy argmax (temperature 0) or temperature + top-p sampling. The processing is batched; only the final draw
-runs per row, with the request's own `torch.Generator`, so a seeded request
+masked, so it cannot end before the constrained answer), then greedy argmax
+(temperature 0) or temperature + top-p sampling. The processing is batched;
+only the final draw runs per row, with the request's own `torch.Generator`, so a seeded request
 gives the same tokens whatever else shares its batch.
 """
 

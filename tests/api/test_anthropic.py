@@ -321,7 +321,8 @@ async def test_system_billing_header_role_system_and_fields(api: Api, agent: Age
     assert gen.user == "u-1" and gen.cache_key == "sess-1"
     # per-turn control: the last message's output_config wins over the request's
     assert gen.reasoning.effort == "medium" and gen.reasoning.thinking is True
-    assert (await post(api, msg("x", output_config={"effort": "max"}, thinking={"type": "adaptive"}))).status_code == 200
+    r = await post(api, msg("x", output_config={"effort": "max"}, thinking={"type": "adaptive"}))
+    assert r.status_code == 200
     assert agent.last.reasoning.effort == "max"
     bad = msg("x")
     bad["messages"][0]["output_config"] = {"effort": "huge"}

@@ -2,8 +2,9 @@
 
 What vLLM and SGLang users report on V4, none of which may happen here: a call written before `</think>`
 lost in the reasoning channel; raw DSML markup in `content` (also when the stream is cut mid-block, and
-when a raw upstream writes a malformed block); a newline after `</think>` leaking. The rules live in `chat/model_output.py` (`ModelOutputParser`), the one
-stage the local engine and a raw-text remote upstream (`raw_text = "deepseek_v4"`) share; the remote half
+when a raw upstream writes a malformed block); a newline after `</think>` leaking. The rules live in
+`chat/model_output.py` (`ModelOutputParser`), the one stage the local engine and a raw-text remote upstream
+(`raw_text = "deepseek_v4"`) share; the remote half
 is driven through the scripted upstream (tests/e2e/scripted_v4_upstream.py) over an in-process transport.
 """
 
