@@ -31,6 +31,7 @@ from flashserve.generation import ChoiceDelta, GenerationRequest, Message, Reque
 from flashserve.ids import choice_id
 
 _SEED_MOD = 2**64
+THINKING_SHARE = 0.75  # most of max_tokens a thinking block may take; the answer keeps the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +204,17 @@ class LocalBackend:
         if reasoning.thinking and (effort is None or effort == "none"):
             effort = "high"  # switched on without an effort: the default mode
         thinking = resolve_thinking(effort, self.model.reasoning)
-        if thinking.enabled and reasoning.budget_tokens is not None:
-            # The forced end marker itself is spent from the budget: a smaller one still thinks one token.
-            budget = max(reasoning.budget_tokens, len(self.model.think_end_ids) + 1)
-            thinking = Thinking(True, thinking.mode, budget)
-        return thinking
+        if not thinking.enabled:
+            return thinking
+        budget = thinking.budget if reasoning.budget_tokens is None else reasoning.budget_tokens
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is not None and (budget is None or budget > max_tokens * THINKING_SHARE):
+            # Thinking never takes the whole max_tokens (a server's output cap clamps Claude Code's 128000
+            # to a few hundred): its end is forced in time for the answer to have the rest.
+            budget = int(max_tokens * THINKING_SHARE)
+        # The forced end marker itself is spent from the budget: a smaller one still thinks one token.
+        budget = None if budget is None else max(budget, len(self.model.think_end_ids) + 1)
+        return Thinking(True, thinking.mode, budget)
 
     async def abort_all(self) -> int:
         return await self.engine.abort_all()

@@ -133,6 +133,13 @@ def test_json_mode_without_thinking_is_constrained_from_the_first_token() -> Non
     assert (content.strip(), reasoning, usage.reasoning_tokens) == ("{}", "", 0)
 
 
+def test_thinking_leaves_a_quarter_of_max_tokens_for_the_answer() -> None:
+    # The effort's budget (64) does not fit max_tokens=8: the end is forced after 6 thinking tokens.
+    content, reasoning, usage = run(backend(can_think=True), [], reasoning_effort="high", max_tokens=8)
+    assert reasoning.split() == ["hmm", "let", "me", "think"] and usage.reasoning_tokens == 6
+    assert content.split() == ["Paris", "is"] and usage.completion_tokens == 8  # <think>, 4 words, </think>, 2
+
+
 def test_effort_none_turns_thinking_off() -> None:
     content, reasoning, usage = run(backend(can_think=True), [], reasoning_effort="none")
     assert reasoning == "" and usage.reasoning_tokens == 0
