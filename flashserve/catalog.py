@@ -106,8 +106,9 @@ def make_card(model_id: str, *, context_length: int, reasoning: ReasoningSpec, w
         max_output_tokens = entry.max_output_tokens_cap
     if entry is not None and not isinstance(entry.backend, LocalSpec):
         context_length = entry.context_length or context_length
-        if entry.reasoning is not None:
-            reasoning = ReasoningSpec(can_think=entry.reasoning)
+        if entry.reasoning is not None:  # the default (thinking unless turned off) stays the backend's
+            reasoning = ReasoningSpec(can_think=entry.reasoning,
+                                      thinks_by_default=entry.reasoning and reasoning.thinks_by_default)
     return ModelCard(id=model_id, context_length=context_length, prices=prices,
                      owned_by="deepseek" if model_id == REFERENCE_MODEL_ID else "flashserve", created=created,
                      weights=weights, description=description, reasoning=reasoning,

@@ -144,9 +144,12 @@ def build_server(settings: Settings, progress: Callable[[int, int, str], None] |
         if isinstance(entry.backend, LocalSpec):
             continue
         upstream = entry.backend if isinstance(entry.backend, RemoteSpec) else entry.backend.upstreams[0]
+        # A raw-text upstream is told to think unless the request turns it off (remote.py: raw_thinking).
+        raw = upstream.raw_text is not None
         catalog.add(make_card(
             model_id, context_length=1 << 20,
-            reasoning=ReasoningSpec(can_think=upstream.kind not in ("openai", "llamacpp")),
+            reasoning=ReasoningSpec(can_think=upstream.kind not in ("openai", "llamacpp") or raw,
+                                    thinks_by_default=raw),
             weights=f"{upstream.model} at {upstream.url} ({upstream.kind})",
             description=f"{upstream.model} on a remote {upstream.kind} engine", created=created, entry=entry,
             max_output_tokens=settings.max_output_tokens_cap,

@@ -142,8 +142,13 @@ def generation_request(body: CountTokensRequest, key: ServerKey, account_id: str
 def _reasoning(body: CountTokensRequest) -> Reasoning:
     """`thinking` and `output_config.effort` onto the efforts chat completions takes (`chat/reasoning.py`):
     enabled/adaptive -> thinking on with the effort given (else the default mode); disabled -> off; no
-    `thinking` -> the model's default, or the effort given."""
+    `thinking` -> the model's default, or the effort given. The effort is the last one a message gives
+    (per-turn control: Claude Code sets `output_config` on a message of the conversation), else the
+    request's own `output_config.effort`."""
     effort = body.output_config.effort if body.output_config is not None else None
+    for message in body.messages:
+        if message.output_config is not None and message.output_config.effort is not None:
+            effort = message.output_config.effort
     thinking = body.thinking
     if thinking is None:
         return Reasoning(effort=effort)
@@ -293,7 +298,7 @@ class _View:
         self.key = key
         self.account_id = account_id
         self.omit_thinking = omit_thinking
-        self.id = "msg_" + call.id.removeprefix("msg-")
+        self.id = call.id  # msg_…: the request id (flashserve/ids.py)
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended the answer (backends/ say which)
         self.has_calls = False

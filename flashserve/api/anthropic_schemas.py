@@ -1,7 +1,7 @@
 """Pydantic models of Anthropic's Messages API request (`POST /v1/messages`, `/v1/messages/count_tokens`).
 
 Unknown fields are ignored at every level, as clients (Claude Code above all) add new ones with each
-release (`cache_control`, `defer_loading`, `context_management`, per-message `output_config`, ...). A
+release (`cache_control`, `defer_loading`, `context_management`, ...). A
 content block is one model with a `type` and the fields of every known kind; `_check_fields` demands
 what its kind needs, so a malformed block is a 400 naming the field. Kinds we cannot serve (image,
 document, ...) pass validation and are refused by the adapter with `surface_policy.refuse_content`,
@@ -53,10 +53,16 @@ class ContentBlock(_Loose):
         return self
 
 
+class OutputConfig(_Loose):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+
+
 class MessageParam(_Loose):
     # "system": Claude Code sends a role-system message inside `messages` (treated as system text).
     role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
+    # per-turn control (beta `per-turn-control-2026-07-01`): Claude Code puts one on its system message
+    output_config: OutputConfig | None = None
 
 
 class ToolParam(_Loose):
@@ -98,10 +104,6 @@ class ThinkingParam(_Loose):
         if self.type == "enabled" and self.budget_tokens is None:
             raise ValueError("thinking of type 'enabled' needs 'budget_tokens'")
         return self
-
-
-class OutputConfig(_Loose):
-    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
 
 
 class Metadata(_Loose):

@@ -14,18 +14,19 @@ from flashserve.api.state import app_state
 from flashserve.errors import INVALID_REQUEST, FlashserveError
 
 
-def _bearer(request: Request) -> str:
+def _bearer(request: Request, where: str = "in the Authorization header as 'Bearer YOUR_KEY'") -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise FlashserveError(401, "You didn't provide an API key. Provide it in the Authorization header as "
-                          "'Bearer YOUR_KEY'.", INVALID_REQUEST, None, "invalid_api_key")
+        raise FlashserveError(401, f"You didn't provide an API key. Provide it {where}.", INVALID_REQUEST, None,
+                              "invalid_api_key")
     return token.strip()
 
 
 async def require_api_key(request: Request) -> Principal:
     """The caller's principal; 401 for a missing, unknown, revoked or expired key."""
-    token = request.headers.get("x-api-key", "").strip() or _bearer(request)
+    token = request.headers.get("x-api-key", "").strip() or _bearer(
+        request, "in the 'x-api-key' header or in the Authorization header as 'Bearer YOUR_KEY'")
     principal = await app_state(request).accounts.keys.verify(token)
     if principal is None:
         raise FlashserveError(401, "Incorrect API key provided, or the key was revoked or has expired.",

@@ -490,7 +490,7 @@ class _View:
                 if ENCRYPTED_REASONING in include else None)
         self.out = OutputBuilder(bool(body.reasoning and body.reasoning.wants_summary), seal, prepared.namespaces,
                                  logprobs=LOGPROBS in include)
-        self.id = "resp_" + call.id.removeprefix("resp-")
+        self.id = call.id  # resp_…: the request id (flashserve/ids.py)
 
     def response(self, status: str, usage: dict[str, Any] | None = None,
                  error: FlashserveError | None = None) -> dict[str, Any]:

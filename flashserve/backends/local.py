@@ -41,6 +41,7 @@ from flashserve.generation import ChoiceDelta, GenerationRequest, Message, Reque
 from flashserve.ids import choice_id
 
 _SEED_MOD = 2**64
+THINKING_SHARE = 0.75  # most of max_tokens a thinking block may take; the answer keeps the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +186,10 @@ class LocalBackend:
             raise invalid_request("A prefix the answer continues cannot be combined with constrained output "
                                   "(tools or a JSON response_format).", f"messages[{len(request.messages) - 1}]"
                                   ".prefix", "unsupported_parameter")
-        # Constrained output starts at the first token, so a constrained request does not think first.
+        # A constrained request thinks as any other: the engine applies its grammar from the first token
+        # after the end-of-thinking marker (engine/request.py: ThinkingControl).
         thinking = self._thinking(request)
-        if grammar is not None or not self.model.think_end_ids:
+        if not self.model.think_end_ids:
             thinking = Thinking(False)
         prompt = self.render_prompt(request.messages, plan, thinking.enabled, thinking.mode, add_generation_prompt)
         if prefix is not None and thinking.enabled and prefix.content:
@@ -231,7 +233,7 @@ class LocalBackend:
         names = [t.name for t in plan.tools] if plan.parses_calls else None
         return LocalGeneration(streams, self.model.tokenizer, list(request.sampling.stop), len(prompt), names,
                                thinking.enabled, max_calls=None if plan.parallel else 1,
-                               tool_parser=self.model.tool_parser,
+                               tool_parser=self.model.tool_parser, think_markers=bool(self.model.think_end_ids),
                                token_texts=self._token_texts if request.sampling.logprobs else None)
 
     def _admit(self, ids: list[str]) -> None:
@@ -257,9 +259,17 @@ class LocalBackend:
         if reasoning.thinking and (effort is None or effort == "none"):
             effort = "high"  # switched on without an effort: the default mode
         thinking = resolve_thinking(effort, self.model.reasoning)
-        if thinking.enabled and reasoning.budget_tokens is not None:
-            thinking = Thinking(True, thinking.mode, reasoning.budget_tokens)
-        return thinking
+        if not thinking.enabled:
+            return thinking
+        budget = thinking.budget if reasoning.budget_tokens is None else reasoning.budget_tokens
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is not None and (budget is None or budget > max_tokens * THINKING_SHARE):
+            # Thinking never takes the whole max_tokens (a server's output cap clamps Claude Code's 128000
+            # to a few hundred): its end is forced in time for the answer to have the rest.
+            budget = int(max_tokens * THINKING_SHARE)
+        # The forced end marker itself is spent from the budget: a smaller one still thinks one token.
+        budget = None if budget is None else max(budget, len(self.model.think_end_ids) + 1)
+        return Thinking(True, thinking.mode, budget)
 
     async def abort_all(self) -> int:
         return await self.engine.abort_all()
@@ -291,7 +301,7 @@ class LocalGeneration:
     def __init__(self, streams: list[RequestStream], tokenizer: Tokenizer, stops: list[str],
                  prompt_tokens: int, tool_names: list[str] | None = None, thinking: bool = False,
                  max_calls: int | None = None, tool_parser: ToolParser = ToolCallParser,
-                 token_texts: TokenTexts | None = None) -> None:
+                 think_markers: bool = False, token_texts: TokenTexts | None = None) -> None:
         self.usage = Usage(prompt_tokens=prompt_tokens)
         # Logprobs asked for: each choice's token logprobs, aligned with its content (chat/logprob_alignment.py).
         self._token_texts = token_texts
@@ -299,7 +309,9 @@ class LocalGeneration:
         self._streams = streams
         self._choices = [ChoiceOutput(tokenizer, stops) for _ in streams]
         # Text -> reasoning, content and calls: the stage a raw-text remote upstream shares (chat/model_output.py).
-        self._outputs = [ModelOutputParser(thinking, tool_names, max_calls, tool_parser) for _ in streams]
+        # A thinking model's `<think>`/`</think>` are its control markers, never answer text (think_markers).
+        self._outputs = [ModelOutputParser(thinking, tool_names, max_calls, tool_parser, think_markers)
+                         for _ in streams]
         self._reasoning = [0] * len(streams)
         self._done = [False] * len(streams)
         self._completion = [0] * len(streams)

@@ -34,7 +34,10 @@ model's own text (thinking, `</think>`, the answer and DSML call blocks), as fro
 reasoning and tool parsers. It goes through the stage the local engine uses (`chat/model_output.py`), so
 reasoning_content, content and tool_calls (finish_reason `tool_calls`) come out as they would locally.
 Such an upstream is always told whether to think, and thinks unless the request turns it off (effort
-`none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts.
+`none` or thinking disabled), so the parser and the upstream's prompt agree on where the answer starts
+(its model card says `reasoning_default: true`). No DSML markup from it reaches `content`: a malformed
+block is dropped, and so is an unfinished one when the stream ends (with a finish reason, or without one:
+`[DONE]` or the end of the body after a cut; a connection that breaks is a mid-stream error).
 
 Logprobs: `logprobs`/`top_logprobs` go upstream as given, and each chunk's `choices[].logprobs.content`
 comes back as the delta's token logprobs; from a raw-text upstream they cover its raw text, so only the
@@ -520,7 +523,7 @@ class RemoteGeneration:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    break
                 chunk = json.loads(data)
                 if "error" in chunk:
                     error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
@@ -532,6 +535,8 @@ class RemoteGeneration:
                     delta = self._delta(choice)
                     if delta is not None:
                         yield delta
+            for delta in self._flush_raw():
+                yield delta
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self._closed:  # abort_all closed the stream under us (the server's drain time is up)
                 raise FlashserveError(503, "The request was aborted by the server.", SERVER_ERROR, None,
@@ -572,6 +577,7 @@ class RemoteGeneration:
             if reason:
                 rest, reason = parser.finish(reason)
                 pieces.add(rest)
+                del self._raw_parsers[index]  # finished: nothing left for _flush_raw
                 if calls and reason == "stop":
                     reason = "tool_calls"
             reasoning += pieces.reasoning
@@ -586,12 +592,23 @@ class RemoteGeneration:
         return ChoiceDelta(index, content, reasoning, tool_calls=calls, finish_reason=reason,
                            stop_sequence=matched if isinstance(matched, str) else None, logprobs=logprobs)
 
+    def _flush_raw(self) -> list[ChoiceDelta]:
+        """A raw-text choice the upstream ended without a finish reason (a cut stream): its held-back text,
+        an unfinished call block dropped, never content; the finish reason stays the upstream's (none)."""
+        out = []
+        for index, parser in sorted(self._raw_parsers.items()):
+            pieces, _ = parser.finish(None)
+            if pieces.content or pieces.reasoning or pieces.calls:
+                out.append(ChoiceDelta(index, pieces.content, pieces.reasoning, tool_calls=pieces.calls))
+        self._raw_parsers.clear()
+        return out
+
     def _raw_parser(self, index: int) -> ModelOutputParser:
         parser = self._raw_parsers.get(index)
         if parser is None:
             assert self._raw is not None
             parser = ModelOutputParser(self._thinking, self._tool_names, self._max_calls,
-                                       RAW_TEXT_PARSERS[self._raw])
+                                       RAW_TEXT_PARSERS[self._raw], strip_think_markers=True)
             self._raw_parsers[index] = parser
         return parser
 

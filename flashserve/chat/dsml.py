@@ -9,8 +9,11 @@ A block is trusted only whole: its calls are returned when its closing tag
 arrives and every element in it is well formed. Anything else (an unknown
 tool, a duplicate or untyped parameter, a `string="false"` value that is not
 JSON, stray text between elements, a block cut off by the end of the
-stream) fails closed: the block's text is returned as ordinary content.
-Whitespace between elements is tolerated, since nothing is lost by it.
+stream) fails closed: the block's text is returned as ordinary text, or, with
+`drop_malformed` (what `chat/model_output.py` sets for the answer, so no
+markup ever reaches `content`), dropped up to its closing tag, counted in
+`dropped_blocks`. Whitespace between elements is tolerated, since nothing is
+lost by it.
 
 `DsmlToolCallParser` has the interface of `flashserve.chat.tools.ToolCallParser`
 (`feed` -> (content, calls), `finish` -> content) so it can take its place for
@@ -65,6 +68,9 @@ class DsmlToolCallParser:
         self._block: _BlockScan | None = None
         self._separator = ""  # the blank line taken off the content before the open block
         self._after_block = False
+        self.drop_malformed = False  # a malformed block is dropped (not text) up to its closing tag
+        self.dropped_blocks = 0
+        self._skipping = False  # inside a dropped block, waiting for its closing tag
 
     def feed(self, text: str | bytes) -> tuple[str, list[ParsedCall]]:
         # Appending to a local that holds the only reference lets CPython grow the string in place: a long
@@ -87,9 +93,11 @@ class DsmlToolCallParser:
         """
         self._buffer += self._decoder.decode(b"", final=True)
         rest = (self._separator if self._block is not None else "") + self._buffer
-        if drop_unfinished and (self._block is not None or rest.lstrip(_WHITESPACE).startswith("<" + DSML[:1])):
+        if self._skipping or (drop_unfinished and (self._block is not None
+                                                   or rest.lstrip(_WHITESPACE).startswith("<" + DSML[:1]))):
             rest = ""
         self._buffer, self._block, self._separator, self._after_block = "", None, "", False
+        self._skipping = False
         return rest
 
     def _decode(self, text: str | bytes) -> str:
@@ -100,6 +108,8 @@ class DsmlToolCallParser:
 
     def _step(self, content: list[str], calls: list[ParsedCall]) -> bool:
         """Advance once; False when the buffer needs more text."""
+        if self._skipping:
+            return self._step_skipping()
         if self._block is None:
             return self._step_outside(content)
         return self._step_inside(content, calls)
@@ -129,7 +139,11 @@ class DsmlToolCallParser:
         outcome = self._block.advance(self._buffer)
         if outcome is _Outcome.NEEDS_MORE:
             return False
-        if outcome is _Outcome.MALFORMED:
+        if outcome is _Outcome.MALFORMED and self.drop_malformed:
+            self.dropped_blocks += 1
+            self._buffer = self._buffer[len(TOOL_CALLS_OPEN):]
+            self._skipping = True
+        elif outcome is _Outcome.MALFORMED:
             # Only the opening tag is given up as text: the rest is scanned again, and may hold a real block.
             content.append(self._separator + TOOL_CALLS_OPEN)
             self._buffer = self._buffer[len(TOOL_CALLS_OPEN):]
@@ -139,6 +153,21 @@ class DsmlToolCallParser:
             self._after_block = True
         self._block, self._separator = None, ""
         return True
+
+    def _step_skipping(self) -> bool:
+        """Drop a malformed block's text up to its closing tag; a new opening tag before that starts a block
+        of its own (a real call may follow a broken one)."""
+        close, reopen = self._buffer.find(TOOL_CALLS_CLOSE), self._buffer.find(TOOL_CALLS_OPEN)
+        if reopen >= 0 and (close < 0 or reopen < close):
+            self._buffer, self._skipping = self._buffer[reopen:], False
+            return True
+        if close >= 0:
+            self._buffer, self._skipping = self._buffer[close + len(TOOL_CALLS_CLOSE):], False
+            self._after_block = True
+            return True
+        held = _held_suffix_length(self._buffer, (TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN))
+        self._buffer = self._buffer[len(self._buffer) - held:]
+        return False
 
     def _accept(self, invokes: Sequence[_Invoke]) -> list[ParsedCall]:
         accepted = []

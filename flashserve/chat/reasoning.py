@@ -88,3 +88,31 @@ class ReasoningSplitter:
     def finish(self) -> tuple[str, str]:
         rest, self._buffer = self._buffer, ""
         return (rest, "") if self.thinking else ("", rest)
+
+
+class ThinkMarkerFilter:
+    """Drops `<think>` and `</think>` from a thinking model's answer text.
+
+    For such a model (DeepSeek-V4) the markers are its format's control tokens, not text: a marker in the
+    answer is one the model wrote where it means nothing (a stray `</think>` in chat mode, whose prompt
+    already closed the thinking, or a second one), and it is never shown. Text that could be the start of
+    a marker is held back until it proves otherwise.
+    """
+
+    MARKERS = (THINK_START, THINK_END)
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def feed(self, text: str) -> str:
+        buffer = self._buffer + text
+        for marker in self.MARKERS:
+            buffer = buffer.replace(marker, "")
+        hold = next((k for k in range(min(len(THINK_END) - 1, len(buffer)), 0, -1)
+                     if any(m.startswith(buffer[-k:]) for m in self.MARKERS)), 0)
+        self._buffer = buffer[len(buffer) - hold:]
+        return buffer[: len(buffer) - hold]
+
+    def finish(self) -> str:
+        rest, self._buffer = self._buffer, ""
+        return rest

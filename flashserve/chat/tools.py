@@ -149,6 +149,8 @@ class ToolCallParser:
         self.calls: list[ParsedCall] = []
         self._buffer = ""
         self._in_call = False
+        self.drop_malformed = False  # a call that does not parse is dropped, not returned as text
+        self.dropped_blocks = 0
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         self._buffer += text
@@ -161,7 +163,9 @@ class ToolCallParser:
                 body, self._buffer = self._buffer[:end], self._buffer[end + len(CLOSE):]
                 self._in_call = False
                 call = self._parse(body)
-                if call is None:
+                if call is None and self.drop_malformed:
+                    self.dropped_blocks += 1
+                elif call is None:
                     content += OPEN + body + CLOSE
                 elif self.max_calls is None or len(self.calls) <= self.max_calls:
                     calls.append(call)

@@ -67,7 +67,9 @@ class SamplingParams:
 @dataclass(frozen=True, slots=True)
 class ThinkingControl:
     """A request that starts inside a thinking block: its tokens count as reasoning until the
-    end marker, which the engine forces once `budget` thinking tokens are spent."""
+    end marker, which the engine forces once `budget` thinking tokens are spent. A request with a
+    grammar (structured output, forced tool calls) thinks freely; the grammar applies from the first
+    token after the end marker, and the sequence cannot end before it (stop tokens are masked)."""
 
     end_token_ids: tuple[int, ...]
     budget: int | None = None
@@ -139,6 +141,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def in_thinking(self) -> bool:
+        """Inside the thinking block the prompt opened: the grammar (if any) waits until it ends."""
+        return self.thinking is not None and not self.thinking_done
 
     def track_thinking(self, token: int) -> None:
         """Count a thinking token; force the end marker when the budget is spent."""

@@ -1,9 +1,11 @@
 """Turns a batch of logits into one next token per request.
 
 Order of operations, per row: logit_bias, presence/frequency penalties over
-the tokens generated so far, the grammar's token mask (structured output),
-then greedy argmax (temperature 0) or temperature + top-p sampling. The processing is batched; only the final draw
-runs per row, with the request's own `torch.Generator`, so a seeded request
+the tokens generated so far, the grammar's token mask (structured output;
+while a request still thinks, its grammar waits and only its stop tokens are
+masked, so it cannot end before the constrained answer), then greedy argmax
+(temperature 0) or temperature + top-p sampling. The processing is batched;
+only the final draw runs per row, with the request's own `torch.Generator`, so a seeded request
 gives the same tokens whatever else shares its batch.
 """
 
@@ -78,7 +80,17 @@ class Sampler:
         return logits
 
     def _apply_grammar(self, logits: torch.Tensor, requests: list[Request]) -> None:
-        rows = [row for row, request in enumerate(requests) if request.constraint is not None]
+        rows = []
+        for row, request in enumerate(requests):
+            if request.constraint is None:
+                continue
+            if request.in_thinking:
+                # The grammar starts after `</think>`; until then the answer it shapes must still come.
+                stops = [t for t in request.params.stop_token_ids if t < logits.shape[1]]
+                if stops:
+                    logits[row, stops] = float("-inf")
+            else:
+                rows.append(row)
         if not rows:
             return
         # The bitmask every `TokenConstraint` fills: per row, int32 words, bit j of word i set when token

@@ -156,8 +156,9 @@ class Scheduler:
                 self.kv.cache_full_blocks(request)
                 continue
             request.output_token_ids.append(token)
+            thought = request.in_thinking  # a thinking token (the end marker included) is not the grammar's
             request.track_thinking(token)
-            reason = self._stop_reason(request, token)
+            reason = self._stop_reason(request, token, grammar_token=not thought)
             self.kv.cache_full_blocks(request)
             if reason is not None:
                 self.running.remove(request)
@@ -166,10 +167,11 @@ class Scheduler:
             outputs.append(self._output(request, (token,), () if logprob is None else (logprob,)))
         return outputs
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+    def _stop_reason(self, request: Request, token: int, grammar_token: bool = True) -> FinishReason | None:
         # The mask only offers tokens the grammar accepts; a refusal would be a bug, so stop cleanly.
+        # Thinking tokens (up to and with `</think>`) come before the grammar's first token.
         constraint = request.constraint
-        if constraint is not None and (not constraint.accept(token) or constraint.is_terminated):
+        if constraint is not None and grammar_token and (not constraint.accept(token) or constraint.is_terminated):
             return FinishReason.STOP
         if not request.params.ignore_eos and token in request.params.stop_token_ids:
             return FinishReason.STOP

@@ -164,8 +164,10 @@ async def test_text_message_shape_usage_and_one_row(api: Api, agent: AgentBacken
     assert body["stop_reason"] == "end_turn" and body["stop_sequence"] is None
     assert body["usage"] == {"input_tokens": PROMPT_TOKENS - 8, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 8, "output_tokens": 2}
-    assert r.headers["x-request-id"] and r.headers["x-flashserve-cost-usd"]
+    assert r.headers["x-flashserve-cost-usd"]
     [row] = await api.records()
+    # One id: the message's, the x-request-id header's and the usage row's (no msg- / msg_ near-duplicates).
+    assert r.headers["x-request-id"] == body["id"] == row["request_id"]
     assert row["model"] == MODEL and row["status"] == "ok"
     assert row["prompt_tokens"] == PROMPT_TOKENS and row["cached_tokens"] == 8 and row["completion_tokens"] == 2
     # the reference prices, per token: cache hit, cache miss, output
@@ -189,6 +191,10 @@ async def test_x_api_key_authenticates(api: Api, agent: AgentBackend) -> None:
         assert r.status_code == 401
         assert r.json() == {"type": "error", "error": {"type": "authentication_error",
                                                        "message": r.json()["error"]["message"]}}
+        r = await c.post("/v1/messages", json=msg("ok"), headers=H)
+        assert r.status_code == 401
+        message = r.json()["error"]["message"]  # a missing key: both headers named, as either is accepted
+        assert "x-api-key" in message and "Authorization" in message
 
 
 async def test_thinking_and_tool_use_blocks(api: Api, agent: AgentBackend) -> None:
@@ -313,7 +319,15 @@ async def test_system_billing_header_role_system_and_fields(api: Api, agent: Age
     s = gen.sampling
     assert (s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop) == (0.5, 0.9, 40, 1000, ("END",))
     assert gen.user == "u-1" and gen.cache_key == "sess-1"
-    assert gen.reasoning.effort == "max" and gen.reasoning.thinking is True
+    # per-turn control: the last message's output_config wins over the request's
+    assert gen.reasoning.effort == "medium" and gen.reasoning.thinking is True
+    r = await post(api, msg("x", output_config={"effort": "max"}, thinking={"type": "adaptive"}))
+    assert r.status_code == 200
+    assert agent.last.reasoning.effort == "max"
+    bad = msg("x")
+    bad["messages"][0]["output_config"] = {"effort": "huge"}
+    r = await post(api, bad)
+    assert r.status_code == 400 and "output_config" in r.json()["error"]["message"]
 
     assert (await post(api, msg("x", thinking={"type": "disabled"}))).status_code == 200
     assert agent.last.reasoning.thinking is False and agent.last.reasoning.effort == "none"

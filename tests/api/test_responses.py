@@ -83,7 +83,7 @@ async def test_text_response_shape_usage_and_one_usage_row(api: Api, agent: Agen
     assert agent.last.messages[0].role == "system" and agent.last.messages[0].content == "Be brief."
     records = await api.records(account)
     assert len(records) == before + 1
-    assert records[0]["request_id"].removeprefix("resp-") == body["id"].removeprefix("resp_")
+    assert records[0]["request_id"] == body["id"]
 
 
 async def test_items_become_one_conversation(api: Api, agent: AgentBackend) -> None:

@@ -6,7 +6,8 @@ max-effort preamble), grammar-forced DSML tool calls parsed into OpenAI tool_cal
 value by itself, so the tool's string parameter carries a maxLength here; raw-text values are covered by
 tests/unit/test_dsml_grammar.py.) Issue 16 §3 here: a multi-turn conversation sending back earlier
 reasoning_content and tool calls is accepted, a call cut by max_tokens leaves no DSML in content, max effort
-under tool_choice auto keeps calls parseable; and the checkpoint is made with a 16384-token context
+under tool_choice auto keeps calls parseable, and a forced call keeps its thinking (the grammar starts after
+`</think>`, here forced by an Anthropic `budget_tokens`); and the checkpoint is made with a 16384-token context
 (`--max-position-embeddings`), which /v1/models reports."""
 
 from __future__ import annotations
@@ -211,3 +212,32 @@ def test_deepseek_chat_and_reasoner_and_the_thinking_switch(v4: openai.OpenAI) -
     off = chat(v4, model="deepseek-reasoner", reasoning_effort="max", extra_body={"thinking": {"type": "disabled"}})
     assert off.usage.completion_tokens_details.reasoning_tokens == 0  # disabled: the effort is ignored
     assert off.usage.prompt_tokens == chat(v4, max_tokens=1).usage.prompt_tokens  # no max-effort preamble
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_keeps_its_thinking(v4: openai.OpenAI, stream: bool) -> None:
+    """Thinking on and a grammar (tool_choice any): the model thinks freely until `</think>` (forced here by
+    the budget, as a random model rarely writes it), then the DSML grammar shapes the call. (A one-flag tool:
+    its forced call is ~100 tokens of this checkpoint's small vocabulary.)"""
+    import anthropic
+
+    base = str(v4.base_url).rstrip("/").removesuffix("/v1")
+    check = {"name": "check", "description": "Check a flag",
+             "input_schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}
+    args: dict = {"model": "claude-sonnet-5", "max_tokens": 200, "tools": [check],
+                  "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+                  "thinking": {"type": "enabled", "budget_tokens": 24}, "extra_body": {"temperature": 0},
+                  "messages": [{"role": "user", "content": "Is it ok?"}]}
+    with anthropic.Anthropic(base_url=base, api_key=KEY, max_retries=0, timeout=600) as client:
+        if stream:
+            with client.messages.stream(**args) as events:
+                message = events.get_final_message()
+        else:
+            message = client.messages.create(**args)
+    assert [block.type for block in message.content] == ["thinking", "tool_use"], message
+    thinking, call = message.content
+    assert thinking.thinking and thinking.signature  # type: ignore[union-attr]
+    assert "DSML" not in thinking.thinking  # type: ignore[union-attr]
+    assert call.name == "check" and isinstance(call.input["ok"], bool)  # type: ignore[union-attr]
+    assert message.stop_reason == "tool_use"
+    assert message.usage.output_tokens > 24  # the thinking (24 tokens) is billed as output too

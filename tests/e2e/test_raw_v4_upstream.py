@@ -101,6 +101,12 @@ def test_the_next_turn_sends_reasoning_and_calls_back(raw_v4: tuple[openai.OpenA
     assert sent["messages"][1]["reasoning_content"] == "I should list the files."
 
 
+def test_the_model_card_says_it_thinks_by_default(raw_v4: tuple[openai.OpenAI, str]) -> None:
+    client, _ = raw_v4
+    card = client.models.retrieve(MODEL).model_extra or {}
+    assert card["reasoning"] is True and card["reasoning_default"] is True  # as upstream_body asks it to
+
+
 def test_without_tools_and_with_thinking_off(raw_v4: tuple[openai.OpenAI, str]) -> None:
     client, upstream = raw_v4
     r = ask(client, tools=None, messages=[{"role": "user", "content": "hi"}])

@@ -89,3 +89,36 @@ def test_seed_gives_the_same_tokens_whatever_else_is_in_the_batch() -> None:
     assert draw(seed=1234, neighbours=5) == alone
     assert draw(seed=1234, neighbours=2) == alone
     assert draw(seed=99, neighbours=0) != alone
+
+
+class MaskAll:
+    """A grammar that allows only token 3 and counts how often it was asked."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.asked += 1
+        bitmask[row] = 0
+        bitmask[row, 0] = 1 << 3
+
+    def accept(self, token_id: int) -> bool:
+        return token_id == 3
+
+    @property
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_a_thinking_request_gets_its_grammar_only_after_the_end_marker() -> None:
+    from flashserve.engine.request import ThinkingControl
+
+    logits = torch.zeros(1, V)
+    logits[0, 0] = 5.0  # the stop token is the model's favourite
+    logits[0, 9] = 1.0
+    r = req(temperature=0.0, stop_token_ids=(0,))
+    r.constraint, r.thinking = MaskAll(), ThinkingControl((7,))
+    # Thinking: no grammar mask, but the turn cannot end before the constrained answer.
+    assert Sampler(V)(logits.clone(), [r]) == [9] and r.constraint.asked == 0
+    r.thinking_done = True
+    assert Sampler(V)(logits.clone(), [r]) == [3] and r.constraint.asked == 1

@@ -1,6 +1,7 @@
 """The thinking path, end to end below HTTP: a scripted model that really emits <think> ... </think>
 runs through the real engine, the local backend and the output parsers. Also the effort mapping and
-the splitter on its own."""
+the splitter on its own, and structured output with thinking on: the model thinks freely and the grammar
+(real xgrammar) shapes only what follows `</think>`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 from flashserve.api.chat import generation_request
 from flashserve.api.schemas import ChatCompletionRequest
 from flashserve.backends.local import LocalBackend, LocalModel
-from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, resolve_thinking
+from flashserve.chat.reasoning import ReasoningSpec, ReasoningSplitter, ThinkMarkerFilter, resolve_thinking
+from flashserve.chat.structured import GrammarBackend
 from flashserve.chat.template import CHATML_TEMPLATE, ChatTemplate
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.engine import EngineConfig, LLMEngine
@@ -23,7 +25,7 @@ from flashserve.models.layers import FULL_ATTENTION, AttentionMetadata, CacheSpe
 
 WORDS = ["<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "system", "user", "assistant",
          "hmm", "let", "me", "think", "more", "deeply", "still", "thinking", "Paris", "is", "the", "answer",
-         "question", "?"]
+         "question", "?", "{}"]
 ID = {w: i for i, w in enumerate(WORDS)}
 # The script: what follows each token. The generation prompt ends with "assistant".
 SCRIPT = ["<think>", "hmm", "let", "me", "think", "more", "deeply", "still", "thinking", "</think>",
@@ -56,14 +58,20 @@ def tokenizer() -> Tokenizer:
     return tok
 
 
-def backend(can_think: bool, budget: int = 64) -> LocalBackend:
+def grammars() -> GrammarBackend:
+    # Word tokens are plain ASCII, so their byte-level spelling is the word itself.
+    return GrammarBackend(WORDS, {ID["<eos>"]}, [ID["<eos>"]], len(WORDS), tool_format="dsml")
+
+
+def backend(can_think: bool, budget: int = 64, structured: bool = False) -> LocalBackend:
     engine = AsyncEngine(LLMEngine(ScriptedModel(), EngineConfig(max_model_len=128, num_kv_blocks=64,
                                                                  block_size=4), len(WORDS)))
     engine.start()
     template = ChatTemplate(CHATML_TEMPLATE.replace("'\\n'", "' '").replace("\\n", " "))
     spec = ReasoningSpec(can_think=can_think, thinks_by_default=True, budgets={"high": budget, "max": 2 * budget})
     model = LocalModel(tokenizer(), template, (ID["<eos>"],), 128, len(WORDS), "f" * 16,
-                       reasoning=spec, think_end_ids=(ID["</think>"],))
+                       reasoning=spec, think_end_ids=(ID["</think>"],),
+                       grammars=grammars() if structured else None)
     return LocalBackend(engine, model)
 
 
@@ -105,10 +113,40 @@ def test_budget_forces_the_end_of_thinking() -> None:
     assert content.split()[:1] == ["Paris"]
 
 
+@pytest.mark.parametrize("budget", [64, 5])
+def test_json_mode_thinks_first_and_the_grammar_shapes_the_answer(budget: int) -> None:
+    """The scripted answer after `</think>` ("Paris is the answer") is not JSON: the grammar, applied from
+    the token after the marker, turns it into `{}`; the thinking before it is untouched (or cut by the
+    budget, whose forced `</think>` is not the grammar's either)."""
+    deltas: list = []
+    b = backend(can_think=True, budget=budget, structured=True)
+    content, reasoning, usage = run(b, deltas, reasoning_effort="high", response_format={"type": "json_object"})
+    thought = ["hmm", "let", "me", "think", "more", "deeply", "still", "thinking"]
+    assert reasoning.split() == (thought if budget == 64 else thought[:3])
+    assert content.strip() == "{}" and deltas[-1].finish_reason == "stop"  # the word decoder joins with spaces
+    assert usage.reasoning_tokens == (10 if budget == 64 else 5)
+
+
+def test_json_mode_without_thinking_is_constrained_from_the_first_token() -> None:
+    content, reasoning, usage = run(backend(can_think=True, structured=True), [], reasoning_effort="none",
+                                    response_format={"type": "json_object"})
+    assert (content.strip(), reasoning, usage.reasoning_tokens) == ("{}", "", 0)
+
+
+def test_thinking_leaves_a_quarter_of_max_tokens_for_the_answer() -> None:
+    # The effort's budget (64) does not fit max_tokens=8: the end is forced after 6 thinking tokens.
+    content, reasoning, usage = run(backend(can_think=True), [], reasoning_effort="high", max_tokens=8)
+    assert reasoning.split() == ["hmm", "let", "me", "think"] and usage.reasoning_tokens == 6
+    assert content.split() == ["Paris", "is"] and usage.completion_tokens == 8  # <think>, 4 words, </think>, 2
+
+
 def test_effort_none_turns_thinking_off() -> None:
     content, reasoning, usage = run(backend(can_think=True), [], reasoning_effort="none")
     assert reasoning == "" and usage.reasoning_tokens == 0
-    assert "</think>" in content  # the scripted model thinks anyway; with thinking off it is plain text
+    # The scripted model thinks anyway; with thinking off that is answer text, but the markers of a thinking
+    # model are its control tokens, never shown (a random V4 writes a stray `</think>` in chat mode).
+    assert content.split() == ["hmm", "let", "me", "think", "more", "deeply", "still", "thinking",
+                               "Paris", "is", "the", "answer"]
 
 
 def test_a_model_that_cannot_think_ignores_the_effort() -> None:
@@ -139,3 +177,11 @@ def test_earlier_reasoning_reaches_templates_that_use_it() -> None:
     assert _message_dict(message)["reasoning_content"] == "hmm"
     template = ChatTemplate("{% for m in messages %}[{{ m.reasoning_content }}]{{ m.content }}{% endfor %}")
     assert template.render([_message_dict(message)], add_generation_prompt=False) == "[hmm]Paris"
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 100])
+def test_think_markers_are_dropped_from_the_answer_in_any_pieces(size: int) -> None:
+    text = "</think>Hello <think>there</think>, a < b and </thin is text.</th"
+    f = ThinkMarkerFilter()
+    out = "".join(f.feed(text[i:i + size]) for i in range(0, len(text), size)) + f.finish()
+    assert out == "Hello there, a < b and </thin is text.</th"

@@ -1,9 +1,10 @@
 """DeepSeek-V4 output conformance (issue 16 §3) at the text level, on both producers of raw V4 text.
 
 What vLLM and SGLang users report on V4, none of which may happen here: a call written before `</think>`
-lost in the reasoning channel; raw DSML markup in `content` (also when the stream is cut mid-block); a
-newline after `</think>` leaking. The rules live in `chat/model_output.py` (`ModelOutputParser`), the one
-stage the local engine and a raw-text remote upstream (`raw_text = "deepseek_v4"`) share; the remote half
+lost in the reasoning channel; raw DSML markup in `content` (also when the stream is cut mid-block, and
+when a raw upstream writes a malformed block); a newline after `</think>` leaking. The rules live in
+`chat/model_output.py` (`ModelOutputParser`), the one stage the local engine and a raw-text remote upstream
+(`raw_text = "deepseek_v4"`) share; the remote half
 is driven through the scripted upstream (tests/e2e/scripted_v4_upstream.py) over an in-process transport.
 """
 
@@ -93,11 +94,52 @@ def test_a_call_cut_by_the_length_limit_after_a_complete_one_keeps_the_first() -
     assert [c.name for c in out.calls] == ["get_weather"] and out.content == "" and final == "length"
 
 
+MALFORMED = [
+    '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="rm_rf">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>',  # unknown tool
+    CALL.replace('string="false">3', 'string="false">three'),  # a value that is not JSON
+    "<｜DSML｜tool_calls>\n</｜DSML｜tool_calls>",  # no calls
+    CALL.replace("<｜DSML｜invoke", "stray <｜DSML｜invoke", 1),  # text inside the block
+]
+
+
+@pytest.mark.parametrize("block", MALFORMED)
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_a_malformed_block_in_the_answer_is_dropped_not_content(block: str, size: int) -> None:
+    assert block != CALL
+    out, reason = run(split("Think.</think>\n\nSure.\n\n" + block + "\n\nDone.", size))
+    assert (out.reasoning, out.content, out.calls, reason) == ("Think.", "Sure.Done.", [], "stop")
+    # a real call after a broken one is still made
+    out, reason = run(split("Think.</think>" + block + "\n\n" + CALL, size))
+    assert [c.name for c in out.calls] == ["get_weather"] and out.content == "" and reason == "tool_calls"
+
+
+def test_a_malformed_block_in_the_thinking_stays_reasoning_text() -> None:
+    out, _ = run([MALFORMED[0] + "</think>Answer."])
+    assert out.reasoning == MALFORMED[0] and out.content == "Answer." and out.calls == []
+
+
+def test_a_malformed_block_cut_by_the_end_is_dropped() -> None:
+    out, reason = run(["</think>Hi.\n\n" + MALFORMED[0][:60] + "broken"], reason="length")
+    assert (out.content, out.calls, reason) == ("Hi.", [], "length")
+
+
 @pytest.mark.parametrize("pieces", [["Plan.</think>\n", "\n" + CALL], ["Plan.</think>", "\n", "\n", CALL],
                                     ["Plan.</th", "ink>\n\n", CALL], ["Plan.</think>\n", "\nHello"]])
 def test_newlines_after_think_end_never_leak(pieces: list[str]) -> None:
     out, _ = run(pieces)
     assert out.reasoning == "Plan." and out.content in ("", "Hello")
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_stray_think_marker_in_the_answer_is_not_content(thinking: bool) -> None:
+    parser = ModelOutputParser(thinking, NAMES, strip_think_markers=True)
+    out = TextPieces()
+    for piece in split("R.</think></think>Hi</th" + "ink> there.\n\n" + CALL, 3):
+        out.add(parser.feed(piece))
+    rest, reason = parser.finish("stop")
+    out.add(rest)
+    assert out.content == ("Hi there." if thinking else "R.Hi there.") and reason == "tool_calls"
+    assert out.reasoning == ("R." if thinking else "")
 
 
 def test_without_tools_the_text_is_content_and_thinking_is_split() -> None:
@@ -185,3 +227,56 @@ def test_catalog_raw_text(tmp_path: Path) -> None:
     path.write_text('[models."v4".backend]\ntype = "remote"\nurl = "http://x/v1"\nmodel = "up"\nraw_text = "qwen"\n')
     with pytest.raises(CatalogError, match="raw_text must be one of"):
         load_catalog_file(path)
+
+
+# -- a raw upstream that cuts its stream -----------------------------------------------------------------
+class _Body(httpx.AsyncByteStream):
+    """An upstream's SSE body: `lines`, then either the end of the body or a broken connection."""
+
+    def __init__(self, lines: list[str], breaks: bool) -> None:
+        self.lines, self.breaks = lines, breaks
+
+    async def __aiter__(self):  # type: ignore[override]
+        for line in self.lines:
+            yield (line + "\n\n").encode()
+        if self.breaks:
+            raise httpx.ReadError("connection reset")
+
+
+def cut_backend(text: str, end: str) -> RemoteBackend:
+    """A raw upstream that streams `text` in 5-character pieces, then ends with `end`: "done" ([DONE] without
+    a finish reason), "eof" (the body ends) or "break" (the connection fails)."""
+    lines = ["data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text[i:i + 5]}}]})
+             for i in range(0, len(text), 5)]
+    if end == "done":
+        lines.append("data: [DONE]")
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, stream=_Body(lines, end == "break")))
+    client = httpx.AsyncClient(transport=transport, base_url="http://cut")
+    return RemoteBackend(RemoteSpec("http://cut/v1", "v4", raw_text="deepseek_v4", retries=0), client)
+
+
+@pytest.mark.parametrize("end", ["done", "eof"])
+def test_a_raw_stream_cut_mid_block_without_a_finish_reason_leaks_no_markup(end: str) -> None:
+    text = "Plan.</think>\n\nSure.\n\n" + CALL[:len(CALL) // 2]
+    deltas = generate(cut_backend(text, end), v4_request(tools=(WEATHER,)))
+    assert "".join(d.reasoning_content for d in deltas) == "Plan."
+    assert "".join(d.content for d in deltas) == "Sure."
+    assert not [c for d in deltas for c in d.tool_calls]
+    # text held back as a possible start of a block is plain text after all once the stream is over
+    deltas = generate(cut_backend("Plan.</think>Answer: 4\n", end), v4_request(tools=(WEATHER,)))
+    assert "".join(d.content for d in deltas) == "Answer: 4\n"
+
+
+def test_a_raw_stream_whose_connection_breaks_mid_block_is_an_error_with_no_markup_sent() -> None:
+    from flashserve.errors import FlashserveError
+
+    backend = cut_backend("Plan.</think>\n\nSure.\n\n" + CALL[:40], "break")
+    seen: list[ChoiceDelta] = []
+
+    async def go() -> None:
+        async for delta in await backend.open(v4_request(tools=(WEATHER,)), RequestContext("req-1")):
+            seen.append(delta)
+    with pytest.raises(FlashserveError) as raised:
+        asyncio.run(go())
+    assert raised.value.status == 502
+    assert "DSML" not in "".join(d.content for d in seen)
