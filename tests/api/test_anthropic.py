@@ -166,8 +166,10 @@ async def test_text_message_shape_usage_and_one_row(api: Api, agent: AgentBacken
                              "cache_read_input_tokens": 8, "output_tokens": 2}
     assert r.headers["x-flashserve-cost-usd"]
     [row] = await api.records()
-    # One id: the message's, the x-request-id header's and the usage row's (no msg- / msg_ near-duplicates).
-    assert r.headers["x-request-id"] == body["id"] == row["request_id"]
+    # The message's id is the usage row's (msg_..., no msg- near-duplicate); x-request-id is the HTTP
+    # request's own id, also in the row.
+    assert body["id"] == row["request_id"] and body["id"].startswith("msg_")
+    assert r.headers["x-request-id"] == row["x_request_id"] and not r.headers["x-request-id"].startswith("msg")
     assert row["model"] == MODEL and row["status"] == "ok"
     assert row["prompt_tokens"] == PROMPT_TOKENS and row["cached_tokens"] == 8 and row["completion_tokens"] == 2
     # the reference prices, per token: cache hit, cache miss, output
