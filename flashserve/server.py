@@ -176,7 +176,8 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
     api_key = settings.api_key or generate_key()
     admin_key = settings.admin_key or generate_key()
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
-        api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)))
+        api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)),
+        data_dir=settings.data_dir, reservation_lease_s=settings.reservation_lease_s)
     app = create_app(catalog, accounts, sse_keepalive_s=settings.sse_keepalive_s,
                      max_body_bytes=settings.max_body_bytes, anthropic_models=settings.anthropic_models,
                      responses_retention_days=settings.responses_retention_days,

@@ -70,6 +70,9 @@ class Settings:
     workers: int = 0
     routing_policy: str = "prefix_aware"  # round_robin, least_load or prefix_aware (backends/router.py)
     routing_margin: int = 4  # prefix_aware: requests in flight a preferred replica may have beyond the least
+    # Reserved balances (accounts/reservations.py): a gateway renews its reservations every third of this;
+    # one silent for this long is taken for dead, and any other gateway settles its reservations ("reaped").
+    reservation_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
@@ -94,6 +97,7 @@ class Settings:
                self.anthropic_model_map, "must be 'pattern=model id' pairs")
         _check(self.max_output_tokens_cap is None or self.max_output_tokens_cap > 0, "max_output_tokens_cap",
                self.max_output_tokens_cap, "must be positive")
+        _check(self.reservation_lease_s > 0, "reservation_lease_s", self.reservation_lease_s, "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
+from flashserve.accounts.pricing import format_usd
+from flashserve.accounts.reservations import NO_CAPS, SpendCaps
 from flashserve.accounts.tables import api_keys
 
 KEY_PREFIX = "sk-fs-"
@@ -62,6 +64,7 @@ class Principal:
     account_id: str
     prefix: str
     limits: KeyLimits
+    caps: SpendCaps = NO_CAPS  # spending caps, counted with open reservations (reservations.py)
 
 
 def key_view(row: Any) -> dict[str, Any]:
@@ -70,7 +73,12 @@ def key_view(row: Any) -> dict[str, Any]:
         "id": row.id, "object": "api_key", "account_id": row.account_id, "name": row.name, "prefix": row.prefix,
         "created_at": _iso(row.created_at), "expires_at": _iso(row.expires_at), "revoked_at": _iso(row.revoked_at),
         "max_concurrent": row.max_concurrent, "rpm": row.rpm, "tpm": row.tpm,
+        "daily_cap_usd": _usd(row.daily_cap_pusd), "monthly_cap_usd": _usd(row.monthly_cap_pusd),
     }
+
+
+def _usd(pusd: int | None) -> str | None:
+    return None if pusd is None else format_usd(int(pusd))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -82,7 +90,8 @@ class KeyStore:
         self.engine = engine
 
     async def create(self, account_id: str, name: str, expires_at: datetime | None = None,
-                     limits: KeyLimits = KeyLimits(), key: str | None = None) -> tuple[str, dict[str, Any]]:
+                     limits: KeyLimits = KeyLimits(), key: str | None = None,
+                     caps: SpendCaps = NO_CAPS) -> tuple[str, dict[str, Any]]:
         """Store a new key (or adopt `key`, for the operator's bootstrap key). Returns the plaintext
         key, to be shown once, and the stored view."""
         key = key or generate_key()
@@ -90,6 +99,7 @@ class KeyStore:
             "id": "key_" + uuid.uuid4().hex[:20], "account_id": account_id, "name": name,
             "prefix": public_prefix(key), "digest": digest(key), "created_at": utcnow(), "expires_at": expires_at,
             "revoked_at": None, "max_concurrent": limits.max_concurrent, "rpm": limits.rpm, "tpm": limits.tpm,
+            "daily_cap_pusd": caps.daily_pusd, "monthly_cap_pusd": caps.monthly_pusd,
         }
         async with self.engine.begin() as conn:
             await conn.execute(sa.insert(api_keys).values(**values))
@@ -108,7 +118,8 @@ class KeyStore:
         now = utcnow()
         if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
             return None
-        return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm))
+        return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm),
+                         SpendCaps(_int(row.daily_cap_pusd), _int(row.monthly_cap_pusd)))
 
     async def _row_by_digest(self, key_digest: str) -> Any:
         async with self.engine.connect() as conn:
@@ -127,11 +138,22 @@ class KeyStore:
             row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
         return None if row is None else key_view(row)
 
+    async def set_caps(self, key_id: str, caps: SpendCaps) -> dict[str, Any] | None:
+        """Replace a key's spending caps (None in a field: no cap); they apply from the key's next request."""
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id)
+                               .values(daily_cap_pusd=caps.daily_pusd, monthly_cap_pusd=caps.monthly_pusd))
+        return await self.get(key_id)
+
     async def revoke(self, key_id: str) -> dict[str, Any] | None:
         async with self.engine.begin() as conn:
             await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                                .values(revoked_at=utcnow()))
         return await self.get(key_id)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class _Obj:

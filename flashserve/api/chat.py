@@ -49,7 +49,7 @@ async def create_chat_completion(
     n = body.n or 1
     if body.stream:
         return StreamingResponse(_sse(call, body.model, n, body.include_usage), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-request-id": call.id})
+                                 headers={"cache-control": "no-cache", **call.headers})
     return await _complete(call, body.model, n, request)
 
 
@@ -173,7 +173,7 @@ async def _complete(call: Call, model: str, n: int, request: Request) -> JSONRes
         "usage": usage_dict(call.usage, cost),
         "system_fingerprint": call.system_fingerprint,
     }
-    return JSONResponse(body, headers={"x-request-id": call.id, COST_HEADER: format_usd(cost)})
+    return JSONResponse(body, headers={**call.headers, COST_HEADER: format_usd(cost)})
 
 
 def _call_dict(call: ToolCall) -> dict[str, Any]:

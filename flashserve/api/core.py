@@ -11,12 +11,15 @@ completions next) parses its wire format into a `generation.py: GenerationReques
     # or not streaming: every delta handed over, the client's disconnect watched
     cost = await call.collect(on_delta, request)  # None: the client left
 
-What happens here and nowhere else: the model is resolved (404), the balance and limits are checked
-(402, 429: `api/billing.py: Meter`), the backend is opened under the request's id and tenant (the
+What happens here and nowhere else: the model is resolved (404), the prompt is counted, limits are checked
+and the request's worst-case cost is reserved (429, 402, 503: `api/billing.py: Meter`), `max_tokens` is
+clamped to what the account can pay (said in the `x-flashserve-max-tokens-clamped` header: `call.headers`),
+the backend is opened under the request's id and tenant (the
 account, narrowed by a router's cache salt), a stream waiting on the engine yields `KeepAlive` every
 `sse_keepalive_s`, a client disconnect aborts the generation, and whatever ends the request (completion,
-error, disconnect, the drain's abort) the generation is aborted and the usage row written exactly once,
-shielded from cancellation.
+error, disconnect, the drain's abort) the generation is aborted and the request settled exactly once
+(actual cost charged, the rest of the reservation released, the usage row written), shielded from
+cancellation.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from flashserve.ids import request_id
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 COST_HEADER = "x-flashserve-cost-usd"  # what a non-streaming answer cost, in USD
+# The completion budget the account's free balance (or the key's spending cap) could pay for, when it is
+# below the max_tokens asked: the answer ends with finish_reason "length" there.
+CLAMPED_HEADER = "x-flashserve-max-tokens-clamped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +92,19 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
     salt = request.headers.get(CACHE_SALT_HEADER, "")[:200]
     tenant = principal.account_id + (f"/{salt}" if salt else "")
     ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant)
-    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id)
+    # The reservation needs the prompt's size: exact for the local engine, an estimate for a remote one.
+    prompt_tokens = await backend.count_tokens(gen)
+    room = max(card.context_length - prompt_tokens, 1)
+    budget = min(gen.sampling.max_tokens or room, room)
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id,
+                              prompt_tokens=prompt_tokens, max_tokens=budget, n=gen.sampling.n)
+    if meter.hold.clamped:
+        gen.sampling.max_tokens = meter.hold.max_tokens
     try:
         generation = await backend.open(gen, ctx)
     except BaseException:
-        meter.release_unused()
+        with anyio.CancelScope(shield=True):
+            await meter.release_unused()
         raise
     return Call(ctx.request_id, int(time.time()), card, backend, generation, meter, state.sse_keepalive_s)
 
@@ -108,6 +122,15 @@ class Call:
         self.meter = meter
         self.keepalive_s = keepalive_s
         self.status = "cancelled"  # unless the request ends below, the client went away
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers every surface sends: the request id, and the clamped budget when the money
+        clamped max_tokens."""
+        out = {"x-request-id": self.id}
+        if self.meter.hold.clamped:
+            out[CLAMPED_HEADER] = str(self.meter.hold.max_tokens)
+        return out
 
     @property
     def system_fingerprint(self) -> str:
