@@ -67,6 +67,7 @@ class Outbox:
         if done:
             async with self._lock:
                 await asyncio.to_thread(self._drop, done)
+            log.info("ledger outbox: %d settlement(s) written to the database", len(done))
         return len(done)
 
     def _drop(self, done: set[str]) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class Accounts:
         await self._or_outbox(lambda: self.reservations.cancel(request_id), {"op": "cancel",
                                                                               "request_id": request_id})
 
-    async def _or_outbox(self, write, entry: dict) -> int | None:  # noqa: ANN001 - an async thunk
+    async def _or_outbox(self, write: Callable[[], Awaitable[int | None]], entry: dict) -> int | None:
         for attempt in range(_SETTLE_ATTEMPTS):
             try:
                 return await write()
@@ -183,7 +184,7 @@ def _default_data_dir(database_url: str) -> Path:
     return Path("data")
 
 
-async def _quietly(what: str, work) -> None:  # noqa: ANN001 - an awaitable
+async def _quietly(what: str, work: Awaitable[object]) -> None:
     try:
         await work
     except Exception:  # noqa: BLE001 - the database may be away; the next round retries

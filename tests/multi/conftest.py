@@ -4,7 +4,8 @@ the default `pytest` run: tests/conftest.py leaves this folder out unless FLASHS
 
 Generic fixtures, for any test here:
 - `pg_database`: a fresh, empty PostgreSQL database on the test server (FLASHSERVE_TEST_DATABASE_URL),
-  dropped afterwards; its URL.
+  dropped afterwards; its URL. Ask for it before `gateways` (`def test(pg_database, gateways)`), so the
+  gateways stop before their database is dropped.
 - `gateways`: a launcher, `gateways.start(database_url, env={...}, name=...)`, for a gateway on a free port
   with the embedded model, its own data dir and log, the shared API and admin keys; `Gateway.kill()`
   SIGKILLs one, and every gateway left is stopped (SIGTERM) at the end. Extra settings go in `env`

@@ -77,13 +77,14 @@ async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]
             async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 out["status"] = r.status_code
                 out["clamped"] = r.headers.get("x-flashserve-max-tokens-clamped")
+                if r.status_code != 200:
+                    out["code"] = json.loads(await r.aread() or b"{}").get("error", {}).get("code")
+                    return out
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and out["id"] is None:
                         out["id"] = json.loads(line[6:]).get("id")
                     if line == "data: [DONE]":
                         out["done"] = True
-                if r.status_code != 200:
-                    out["code"] = json.loads(await r.aread() or b"{}").get("error", {}).get("code")
         else:
             r = await client.post("/v1/chat/completions", json=body)
             out["status"] = r.status_code
@@ -116,7 +117,7 @@ def check_ledger(admin: httpx.Client, account: str, logs: str) -> dict[str, Any]
     return row
 
 
-def test_two_gateways_share_one_ledger_and_survive_a_sigkill(gateways: Gateways, pg_database: str) -> None:
+def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, gateways: Gateways) -> None:
     env = {"FLASHSERVE_RESERVATION_LEASE_S": LEASE_S}
     # Started together on a fresh database: both run the migrations at once.
     a = gateways.start(pg_database, env, name="a", wait=False)
