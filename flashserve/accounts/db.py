@@ -37,7 +37,10 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A database that does not answer fails a connection attempt in 10 s (asyncpg waits 60 by default), so a
+    # request's settlement reaches the outbox, and an admission its 503, in bounded time.
+    connect_args = {"timeout": 10} if "+asyncpg" in url else {}
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
