@@ -68,8 +68,8 @@ def _pusd(value: Money, param: str) -> int:
 
 def _cap(value: Money, param: str) -> int:
     amount = _pusd(value, param)
-    if amount < 0:
-        raise invalid_request(f"'{param}' must not be negative.", param, "invalid_value")
+    if not 0 <= amount < 2**63:  # a BIGINT column of picodollars: up to ~$9.2 million
+        raise invalid_request(f"'{param}' must be between 0 and 9223372 USD.", param, "invalid_value")
     return amount
 
 

@@ -146,8 +146,9 @@ async def test_spending_caps_count_reservations_and_name_the_cap(api: Api) -> No
     r = await api.admin.post(f"/admin/keys/{key_id}/caps", json={"monthly_cap_usd": "0.5"})
     assert r.json()["daily_cap_usd"] is None and r.json()["monthly_cap_usd"] == "0.5"
     assert (await client.post("/v1/chat/completions", json=body("scripted", "w1", max_tokens=1))).status_code == 200
-    r = await api.admin.post(f"/admin/keys/{key_id}/caps", json={"daily_cap_usd": "-1"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "daily_cap_usd"
+    for bad in ("-1", "1e30", "lots"):
+        r = await api.admin.post(f"/admin/keys/{key_id}/caps", json={"daily_cap_usd": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "daily_cap_usd", r.text
     await audit_ok(api, account)
 
 
