@@ -41,7 +41,7 @@ test: $(VENV)/.dev $(AGENTS)/node_modules/.installed
 # Needs FLASHSERVE_TEST_DATABASE_URL and FLASHSERVE_TEST_REDIS_URL (scripts/test-postgres.sh and
 # scripts/test-redis.sh print them; `.ci/run` starts both); without them its tests skip, in CI they fail.
 test-multi: $(VENV)/.dev
-	$(BIN)/python -m pytest -q tests/multi
+	FLASHSERVE_TEST_MULTI=1 $(BIN)/python -m pytest -q tests/multi
 
 # The console in a real browser (tests/browser: Playwright driving Debian's Chromium at /usr/bin/chromium;
 # `apt-get install -y chromium` when missing). Not part of `make test`: it starts its own server.

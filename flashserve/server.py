@@ -196,7 +196,7 @@ def _finish_server(settings: Settings, catalog: Catalog[Backend], checkpoint_nam
                            prefix=settings.redis_key_prefix)
     accounts = Accounts(settings.resolved_database_url, Bootstrap(
         api_key=api_key, admin_key=admin_key, default_balance_pusd=pusd_from_usd(settings.default_balance_usd)),
-        limiter)
+        data_dir=settings.data_dir, reservation_lease_s=settings.reservation_lease_s, limiter=limiter)
     # The deployment secret (FLASHSERVE_SECRET_KEY, else data_dir/secret_key): gateways sharing it seal,
     # sign and hash cache salts alike.
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)

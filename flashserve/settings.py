@@ -94,6 +94,9 @@ class Settings:
     console_invite_code: str | None = None
     console_granted_balance_usd: str = "0"
     console_session_hours: float = 12.0
+    # Reserved balances (accounts/reservations.py): a gateway renews its reservations every third of this;
+    # one silent for this long is taken for dead, and any other gateway settles its reservations ("reaped").
+    reservation_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Real errors, not asserts: `python -O` strips asserts, and a bad setting must never start a server.
@@ -133,6 +136,7 @@ class Settings:
         _check(self.log_format in ("text", "json"), "log_format", self.log_format, "must be text or json")
         _check(self.metrics_bind is None or _host_port(self.metrics_bind) is not None, "metrics_bind",
                self.metrics_bind, "must be HOST:PORT")
+        _check(self.reservation_lease_s > 0, "reservation_lease_s", self.reservation_lease_s, "must be positive")
         _check(self.routing_policy in ("round_robin", "least_load", "prefix_aware"), "routing_policy",
                self.routing_policy, "must be round_robin, least_load or prefix_aware")
 

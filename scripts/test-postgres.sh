@@ -2,6 +2,8 @@
 # Starts a throwaway PostgreSQL server on 127.0.0.1 for the ledger tests, or stops it.
 #   eval "$(scripts/test-postgres.sh start)"   # prints `export FLASHSERVE_TEST_DATABASE_URL=...`
 #   scripts/test-postgres.sh stop
+#   scripts/test-postgres.sh pause    # stop the server but keep its data (a database restart, for fault tests)
+#   scripts/test-postgres.sh resume   # start it again on the same data
 # Installs Debian's postgresql package when it is missing. Fails loudly if the server cannot start.
 set -euo pipefail
 
@@ -43,8 +45,17 @@ case "${1:-}" in
     as_postgres "'$BIN/pg_ctl' -D '$PGDATA' -m fast -w stop" >&2 || true
     rm -rf "$PGDATA"
     ;;
+  pause)
+    BIN=$(pg_bin)
+    as_postgres "'$BIN/pg_ctl' -D '$PGDATA' -m fast -w stop" >&2
+    ;;
+  resume)
+    BIN=$(pg_bin)
+    as_postgres "'$BIN/pg_ctl' -D '$PGDATA' -l '$PGDATA/server.log' -w -t 60 \
+      -o \"-p $PORT -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200\" start" >&2
+    ;;
   *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|stop|pause|resume" >&2
     exit 2
     ;;
 esac

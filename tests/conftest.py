@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     from flashserve.kernels import CpuOps
     from flashserve.models.loading import Checkpoint
 
+# tests/multi (several gateway processes sharing a database, minutes) runs from `make test-multi`, which sets
+# FLASHSERVE_TEST_MULTI=1; the default `pytest` run (`make test`) leaves it out.
+if not os.environ.get("FLASHSERVE_TEST_MULTI"):
+    collect_ignore = ["multi"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

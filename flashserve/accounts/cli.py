@@ -16,6 +16,7 @@ from flashserve.accounts.clock import parse_instant
 from flashserve.accounts.keys import KeyLimits
 from flashserve.accounts.ledger import GROUPINGS
 from flashserve.accounts.pricing import pusd_from_usd
+from flashserve.accounts.reservations import SpendCaps
 from flashserve.accounts.service import Accounts
 from flashserve.settings import Settings
 
@@ -81,6 +82,42 @@ def accounts_top_up(account_id: str, amount_usd: str, note: str = "", data_dir: 
     console.print(_table("balance", [account], ["id", "name", "balance_usd"]))
 
 
+@accounts_app.command("grant")
+def accounts_grant(account_id: str, amount_usd: str, note: str = "", data_dir: DataDir = None,
+                   database_url: DatabaseUrl = None) -> None:
+    """Add promotional credit: kept apart from topped-up money, and spent first."""
+    amount = pusd_from_usd(amount_usd)
+    if amount <= 0:
+        raise _fail("the amount must be positive")
+    account = _run(data_dir, database_url, lambda a: a.ledger.grant(account_id, amount, note))
+    if account is None:
+        raise _fail(f"no account {account_id!r}")
+    console.print(_table("balance", [account], ["id", "name", "balance_usd", "granted_usd", "topped_up_usd"]))
+
+
+@accounts_app.command("audit")
+def accounts_audit(account_id: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = None,
+                   database_url: DatabaseUrl = None) -> None:
+    """Check the ledger: balance >= 0, balance + reserved + charges = credits, reserved = open reservations.
+    Exits 1 when any account breaks one."""
+    async def work(accounts: Accounts) -> list[dict[str, Any]]:
+        if account_id is None:
+            return await accounts.ledger.audit_all()
+        return [await accounts.ledger.audit(account_id)] if await accounts.ledger.get_account(account_id) else []
+
+    rows = _run(data_dir, database_url, work)
+    if account_id is not None and not rows:
+        raise _fail(f"no account {account_id!r}")
+    for row in rows:
+        row["problems"] = "; ".join(row["problems"]) or "-"
+    console.print(_table("ledger audit", rows, ["account_id", "name", "balance_pusd", "reserved_pusd",
+                                                "open_reservations", "granted_pusd", "credits_pusd",
+                                                "charges_pusd", "ok", "problems"]))
+    if not all(row["ok"] for row in rows):
+        raise _fail("the ledger is inconsistent (see problems)")
+    console.print(f"ledger consistent: {len(rows)} account(s)")
+
+
 @accounts_app.command("show")
 def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = None,
                   database_url: DatabaseUrl = None) -> None:
@@ -94,7 +131,8 @@ def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, da
     rows = _run(data_dir, database_url, work)
     if account_id is not None and not rows:
         raise _fail(f"no account {account_id!r}")
-    console.print(_table("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "created_at"]))
+    console.print(_table("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "reserved_usd",
+                                            "granted_usd", "topped_up_usd", "created_at"]))
 
 
 Limit = Annotated[int | None, typer.Option(min=0, help="0: unlimited; unset: unchanged.")]
@@ -129,16 +167,19 @@ def keys_create(
     max_concurrent: Annotated[int | None, typer.Option(min=1)] = None,
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    daily_cap_usd: Annotated[str | None, typer.Option(help="Spending cap per UTC day, USD.")] = None,
+    monthly_cap_usd: Annotated[str | None, typer.Option(help="Spending cap per calendar month, USD.")] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a key. It is printed once and cannot be shown again."""
+    caps = _caps(daily_cap_usd, monthly_cap_usd)
     expires = parse_instant(expires_at) if expires_at else None
 
     async def work(accounts: Accounts) -> tuple[str, dict[str, Any]] | None:
         if await accounts.ledger.get_account(account_id) is None:
             return None
-        return await accounts.keys.create(account_id, name, expires, KeyLimits(max_concurrent, rpm, tpm))
+        return await accounts.keys.create(account_id, name, expires, KeyLimits(max_concurrent, rpm, tpm), caps=caps)
 
     created = _run(data_dir, database_url, work)
     if created is None:
@@ -154,7 +195,31 @@ def keys_list(account_id: Annotated[str | None, typer.Option()] = None, data_dir
     """List keys (never the keys themselves)."""
     rows = _run(data_dir, database_url, lambda a: a.keys.list(account_id))
     console.print(_table("keys", rows, ["id", "name", "prefix", "account_id", "created_at", "expires_at",
-                                        "revoked_at", "max_concurrent", "rpm", "tpm"]))
+                                        "revoked_at", "max_concurrent", "rpm", "tpm", "daily_cap_usd",
+                                        "monthly_cap_usd"]))
+
+
+def _caps(daily_usd: str | None, monthly_usd: str | None) -> SpendCaps:
+    values = [None if v is None or v.lower() == "none" else pusd_from_usd(v) for v in (daily_usd, monthly_usd)]
+    if any(v is not None and v < 0 for v in values):
+        raise _fail("a spending cap must not be negative")
+    return SpendCaps(*values)
+
+
+@keys_app.command("set-caps")
+def keys_set_caps(
+    key_id: str,
+    daily_cap_usd: Annotated[str | None, typer.Option(help="Per UTC day, USD ('none' or absent: no cap).")] = None,
+    monthly_cap_usd: Annotated[str | None, typer.Option(help="Per calendar month, USD.")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Replace a key's spending caps (charges plus open reservations; past one, requests get 402)."""
+    caps = _caps(daily_cap_usd, monthly_cap_usd)
+    view = _run(data_dir, database_url, lambda a: a.keys.set_caps(key_id, caps))
+    if view is None:
+        raise _fail(f"no key {key_id!r}")
+    console.print(_table("key caps", [view], ["id", "name", "prefix", "daily_cap_usd", "monthly_cap_usd"]))
 
 
 @keys_app.command("limits")

@@ -1,6 +1,10 @@
 """The accounts database: an async SQLAlchemy engine over a SQLite file in the
 data directory by default, or PostgreSQL (`postgresql+asyncpg://...`) by URL,
 with the schema brought up to date by Alembic at start-up.
+
+On PostgreSQL the upgrade runs under a transaction-scoped advisory lock, so gateways starting together on
+one database take turns: the first migrates, the others then find the schema at head and do nothing
+(without it two of them raced on `CREATE TABLE alembic_version`).
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
@@ -15,6 +20,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The advisory lock's key: any constant 64-bit number every flashserve gateway agrees on ("flashsrv").
+MIGRATION_LOCK_KEY = 0x666C617368737276
 
 
 def default_url(data_dir: Path) -> str:
@@ -30,7 +37,10 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A database that does not answer fails a connection attempt in 10 s (asyncpg waits 60 by default), so a
+    # request's settlement reaches the outbox, and an admission its 503, in bounded time.
+    connect_args = {"timeout": 10} if "+asyncpg" in url else {}
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -58,4 +68,8 @@ async def migrate(engine: AsyncEngine) -> None:
         command.upgrade(config, "head")
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Held until this transaction ends (PostgreSQL's DDL is transactional: the whole upgrade commits
+            # or none of it does), so a second gateway waits here, then sees the finished schema.
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await conn.run_sync(upgrade)

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
+from flashserve.accounts.pricing import format_usd
+from flashserve.accounts.reservations import NO_CAPS, SpendCaps
 from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, KEY_LIMIT_COLUMNS, accounts, api_keys
 
 KEY_PREFIX = "sk-fs-"
@@ -69,6 +71,7 @@ class Principal:
     limits: KeyLimits
     account_limits: KeyLimits = KeyLimits()
     user_limits: KeyLimits = KeyLimits()
+    caps: SpendCaps = NO_CAPS  # spending caps, counted with open reservations (reservations.py)
 
 
 def key_view(row: Any) -> dict[str, Any]:
@@ -77,7 +80,12 @@ def key_view(row: Any) -> dict[str, Any]:
         "id": row.id, "object": "api_key", "account_id": row.account_id, "name": row.name, "prefix": row.prefix,
         "created_at": _iso(row.created_at), "expires_at": _iso(row.expires_at), "revoked_at": _iso(row.revoked_at),
         "max_concurrent": row.max_concurrent, "rpm": row.rpm, "tpm": row.tpm,
+        "daily_cap_usd": _usd(row.daily_cap_pusd), "monthly_cap_usd": _usd(row.monthly_cap_pusd),
     }
+
+
+def _usd(pusd: int | None) -> str | None:
+    return None if pusd is None else format_usd(int(pusd))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -89,7 +97,8 @@ class KeyStore:
         self.engine = engine
 
     async def create(self, account_id: str, name: str, expires_at: datetime | None = None,
-                     limits: KeyLimits = KeyLimits(), key: str | None = None) -> tuple[str, dict[str, Any]]:
+                     limits: KeyLimits = KeyLimits(), key: str | None = None,
+                     caps: SpendCaps = NO_CAPS) -> tuple[str, dict[str, Any]]:
         """Store a new key (or adopt `key`, for the operator's bootstrap key). Returns the plaintext
         key, to be shown once, and the stored view."""
         key = key or generate_key()
@@ -97,6 +106,7 @@ class KeyStore:
             "id": "key_" + uuid.uuid4().hex[:20], "account_id": account_id, "name": name,
             "prefix": public_prefix(key), "digest": digest(key), "created_at": utcnow(), "expires_at": expires_at,
             "revoked_at": None, "max_concurrent": limits.max_concurrent, "rpm": limits.rpm, "tpm": limits.tpm,
+            "daily_cap_pusd": caps.daily_pusd, "monthly_cap_pusd": caps.monthly_pusd,
         }
         async with self.engine.begin() as conn:
             await conn.execute(sa.insert(api_keys).values(**values))
@@ -122,7 +132,8 @@ class KeyStore:
         account = {c: getattr(row, f"account_{c}") for c in ACCOUNT_LIMIT_COLUMNS}
         return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm),
                          KeyLimits(account["max_concurrent"], account["rpm"], account["tpm"]),
-                         KeyLimits(account["user_max_concurrent"], account["user_rpm"], account["user_tpm"]))
+                         KeyLimits(account["user_max_concurrent"], account["user_rpm"], account["user_tpm"]),
+                         SpendCaps(_int(row.daily_cap_pusd), _int(row.monthly_cap_pusd)))
 
     async def set_limits(self, key_id: str, changes: dict[str, int | None]) -> dict[str, Any] | None:
         """Change some of a key's limits (None: unlimited); the key's view, or None when there is no such key."""
@@ -151,11 +162,22 @@ class KeyStore:
             row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id))).first()
         return None if row is None else key_view(row)
 
+    async def set_caps(self, key_id: str, caps: SpendCaps) -> dict[str, Any] | None:
+        """Replace a key's spending caps (None in a field: no cap); they apply from the key's next request."""
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id)
+                               .values(daily_cap_pusd=caps.daily_pusd, monthly_cap_pusd=caps.monthly_pusd))
+        return await self.get(key_id)
+
     async def revoke(self, key_id: str) -> dict[str, Any] | None:
         async with self.engine.begin() as conn:
             await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                                .values(revoked_at=utcnow()))
         return await self.get(key_id)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class _Obj:

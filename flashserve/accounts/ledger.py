@@ -1,13 +1,14 @@
-"""Accounts, balances and the usage ledger.
+"""Accounts, balances, credits and the usage ledger.
 
 Every request that reached a model leaves exactly one usage row, and the
-same database transaction debits the account, so a crash keeps both or
-neither. Balances change only by SQL arithmetic on the row (`balance =
-balance - cost`), never by read-modify-write in Python, so concurrent
-requests cannot lose an update. Opening balances are top-ups too, which
-keeps one audit identity true at all times:
+same database transaction debits the account (`reservations.py: settle`),
+so a crash keeps both or neither. Balances change only by SQL arithmetic on
+the row (`balance = balance - cost`), never by read-modify-write in Python,
+so concurrent requests cannot lose an update. Credits are top-ups (paid) or
+grants (promotional, spent first: `granted_pusd`); opening balances are
+credits too, which keeps one audit identity true at all times:
 
-    balance = Σ top-ups − Σ usage costs
+    balance + reserved + Σ usage costs = Σ credits
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
 from flashserve.accounts.pricing import format_usd
+from flashserve.accounts.reservations import STATUSES, audit, check_usage
 from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, accounts, api_keys, topups, usage_records
 
-STATUSES = ("ok", "error", "cancelled")
+__all__ = ["STATUSES", "CREDIT_KINDS", "GROUPINGS", "Ledger", "UsageRecord", "account_view"]
+CREDIT_KINDS = ("topup", "grant")
 GROUPINGS = ("key", "model", "day")
 
 
@@ -45,22 +48,19 @@ class UsageRecord:
     x_request_id: str | None = None  # the HTTP request's correlation id (migration 0005; None in older rows)
 
     def __post_init__(self) -> None:
-        # Checked with real errors, not asserts: `python -O` must not let a bad row reach the ledger.
-        if self.status not in STATUSES:
-            raise ValueError(f"usage status must be one of {STATUSES}, not {self.status!r}")
-        if not 0 <= self.cached_tokens <= self.prompt_tokens:
-            raise ValueError(f"cached_tokens {self.cached_tokens} outside [0, prompt_tokens {self.prompt_tokens}]")
-        if not 0 <= self.reasoning_tokens <= self.completion_tokens:
-            raise ValueError(f"reasoning_tokens {self.reasoning_tokens} outside "
-                             f"[0, completion_tokens {self.completion_tokens}]")
-        if self.cost_pusd < 0 or self.latency_ms < 0:
-            raise ValueError("cost_pusd and latency_ms must not be negative")
+        check_usage(self)
 
 
 def account_view(row: Any) -> dict[str, Any]:
-    """An account with its balance and its limits (all its keys together; `user_*`: each end user's)."""
-    return {"id": row.id, "object": "account", "name": row.name, "balance_pusd": int(row.balance_pusd),
-            "balance_usd": format_usd(int(row.balance_pusd)), "created_at": row.created_at.isoformat() + "Z",
+    """balance: free to spend now; reserved: held for requests in flight; granted: the promotional part of
+    balance + reserved (spent first), the rest being topped up."""
+    balance, reserved, granted = int(row.balance_pusd), int(row.reserved_pusd), int(row.granted_pusd)
+    return {"id": row.id, "object": "account", "name": row.name, "balance_pusd": balance,
+            "balance_usd": format_usd(balance), "reserved_pusd": reserved, "reserved_usd": format_usd(reserved),
+            "granted_pusd": granted, "granted_usd": format_usd(granted),
+            "topped_up_pusd": balance + reserved - granted, "topped_up_usd": format_usd(balance + reserved - granted),
+            "created_at": row.created_at.isoformat() + "Z",
+            # Limits of all its keys together, and of each end user (`user_*`).
             **{column: getattr(row, column) for column in ACCOUNT_LIMIT_COLUMNS}}
 
 
@@ -107,20 +107,29 @@ class Ledger:
             value = await conn.scalar(sa.select(accounts.c.balance_pusd).where(accounts.c.id == account_id))
         return None if value is None else int(value)
 
-    async def top_up(self, account_id: str, amount_pusd: int, note: str = "") -> dict[str, Any] | None:
+    async def top_up(self, account_id: str, amount_pusd: int, note: str = "",
+                     kind: str = "topup") -> dict[str, Any] | None:
+        """Credit the account: a paid top-up, or (`kind="grant"`) promotional credit, spent first."""
         async with self.engine.begin() as conn:
             exists = await conn.scalar(sa.select(accounts.c.id).where(accounts.c.id == account_id))
             if exists is None:
                 return None
-            await self._top_up(conn, account_id, amount_pusd, note)
+            await self._top_up(conn, account_id, amount_pusd, note, kind)
         return await self.get_account(account_id)
 
+    async def grant(self, account_id: str, amount_pusd: int, note: str = "") -> dict[str, Any] | None:
+        return await self.top_up(account_id, amount_pusd, note, kind="grant")
+
     @staticmethod
-    async def _top_up(conn: Any, account_id: str, amount_pusd: int, note: str) -> None:
+    async def _top_up(conn: Any, account_id: str, amount_pusd: int, note: str, kind: str = "topup") -> None:
+        if kind not in CREDIT_KINDS:
+            raise ValueError(f"credit kind must be one of {CREDIT_KINDS}, not {kind!r}")
         await conn.execute(sa.insert(topups).values(account_id=account_id, amount_pusd=amount_pusd, note=note,
-                                                    created_at=utcnow()))
+                                                    kind=kind, created_at=utcnow()))
+        granted = amount_pusd if kind == "grant" else 0
         await conn.execute(sa.update(accounts).where(accounts.c.id == account_id)
-                           .values(balance_pusd=accounts.c.balance_pusd + amount_pusd))
+                           .values(balance_pusd=accounts.c.balance_pusd + amount_pusd,
+                                   granted_pusd=accounts.c.granted_pusd + granted))
 
     async def _one(self, query: sa.Select) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
@@ -129,11 +138,14 @@ class Ledger:
 
     # -- usage -----------------------------------------------------------------------
     async def record(self, rec: UsageRecord) -> None:
-        """Write the usage row and debit the account, atomically."""
+        """Write a usage row and debit the account, atomically, without a reservation (tools and tests;
+        served requests settle their reservation instead: `reservations.py: Reservations.settle`)."""
         async with self.engine.begin() as conn:
             await conn.execute(sa.insert(usage_records).values(**asdict(rec)))
-            await conn.execute(sa.update(accounts).where(accounts.c.id == rec.account_id)
-                               .values(balance_pusd=accounts.c.balance_pusd - rec.cost_pusd))
+            a = accounts.c
+            await conn.execute(sa.update(accounts).where(a.id == rec.account_id).values(
+                balance_pusd=a.balance_pusd - rec.cost_pusd,
+                granted_pusd=sa.case((a.granted_pusd > rec.cost_pusd, a.granted_pusd - rec.cost_pusd), else_=0)))
 
     async def records(self, account_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         query = sa.select(usage_records).order_by(usage_records.c.id.desc()).limit(limit)
@@ -143,15 +155,14 @@ class Ledger:
             rows = await conn.execute(query)
             return [_record_view(row) for row in rows]
 
-    async def audit(self, account_id: str) -> dict[str, int]:
-        """The balance next to what the ledger says it should be."""
-        async with self.engine.connect() as conn:
-            balance = await conn.scalar(sa.select(accounts.c.balance_pusd).where(accounts.c.id == account_id))
-            credited = await conn.scalar(sa.select(sa.func.coalesce(sa.func.sum(topups.c.amount_pusd), 0))
-                                         .where(topups.c.account_id == account_id))
-            spent = await conn.scalar(sa.select(sa.func.coalesce(sa.func.sum(usage_records.c.cost_pusd), 0))
-                                      .where(usage_records.c.account_id == account_id))
-        return {"balance_pusd": int(balance or 0), "topups_pusd": int(credited), "spent_pusd": int(spent)}
+    async def audit(self, account_id: str) -> dict[str, Any]:
+        """The balance next to what the ledger says it should be (`reservations.py: audit`), with the older
+        names kept: topups_pusd (Σ credits) and spent_pusd (Σ charges)."""
+        [row] = await audit(self.engine, account_id)
+        return {**row, "topups_pusd": row["credits_pusd"], "spent_pusd": row["charges_pusd"]}
+
+    async def audit_all(self) -> list[dict[str, Any]]:
+        return await audit(self.engine)
 
     async def report(self, account_id: str | None = None, start: datetime | None = None,
                      end: datetime | None = None, group_by: str = "day") -> list[dict[str, Any]]:

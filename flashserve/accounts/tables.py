@@ -1,4 +1,5 @@
-"""The accounts database schema: accounts, API keys, top-ups and usage records.
+"""The accounts database schema: accounts, API keys, credits (top-ups and grants), reservations and usage
+records.
 
 Money columns are integer picodollars (1e-12 USD) in 64-bit integers, so
 sums are exact and a balance of up to ~$9.2 million fits. Times are naive
@@ -19,8 +20,13 @@ accounts = sa.Table(
     "accounts", metadata,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False, unique=True),
+    # What the account can spend now: credits minus charges minus what open reservations hold (migration 0003).
     sa.Column("balance_pusd", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    # Σ amount of this account's open `reservations` (moved out of balance_pusd at admission).
+    sa.Column("reserved_pusd", sa.BigInteger, nullable=False, server_default="0"),
+    # The promotional part of balance_pusd + reserved_pusd; charges spend it first.
+    sa.Column("granted_pusd", sa.BigInteger, nullable=False, server_default="0"),
     # Limits of the account, all its keys together (migration 0004; NULL: unlimited) ...
     sa.Column("max_concurrent", sa.Integer, nullable=True),
     sa.Column("rpm", sa.Integer, nullable=True),
@@ -46,6 +52,9 @@ api_keys = sa.Table(
     sa.Column("max_concurrent", sa.Integer, nullable=True),
     sa.Column("rpm", sa.Integer, nullable=True),
     sa.Column("tpm", sa.Integer, nullable=True),
+    # Spending caps (migration 0003): charges + open reservations per UTC day / calendar month. None: no cap.
+    sa.Column("daily_cap_pusd", sa.BigInteger, nullable=True),
+    sa.Column("monthly_cap_pusd", sa.BigInteger, nullable=True),
 )
 
 topups = sa.Table(
@@ -55,6 +64,23 @@ topups = sa.Table(
     sa.Column("amount_pusd", sa.BigInteger, nullable=False),
     sa.Column("note", sa.String(200), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="topup"),  # CREDIT_KINDS (migration 0003)
+)
+
+# One row per admitted request until it settles (migration 0003): what admission moved out of the balance,
+# which gateway holds it and when that gateway last said it is alive (a reaper settles stale ones).
+reservations = sa.Table(
+    "reservations", metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(40), sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("api_keys.id"), nullable=False, index=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("prompt_cost_pusd", sa.BigInteger, nullable=False),
+    sa.Column("amount_pusd", sa.BigInteger, nullable=False),
+    sa.Column("gateway_id", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=False, index=True),
 )
 
 usage_records = sa.Table(
@@ -75,6 +101,7 @@ usage_records = sa.Table(
     # The HTTP request's x-request-id (migration 0005): joins a usage row to the request's log lines.
     sa.Column("x_request_id", sa.String(128), nullable=True, index=True),
     sa.Index("ix_usage_account_created", "account_id", "created_at"),
+    sa.Index("ix_usage_key_created", "key_id", "created_at"),  # spending caps (migration 0003)
 )
 
 # The Responses API's stored responses (migration 0002): the response object as returned, the request's input

@@ -1,5 +1,6 @@
-"""The admin HTTP API under /admin/: accounts, balances, keys and usage for
-everyone. Every route needs the admin key; an ordinary API key is refused."""
+"""The admin HTTP API under /admin/: accounts, balances (top-ups and grants), keys (limits and spending
+caps), usage and the ledger audit for everyone. Every route needs the admin key; an ordinary API key is
+refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flashserve.accounts.clock import parse_instant
 from flashserve.accounts.keys import KeyLimits
 from flashserve.accounts.pricing import pusd_from_usd
+from flashserve.accounts.reservations import SpendCaps
 from flashserve.api.auth import require_admin_key
 from flashserve.api.state import app_state
 from flashserve.api.usage import usage_report
@@ -37,7 +39,18 @@ class TopUp(_Body):
     note: str = Field(default="", max_length=200)
 
 
-class CreateKey(_Body):
+class Caps(_Body):
+    """Spending caps in USD (null: no cap): charges plus open reservations per UTC day / calendar month."""
+
+    daily_cap_usd: Money | None = None
+    monthly_cap_usd: Money | None = None
+
+    def caps(self) -> SpendCaps:
+        return SpendCaps(*(None if v is None else _cap(v, name) for name, v in
+                           (("daily_cap_usd", self.daily_cap_usd), ("monthly_cap_usd", self.monthly_cap_usd))))
+
+
+class CreateKey(Caps):
     account_id: str
     name: str = Field(default="key", min_length=1, max_length=200)
     expires_at: str | None = None
@@ -73,6 +86,13 @@ def _pusd(value: Money, param: str) -> int:
         return pusd_from_usd(value)
     except (ArithmeticError, ValueError):
         raise invalid_request(f"Invalid '{param}': expected a decimal USD amount.", param, "invalid_value") from None
+
+
+def _cap(value: Money, param: str) -> int:
+    amount = _pusd(value, param)
+    if not 0 <= amount < 2**63:  # a BIGINT column of picodollars: up to ~$9.2 million
+        raise invalid_request(f"'{param}' must be between 0 and 9223372 USD.", param, "invalid_value")
+    return amount
 
 
 def _not_found(what: str, ident: str) -> FlashserveError:
@@ -124,6 +144,18 @@ async def set_account_limits(account_id: str, body: AccountLimits, request: Requ
     return account
 
 
+@router.post("/accounts/{account_id}/grant")
+async def grant(account_id: str, body: TopUp, request: Request) -> dict[str, Any]:
+    """Promotional credit: kept apart from topped-up money in the ledger, and spent first."""
+    amount = _pusd(body.amount_usd, "amount_usd")
+    if amount <= 0:
+        raise invalid_request("'amount_usd' must be positive.", "amount_usd", "invalid_value")
+    account = await app_state(request).accounts.ledger.grant(account_id, amount, body.note)
+    if account is None:
+        raise _not_found("account", account_id)
+    return account
+
+
 @router.post("/keys/{key_id}/limits")
 async def set_key_limits(key_id: str, body: KeyLimitsBody, request: Request) -> dict[str, Any]:
     view = await app_state(request).accounts.keys.set_limits(key_id, body.model_dump(include=body.model_fields_set))
@@ -145,13 +177,22 @@ async def create_key(body: CreateKey, request: Request) -> JSONResponse:
             raise invalid_request("Invalid 'expires_at': expected an ISO 8601 datetime.", "expires_at",
                                   "invalid_value") from None
     limits = KeyLimits(body.max_concurrent, body.rpm, body.tpm)
-    key, view = await accounts.keys.create(body.account_id, body.name, expires, limits)
+    key, view = await accounts.keys.create(body.account_id, body.name, expires, limits, caps=body.caps())
     return JSONResponse({**view, "key": key}, status_code=201)
 
 
 @router.get("/keys")
 async def list_keys(request: Request, account_id: str | None = None) -> dict[str, Any]:
     return {"object": "list", "data": await app_state(request).accounts.keys.list(account_id)}
+
+
+@router.post("/keys/{key_id}/caps")
+async def set_key_caps(key_id: str, body: Caps, request: Request) -> dict[str, Any]:
+    """Replace the key's spending caps (both fields; a null or absent one removes that cap)."""
+    view = await app_state(request).accounts.keys.set_caps(key_id, body.caps())
+    if view is None:
+        raise _not_found("key", key_id)
+    return view
 
 
 @router.post("/keys/{key_id}/revoke")
@@ -179,9 +220,17 @@ async def usage_records(request: Request, account_id: str | None = None,
     return {"object": "list", "data": await app_state(request).accounts.ledger.records(account_id, limit)}
 
 
+@router.get("/audit")
+async def audit_all(request: Request) -> dict[str, Any]:
+    """Every account's ledger identities (balance >= 0; balance + reserved + Σ charges = Σ credits; reserved =
+    Σ open reservations); `ok` when all hold everywhere."""
+    rows = await app_state(request).accounts.ledger.audit_all()
+    return {"object": "ledger.audit", "ok": all(r["ok"] for r in rows), "accounts": rows}
+
+
 @router.get("/accounts/{account_id}/audit")
 async def audit(account_id: str, request: Request) -> dict[str, Any]:
-    """The balance next to Σ top-ups − Σ usage costs; the two are equal in a consistent ledger."""
+    """One account's ledger identities (see /admin/audit), with the older names topups_pusd and spent_pusd."""
     if await app_state(request).accounts.ledger.get_account(account_id) is None:
         raise _not_found("account", account_id)
     return await app_state(request).accounts.ledger.audit(account_id)

@@ -69,7 +69,7 @@ async def create_message(body: MessagesRequest, request: Request,
     gen, dropped = generation_request(body, state.server_key, principal.account_id, state.anthropic_models)
     gen.cache_key = request.headers.get("x-claude-code-session-id") or None
     call = await open_call(request, principal, gen, id_prefix="msg")
-    headers = dropped_tools_headers(dropped)
+    headers = {**call.headers, **dropped_tools_headers(dropped)}
     view = _View(call, body.model, state.server_key, principal.account_id,
                  omit_thinking=body.thinking is not None and body.thinking.display == "omitted")
     return await respond(view, bool(body.stream), request, headers)

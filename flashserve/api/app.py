@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flashserve import __version__, metrics
 from flashserve.accounts.service import Accounts
-from flashserve.api import admin, anthropic, chat, completions, console, models, responses, tokenizer, usage
+from flashserve.api import admin, anthropic, balance, chat, completions, console, models, responses, tokenizer, usage
 from flashserve.api import metrics as metrics_route
 from flashserve.api.errors import error_response, install_error_handlers
 from flashserve.api.state import AppState, app_state
@@ -218,15 +218,20 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await accounts.start()
+        await accounts.recover()  # this gateway's outbox from an earlier run; SQLite: leftover reservations
         purge = asyncio.create_task(responses.purge_expired_loop(accounts, responses_purge_interval_s))
+        upkeep = asyncio.create_task(accounts.maintain())  # heartbeat, outbox replay, reaper
         try:
             yield
         finally:
-            # Awaited before the database closes: a purge cancelled mid-query would otherwise wait forever
+            # Awaited before the database closes: a task cancelled mid-query would otherwise wait forever
             # on a connection whose worker thread is gone.
-            purge.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purge
+            for task in (purge, upkeep):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with contextlib.suppress(Exception):
+                await accounts.replay_outbox()  # a last try; what is left waits for the next start
             for backend in catalog.backends():
                 await backend.close()
             await accounts.close()
@@ -248,6 +253,7 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
+    app.include_router(balance.router)
     app.include_router(admin.router)
     console.install(app, console_config or console.ConsoleConfig())
     if serve_metrics:

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from flashserve.accounts.keys import Principal
 from flashserve.api.state import app_state
-from flashserve.errors import INVALID_REQUEST, FlashserveError
+from flashserve.errors import INVALID_REQUEST, FlashserveError, server_error
 
 
 def _bearer(request: Request, where: str = "in the Authorization header as 'Bearer YOUR_KEY'") -> str:
@@ -27,7 +27,11 @@ async def require_api_key(request: Request) -> Principal:
     """The caller's principal; 401 for a missing, unknown, revoked or expired key."""
     token = request.headers.get("x-api-key", "").strip() or _bearer(
         request, "in the 'x-api-key' header or in the Authorization header as 'Bearer YOUR_KEY'")
-    principal = await app_state(request).accounts.keys.verify(token)
+    try:
+        principal = await app_state(request).accounts.keys.verify(token)
+    except Exception:  # noqa: BLE001 - the accounts database is away: nobody can be admitted
+        raise server_error(503, "The accounts database is unavailable; retry shortly.", "ledger_unavailable",
+                           retry_after_s=2) from None
     if principal is None:
         raise FlashserveError(401, "Incorrect API key provided, or the key was revoked or has expired.",
                           INVALID_REQUEST, None, "invalid_api_key")

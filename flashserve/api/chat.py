@@ -63,7 +63,7 @@ async def serve_chat_completion(body: ChatCompletionRequest, request: Request,
     n = body.n or 1
     if body.stream:
         return StreamingResponse(_sse(call, body.model, n, body.include_usage, bool(body.logprobs)),
-                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache", **call.headers})
     return await _complete(call, body.model, n, request, bool(body.logprobs))
 
 
@@ -241,7 +241,7 @@ async def _complete(call: Call, model: str, n: int, request: Request, logprobs: 
         "usage": usage_dict(call.usage, cost),
         "system_fingerprint": call.system_fingerprint,
     }
-    return JSONResponse(body, headers={COST_HEADER: format_usd(cost)})
+    return JSONResponse(body, headers={**call.headers, COST_HEADER: format_usd(cost)})
 
 
 def _call_dict(call: ToolCall) -> dict[str, Any]:

@@ -12,13 +12,16 @@ completions next) parses its wire format into a `generation.py: GenerationReques
     cost = await call.collect(on_delta, request)  # None: the client left
 
 What happens here and nowhere else: the model is resolved (404; an alias gives its target, and its
-default thinking switch when the request sets neither `thinking` nor an effort), the balance and limits
-are checked (402; 429 per key, account and end user; 503 when a shared limiter fails closed:
-`api/billing.py: Meter`), the backend is opened under the request's id and tenant (the account, narrowed
-by a router's cache salt and by the request's `user`: end users of one account do not share cached
-prefixes), a stream waiting on the engine yields `KeepAlive` every `sse_keepalive_s`, a client disconnect
-aborts the generation, and whatever ends the request (completion, error, disconnect, the drain's abort)
-the generation is aborted and the usage row written exactly once, shielded from cancellation.
+default thinking switch when the request sets neither `thinking` nor an effort), the prompt is counted,
+limits are checked (429 per key, account and end user; 503 when a shared limiter fails closed) and the
+request's worst-case cost is reserved (402, 503: `api/billing.py: Meter`), `max_tokens` is clamped to what
+the account can pay (said in the `x-flashserve-max-tokens-clamped` header: `call.headers`), the backend
+is opened under the request's id and tenant (the account, narrowed by a router's cache salt and by the
+request's `user`: end users of one account do not share cached prefixes), a stream waiting on the engine
+yields `KeepAlive` every `sse_keepalive_s`, a client disconnect aborts the generation, and whatever ends
+the request (completion, error, disconnect, the drain's abort) the generation is aborted and the request
+settled exactly once (actual cost charged, the rest of the reservation released, the usage row written),
+shielded from cancellation.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ from flashserve.ids import request_id
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 COST_HEADER = "x-flashserve-cost-usd"  # what a non-streaming answer cost, in USD
+# The completion budget the account's free balance (or the key's spending cap) could pay for, when it is
+# below the max_tokens asked: the answer ends with finish_reason "length" there.
+CLAMPED_HEADER = "x-flashserve-max-tokens-clamped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +98,15 @@ async def open_call(request: Request, principal: Principal, gen: GenerationReque
         scope.account, scope.key_id, scope.model = principal.account_id, principal.key_id, card.id
     ctx = RequestContext(request_id=request_id(id_prefix), tenant=tenant, trace_id=trace_id,
                          cache_salt=state.server_key.keyed_hash("cache-salt", tenant.encode())[:32])
-    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id, gen.user,
+    # The reservation needs the prompt's size: exact for the local engine, an estimate for a remote one.
+    prompt_tokens = await backend.count_tokens(gen)
+    room = max(card.context_length - prompt_tokens, 1)
+    budget = min(gen.sampling.max_tokens or room, room)
+    meter = await Meter.admit(state.accounts, principal, card.id, card.token_prices, ctx.request_id,
+                              prompt_tokens=prompt_tokens, max_tokens=budget, n=gen.sampling.n, user=gen.user,
                               trace_id=trace_id)
+    if meter.hold.clamped:
+        gen.sampling.max_tokens = meter.hold.max_tokens
     try:
         generation = await backend.open(gen, ctx)
     except BaseException:
@@ -146,6 +159,15 @@ class Call:
         self.meter = meter
         self.keepalive_s = keepalive_s
         self.status = "cancelled"  # unless the request ends below, the client went away
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers every surface sends: the request id, and the clamped budget when the money
+        clamped max_tokens."""
+        out = {"x-request-id": self.id}
+        if self.meter.hold.clamped:
+            out[CLAMPED_HEADER] = str(self.meter.hold.max_tokens)
+        return out
 
     @property
     def system_fingerprint(self) -> str:

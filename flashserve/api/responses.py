@@ -596,7 +596,7 @@ async def create_response(
     prepared = prepare(body, state.server_key, principal.account_id, earlier)
     call = await open_call(request, principal, prepared.gen, id_prefix="resp")
     view = _View(body, call, prepared, state.server_key, principal, request)
-    headers = dropped_tools_headers(prepared.dropped)
+    headers = {**call.headers, **dropped_tools_headers(prepared.dropped)}
     return await respond(view, bool(body.stream), request, headers)
 
 

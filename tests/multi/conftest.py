@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import postgres_url
 from tests.e2e.conftest import REPO, _free_port, _log_tail, _python, _stop, _wait_ready, start_server
+from tests.multi.ledger_gateways import anyio_backend, gateways, pg_database  # noqa: F401 - the ledger tests' fixtures
 
 MULTI_DIR = Path(__file__).resolve().parent
 API_KEY = "sk-flashserve-multi-0123456789abcdef"

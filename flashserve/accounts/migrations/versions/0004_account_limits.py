@@ -1,7 +1,7 @@
 """account limits: concurrency, RPM and TPM of an account (all its keys) and of each of its end users
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-03
 
 Six nullable integer columns on `accounts`; NULL means unlimited, so every existing account keeps
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
