@@ -194,3 +194,13 @@ def admin(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.admin_key}"},
                       timeout=120.0) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The session's one server in front of scripted upstreams (tests/e2e/scripted.py: `serve_upstreams`),
+    shared by the Anthropic, Responses, raw-V4 and remote-backend tests."""
+    from tests.e2e.scripted import serve_upstreams  # scripted.py imports this module
+
+    with serve_upstreams(tmp_path_factory) as served:
+        yield served

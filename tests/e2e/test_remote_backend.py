@@ -1,84 +1,28 @@
 """A model served by a remote upstream: flashserve keeps the API, keys and billing, the upstream generates.
 
 The upstream is a real process on 127.0.0.1: a faithful stand-in for DeepSeek's API
-(tests/e2e/fake_deepseek.py). flashserve is started with a catalog file that points a model at it.
+(tests/e2e/fake_deepseek.py). The session's shared server (tests/e2e/scripted.py: `serve_upstreams`) has a
+catalog entry that points `ds-remote` at it.
 Retries, upstream errors, a wrong upstream key and timeouts moved in-process (tests/api/test_remote_router.py).
 """
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+from tests.e2e.scripted import ADMIN, KEY, REMOTE_MODEL, UPSTREAM_KEY, Upstreams
 
-KEY = "sk-fs-remote-e2e-client"
-ADMIN = "sk-fs-remote-e2e-admin"
-UPSTREAM_KEY = "upstream-secret-42"
-MODEL = "ds-remote"
-
-
-def start_stand_in() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    upstream = subprocess.Popen([_python(), "-m", "tests.e2e.fake_deepseek", str(port), UPSTREAM_KEY], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    upstream_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{upstream_url}/requests", timeout=2)
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "the stand-in upstream did not start"
-            time.sleep(0.2)
-    return upstream, upstream_url
-
-
-def write_catalog(folder: Path, upstream_url: str) -> Path:
-    catalog = folder / "catalog.toml"
-    catalog.write_text(f'''
-[models."{MODEL}"]
-context_length = 131072
-reasoning = true
-
-[models."{MODEL}".prices]
-input_cache_hit = "0.0028"
-input_cache_miss = "0.14"
-output = "0.28"
-
-[models."{MODEL}".backend]
-type = "remote"
-url = "{upstream_url}/v1"
-model = "deepseek-v4-flash"
-kind = "deepseek"
-api_key_env = "FLASHSERVE_TEST_UPSTREAM_KEY"
-retries = 2
-timeout_s = 2
-''')
-    return catalog
+MODEL = REMOTE_MODEL
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, str]]:
-    upstream, upstream_url = start_stand_in()
-    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), upstream_url)
-    env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
-           "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
-    try:
-        _wait_ready(base, process, log)
-        with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
-            yield client, base, upstream_url
-    finally:
-        _stop(process, log)
-        upstream.kill()  # the stand-in may still sit on a stalled request: no graceful exit needed
-        upstream.wait(timeout=10)
+def remote(upstreams: Upstreams) -> Iterator[tuple[openai.OpenAI, str, str]]:
+    with openai.OpenAI(base_url=f"{upstreams.base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client, upstreams.base, upstreams.upstream[MODEL]
 
 
 def sent_upstream(upstream_url: str) -> list[dict]:
