@@ -166,29 +166,52 @@ timeout_s = 2
 
 
 # -- servers --------------------------------------------------------------------------------------------------
-@contextmanager
-def serve_upstreams(factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
-    """The shared server (see the module docstring)."""
-    folder = factory.mktemp("upstreams")
-    with ExitStack() as stack:
-        agent = stack.enter_context(scripted_upstream(folder, AGENT_SCRIPT))
-        raw = stack.enter_context(scripted_upstream(folder, RAW_SCRIPT))
-        deepseek = stack.enter_context(deepseek_stand_in(UPSTREAM_KEY))
-        for url in (agent, raw):
-            _wait_upstream(url)
-        _wait_upstream(deepseek, "/requests")
-        catalog = folder / "catalog.toml"
-        catalog.write_text(raw_v4_entry(AGENT_MODEL, agent, DEFAULT_CARD) + raw_v4_entry(RAW_MODEL, raw, RAW_CARD)
-                           + deepseek_entry(REMOTE_MODEL, deepseek, "FLASHSERVE_TEST_UPSTREAM_KEY"))
-        process, base, log = start_server(factory, {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN,
-                                                    "FLASHSERVE_CATALOG": str(catalog),
-                                                    "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                                          unset=("FLASHSERVE_DATABASE_URL",))
+class UpstreamsProcesses:
+    """The shared server's processes, started at once (nothing waits for anything): the three upstreams and
+    flashserve, whose catalog only names the upstreams' ports. `ready()` waits for all four; `stop()` ends them.
+    Split so that tests/e2e/conftest.py can start them early and the fixture wait later."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        folder = factory.mktemp("upstreams")
+        self.stack = ExitStack()
         try:
-            _wait_ready(base, process, log)
-            yield Upstreams(base, KEY, ADMIN, {AGENT_MODEL: agent, RAW_MODEL: raw, REMOTE_MODEL: deepseek})
+            self.agent = self.stack.enter_context(scripted_upstream(folder, AGENT_SCRIPT))
+            self.raw = self.stack.enter_context(scripted_upstream(folder, RAW_SCRIPT))
+            self.deepseek = self.stack.enter_context(deepseek_stand_in(UPSTREAM_KEY))
+            catalog = folder / "catalog.toml"
+            catalog.write_text(raw_v4_entry(AGENT_MODEL, self.agent, DEFAULT_CARD)
+                               + raw_v4_entry(RAW_MODEL, self.raw, RAW_CARD)
+                               + deepseek_entry(REMOTE_MODEL, self.deepseek, "FLASHSERVE_TEST_UPSTREAM_KEY"))
+            self.process, self.base, self.log = start_server(
+                factory, {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
+                          "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, unset=("FLASHSERVE_DATABASE_URL",))
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def ready(self) -> Upstreams:
+        for url in (self.agent, self.raw):
+            _wait_upstream(url)
+        _wait_upstream(self.deepseek, "/requests")
+        _wait_ready(self.base, self.process, self.log)
+        return Upstreams(self.base, KEY, ADMIN, {AGENT_MODEL: self.agent, RAW_MODEL: self.raw,
+                                                REMOTE_MODEL: self.deepseek})
+
+    def stop(self) -> None:
+        try:
+            _stop(self.process, self.log)
         finally:
-            _stop(process, log)
+            self.stack.close()
+
+
+@contextmanager
+def serve_upstreams(factory: pytest.TempPathFactory, started: UpstreamsProcesses | None = None) -> Iterator[Upstreams]:
+    """The shared server (see the module docstring); `started`: its processes, if they were started already."""
+    processes = started or UpstreamsProcesses(factory)
+    try:
+        yield processes.ready()
+    finally:
+        processes.stop()
 
 
 @contextmanager
