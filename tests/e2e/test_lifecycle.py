@@ -38,7 +38,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from flashserve.cli import app
 from tests.e2e.conftest import REPO, _log_tail, _python, _stop, _wait_ready, start_server
 from tests.e2e.test_accounts_api import (
     MODEL,
@@ -87,8 +89,10 @@ _handoff = _Handoff()
 
 
 def restart(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Restarted:
-    """`flashserve serve` on `data_dir` with generated keys, a 256-token context and a default balance of $7."""
-    env = {"FLASHSERVE_DEFAULT_BALANCE_USD": "7", "FLASHSERVE_MAX_CONTEXT_TOKENS": str(CONTEXT)}
+    """`flashserve serve` on `data_dir` with generated keys, a 256-token context, a default balance of $7 and
+    300 s for a SIGTERM's drain (test 3's stream needs a few seconds; a loaded machine far more)."""
+    env = {"FLASHSERVE_DEFAULT_BALANCE_USD": "7", "FLASHSERVE_MAX_CONTEXT_TOKENS": str(CONTEXT),
+           "FLASHSERVE_SHUTDOWN_DRAIN_S": "300"}
     process, base, log = start_server(tmp_path_factory, env, UNSET, data_dir=data_dir)
     try:
         _wait_ready(base, process, log)
@@ -147,13 +151,23 @@ def _load_request(base: str, i: int, start: threading.Barrier, out: Outcome) -> 
 
 
 def cli(data_dir: Path, *args: str) -> str:
-    """Runs `flashserve ARGS --data-dir DATA_DIR` on the database of a stopped server; returns its output."""
+    """Runs `flashserve ARGS --data-dir DATA_DIR` as a process on the database of a stopped server; returns its
+    output."""
     env = {k: v for k, v in os.environ.items() if k != "FLASHSERVE_DATABASE_URL"} | {"COLUMNS": "200"}
     cmd = [_python(), "-m", "flashserve", *args, "--data-dir", str(data_dir)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"$ {' '.join(cmd)} -> {done.returncode}\n{output}"
     return output
+
+
+def cli_in_process(data_dir: Path, *args: str) -> str:
+    """The same command through the same typer app in this process (no interpreter start-up: the CLI's own
+    tests are tests/unit/test_accounts_cli.py); the database is still the stopped server's file."""
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(data_dir)],
+                                env={"COLUMNS": "200", "FLASHSERVE_DATABASE_URL": None})
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.output
 
 
 def _default_account(admin: httpx.Client) -> dict:
@@ -202,17 +216,19 @@ def test_sigkill_under_load_then_a_restart_leaves_a_consistent_ledger(
     settled = sum(1 for o in outcomes if o.ok and o.finished_at is not None and o.finished_at < killed_at - 0.25)
 
     # While it is down, the CLI works on the same database: a top-up, a new key, a new account.
+    # One command as its own process (`flashserve keys create`), the rest in-process on the same file.
     default_id = default["id"]
-    cli(data_dir, "accounts", "top-up", default_id, "1")
     created = cli(data_dir, "keys", "create", default_id, "--name", "cli-key", "--rpm", "100")
     match = re.search(r"sk-fs-[A-Za-z0-9_\-]{20,}", created)
     assert match, f"`keys create` printed no key:\n{created}"
     cli_key = match.group(0)
-    assert cli_key not in cli(data_dir, "keys", "list", "--account-id", default_id)
+    cli_in_process(data_dir, "accounts", "top-up", default_id, "1")
+    assert cli_key not in cli_in_process(data_dir, "keys", "list", "--account-id", default_id)
     cli_account = f"cli-{uuid.uuid4().hex[:8]}"
-    cli(data_dir, "accounts", "create", cli_account, "--balance-usd", "2.5")
-    assert cli_account in cli(data_dir, "accounts", "show")
-    cli(data_dir, "usage", "--group-by", "model")
+    cli_in_process(data_dir, "accounts", "create", cli_account, "--balance-usd", "2.5")
+    assert cli_account in cli_in_process(data_dir, "accounts", "show")
+    by_model = json.loads(cli_in_process(data_dir, "usage", "--group-by", "model", "--account-id", default_id,
+                                         "--json"))
 
     # A restart on the same data dir, with another default balance: the existing default account keeps its own.
     server = restart(tmp_path_factory, data_dir)
@@ -231,6 +247,9 @@ def test_sigkill_under_load_then_a_restart_leaves_a_consistent_ledger(
         assert len(ok_rows) >= settled, f"{settled} answers finished before the kill, only {len(ok_rows)} rows"
         charged = sum(row["cost_pusd"] for row in rows)
         assert default["balance_pusd"] == 6 * PUSD_PER_USD - charged, (default, rows)  # 3 + 2 + 1 (CLI)
+        # what the CLI's `usage --json` read on the stopped database is what the server reads back
+        assert sum(g["requests"] for g in by_model) == len(rows), (by_model, rows)
+        assert sum(g["cost_pusd"] for g in by_model) == charged, (by_model, rows)
 
         # and it goes on serving and charging, also with the key the CLI made
         r = httpx.post(f"{server.base}/v1/chat/completions", json=_chat_body(0, 1),
@@ -303,7 +322,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(restarted: Restarted) -> Non
 
     assert stream.status == 200 and stream.lines[-1] == "data: [DONE]"
     events = stream.events()
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "choices" in events[-1] and events[-1]["choices"][0]["finish_reason"] == "length", events[-1]
     with sqlite3.connect(restarted.data_dir / "flashserve.db") as db:
         rows = db.execute("SELECT status, completion_tokens, cost_pusd FROM usage_records WHERE request_id = ?",
                           (events[0]["id"],)).fetchall()
