@@ -34,7 +34,9 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 DEFAULT_MODEL = "deepseek/deepseek-v4-flash"
 DIM, RESET, RED = "\x1b[2m", "\x1b[0m", "\x1b[31m"
 PROMPT = "you> "
-HELP = __doc__.split("are commands:\n\n", 1)[1].split("\n\nCtrl-C", 1)[0]
+# The command list of the docstring above (absent under `python -OO`, which strips docstrings).
+HELP = ((__doc__ or "").partition("are commands:\n\n")[2].partition("\n\nCtrl-C")[0]
+        or "/system TEXT, /effort NAME, /json, /clear, /cost, /help, /exit")
 
 
 @dataclass
