@@ -85,6 +85,21 @@ def make_tiny_v4(
                   f"serve it with: flashserve serve --model {path}")
 
 
+@app.command("chat")
+def chat(
+    model: Annotated[str | None, typer.Option(help="Model id (default deepseek/deepseek-v4-flash).")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="The API's base URL (default $FLASHSERVE_BASE_URL, else http://127.0.0.1:8000/v1).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (default $FLASHSERVE_API_KEY).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer, in tokens (default: the "
+                                                               "server's).")] = None,
+) -> None:
+    """Chat in the terminal with a running server: streamed answers, /help for the commands."""
+    from flashserve.terminal_chat import run
+
+    raise typer.Exit(run(base_url, api_key, model, max_tokens))
+
+
 class _DrainingServer:
     """uvicorn's server with a graceful first SIGTERM/SIGINT: the app drains (api/app.py: `drain`: new
     requests get 503, those in flight get `drain_s` to finish, then are aborted with their usage recorded)

@@ -4,11 +4,13 @@ directly on the database (the same one the server uses; SQLite's WAL mode lets b
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +24,13 @@ from flashserve.settings import Settings
 
 accounts_app = typer.Typer(no_args_is_help=True, help="Accounts and balances.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
-console = Console(soft_wrap=True)
+
+
+def _console() -> Console:
+    """A console made per command, so it measures the terminal (or $COLUMNS) as it is when the command runs."""
+    return Console(soft_wrap=True)
+
+
 T = TypeVar("T")
 
 DataDir = Annotated[Path | None, typer.Option(help="Server data directory (holds the SQLite database).")]
@@ -40,17 +48,51 @@ def _run(data_dir: Path | None, database_url: str | None, work: Callable[[Accoun
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    _console().print(f"[red]error:[/red] {message}")
     return typer.Exit(1)
+
+
+# Columns holding ids (and a key's prefix): never wrapped, never cut, so they can be copied into the next command.
+ID_COLUMNS = frozenset({"id", "account_id", "key_id", "prefix", "group"})
+
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (a list of objects) instead of a table.")]
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    cells = [["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows]
+    for i, column in enumerate(columns):
+        if column in ID_COLUMNS:
+            widest = max([len(column), *(len(r[i]) for r in cells)])
+            table.add_column(column, no_wrap=True, min_width=widest)
+        else:
+            table.add_column(column, overflow="fold")
+    for r in cells:
+        table.add_row(*r)
     return table
+
+
+def _show(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Prints the rows as a table; when that table would not fit the terminal, one `field  value` block per
+    row instead (readable at 80 columns, ids whole) rather than squeezing columns until rich cuts an id."""
+    console = _console()
+    table = _table(title, rows, columns)
+    if console.measure(table, options=console.options.update_width(10**6)).maximum <= console.width:
+        console.print(table)
+        return
+    console.print(f"[italic]{title}[/italic]")
+    for row in rows:
+        block = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
+        block.add_column(style="bold", no_wrap=True)
+        block.add_column(overflow="fold")
+        for column in columns:
+            block.add_row(column, "" if row.get(column) is None else str(row.get(column)))
+        console.print(block)
+
+
+def _print_json(rows: list[dict[str, Any]]) -> None:
+    """JSON for scripts: plain stdout, no markup, no wrapping."""
+    print(json.dumps(rows, indent=2, default=str))
 
 
 # -- accounts ----------------------------------------------------------------------------
@@ -66,7 +108,7 @@ def accounts_create(name: str, balance_usd: Annotated[str, typer.Option(help="Op
     account = _run(data_dir, database_url, work)
     if account is None:
         raise _fail(f"an account named {name!r} already exists")
-    console.print(_table("account created", [account], ["id", "name", "balance_usd", "created_at"]))
+    _show("account created", [account], ["id", "name", "balance_usd", "created_at"])
 
 
 @accounts_app.command("top-up")
@@ -79,7 +121,7 @@ def accounts_top_up(account_id: str, amount_usd: str, note: str = "", data_dir: 
     account = _run(data_dir, database_url, lambda a: a.ledger.top_up(account_id, amount, note))
     if account is None:
         raise _fail(f"no account {account_id!r}")
-    console.print(_table("balance", [account], ["id", "name", "balance_usd"]))
+    _show("balance", [account], ["id", "name", "balance_usd"])
 
 
 @accounts_app.command("grant")
@@ -92,7 +134,7 @@ def accounts_grant(account_id: str, amount_usd: str, note: str = "", data_dir: D
     account = _run(data_dir, database_url, lambda a: a.ledger.grant(account_id, amount, note))
     if account is None:
         raise _fail(f"no account {account_id!r}")
-    console.print(_table("balance", [account], ["id", "name", "balance_usd", "granted_usd", "topped_up_usd"]))
+    _show("balance", [account], ["id", "name", "balance_usd", "granted_usd", "topped_up_usd"])
 
 
 @accounts_app.command("audit")
@@ -110,17 +152,16 @@ def accounts_audit(account_id: Annotated[str | None, typer.Argument()] = None, d
         raise _fail(f"no account {account_id!r}")
     for row in rows:
         row["problems"] = "; ".join(row["problems"]) or "-"
-    console.print(_table("ledger audit", rows, ["account_id", "name", "balance_pusd", "reserved_pusd",
-                                                "open_reservations", "granted_pusd", "credits_pusd",
-                                                "charges_pusd", "ok", "problems"]))
+    _show("ledger audit", rows, ["account_id", "name", "balance_pusd", "reserved_pusd", "open_reservations",
+                                 "granted_pusd", "credits_pusd", "charges_pusd", "ok", "problems"])
     if not all(row["ok"] for row in rows):
         raise _fail("the ledger is inconsistent (see problems)")
-    console.print(f"ledger consistent: {len(rows)} account(s)")
+    _console().print(f"ledger consistent: {len(rows)} account(s)")
 
 
 @accounts_app.command("show")
 def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = None,
-                  database_url: DatabaseUrl = None) -> None:
+                  database_url: DatabaseUrl = None, as_json: JsonOutput = False) -> None:
     """Show one account (or all) with its balance."""
     async def work(accounts: Accounts) -> list[dict[str, Any]]:
         if account_id is None:
@@ -131,8 +172,11 @@ def accounts_show(account_id: Annotated[str | None, typer.Argument()] = None, da
     rows = _run(data_dir, database_url, work)
     if account_id is not None and not rows:
         raise _fail(f"no account {account_id!r}")
-    console.print(_table("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "reserved_usd",
-                                            "granted_usd", "topped_up_usd", "created_at"]))
+    if as_json:
+        _print_json(rows)
+        return
+    _show("accounts", rows, ["id", "name", "balance_usd", "balance_pusd", "reserved_usd", "granted_usd",
+                             "topped_up_usd", "created_at"])
 
 
 Limit = Annotated[int | None, typer.Option(min=0, help="0: unlimited; unset: unchanged.")]
@@ -154,8 +198,8 @@ def accounts_limits(account_id: str, max_concurrent: Limit = None, rpm: Limit = 
     account = _run(data_dir, database_url, lambda a: a.ledger.set_limits(account_id, changes))
     if account is None:
         raise _fail(f"no account {account_id!r}")
-    console.print(_table("account limits", [account], ["id", "name", "max_concurrent", "rpm", "tpm",
-                                                       "user_max_concurrent", "user_rpm", "user_tpm"]))
+    _show("account limits", [account], ["id", "name", "max_concurrent", "rpm", "tpm", "user_max_concurrent",
+                                        "user_rpm", "user_tpm"])
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -185,18 +229,20 @@ def keys_create(
     if created is None:
         raise _fail(f"no account {account_id!r}")
     key, view = created
-    console.print(_table("key created", [view], ["id", "name", "prefix", "account_id", "expires_at"]))
-    console.print(f"key: [bold]{key}[/bold]  (shown once; store it now)")
+    _show("key created", [view], ["id", "name", "prefix", "account_id", "expires_at"])
+    _console().print(f"key: [bold]{key}[/bold]  (shown once; store it now)")
 
 
 @keys_app.command("list")
 def keys_list(account_id: Annotated[str | None, typer.Option()] = None, data_dir: DataDir = None,
-              database_url: DatabaseUrl = None) -> None:
+              database_url: DatabaseUrl = None, as_json: JsonOutput = False) -> None:
     """List keys (never the keys themselves)."""
     rows = _run(data_dir, database_url, lambda a: a.keys.list(account_id))
-    console.print(_table("keys", rows, ["id", "name", "prefix", "account_id", "created_at", "expires_at",
-                                        "revoked_at", "max_concurrent", "rpm", "tpm", "daily_cap_usd",
-                                        "monthly_cap_usd"]))
+    if as_json:
+        _print_json(rows)
+        return
+    _show("keys", rows, ["id", "name", "prefix", "account_id", "created_at", "expires_at", "revoked_at",
+                         "max_concurrent", "rpm", "tpm", "daily_cap_usd", "monthly_cap_usd"])
 
 
 def _caps(daily_usd: str | None, monthly_usd: str | None) -> SpendCaps:
@@ -219,7 +265,7 @@ def keys_set_caps(
     view = _run(data_dir, database_url, lambda a: a.keys.set_caps(key_id, caps))
     if view is None:
         raise _fail(f"no key {key_id!r}")
-    console.print(_table("key caps", [view], ["id", "name", "prefix", "daily_cap_usd", "monthly_cap_usd"]))
+    _show("key caps", [view], ["id", "name", "prefix", "daily_cap_usd", "monthly_cap_usd"])
 
 
 @keys_app.command("limits")
@@ -230,7 +276,7 @@ def keys_limits(key_id: str, max_concurrent: Limit = None, rpm: Limit = None, tp
     view = _run(data_dir, database_url, lambda a: a.keys.set_limits(key_id, changes))
     if view is None:
         raise _fail(f"no key {key_id!r}")
-    console.print(_table("key limits", [view], ["id", "name", "prefix", "max_concurrent", "rpm", "tpm"]))
+    _show("key limits", [view], ["id", "name", "prefix", "max_concurrent", "rpm", "tpm"])
 
 
 @keys_app.command("revoke")
@@ -239,7 +285,7 @@ def keys_revoke(key_id: str, data_dir: DataDir = None, database_url: DatabaseUrl
     view = _run(data_dir, database_url, lambda a: a.keys.revoke(key_id))
     if view is None:
         raise _fail(f"no key {key_id!r}")
-    console.print(_table("key revoked", [view], ["id", "name", "prefix", "revoked_at"]))
+    _show("key revoked", [view], ["id", "name", "prefix", "revoked_at"])
 
 
 # -- usage -------------------------------------------------------------------------------
@@ -250,6 +296,7 @@ def usage(
     end: Annotated[str | None, typer.Option("--to", help="End, exclusive.")] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
+    as_json: JsonOutput = False,
 ) -> None:
     """Usage grouped by key, model or day: requests, tokens, cache hit ratio and cost."""
     if group_by not in GROUPINGS:
@@ -257,6 +304,9 @@ def usage(
     begin = parse_instant(start) if start else None
     finish = parse_instant(end) if end else None
     rows = _run(data_dir, database_url, lambda a: a.ledger.report(account_id, begin, finish, group_by))
-    console.print(_table(f"usage by {group_by}", rows, ["group", "requests", "prompt_tokens", "cached_tokens",
+    if as_json:
+        _print_json(rows)
+        return
+    _show(f"usage by {group_by}", rows, ["group", "requests", "prompt_tokens", "cached_tokens",
                                                         "completion_tokens", "reasoning_tokens", "cache_hit_ratio",
-                                                        "cost_usd"]))
+                                                        "cost_usd"])

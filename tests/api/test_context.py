@@ -2,7 +2,8 @@
 reports it, a huge completion budget is clamped to what the context leaves (generation ends with `length`
 exactly at the context's end), and a prompt over the context is a 400 before any work or charge.
 
-Moved here from tests/e2e/test_small_context.py (its generated-key banner test stays there).
+Moved here from tests/e2e/test_small_context.py (its generated-key banner test is now in
+tests/e2e/test_lifecycle.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The remote case replaces the e2e test removed as flaky (a8c2f86): here the upstr
 until the drain time is up, so the abort always lands mid-stream.
 
 Moved here from tests/e2e/test_overload_and_shutdown.py (SIGTERM drains in-flight work; past the drain time
-aborts and records); the real SIGTERM of a real process stays there as the smoke test.
+aborts and records); the real SIGTERM of a real process is the smoke test in tests/e2e/test_lifecycle.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -103,6 +104,48 @@ def _wait_ready(base_url: str, process: subprocess.Popen | None, log_path: Path 
                 f"log:\n{_log_tail(log_path)}", pytrace=False)
 
 
+# -- the session's shared servers, started early ----------------------------------------------------------------
+# Starting a server is mostly one core importing and loading weights; the in-process tiers (tests/api) mostly
+# leave the machine's other core idle. So once collection shows which shared servers the selected e2e tests use,
+# they are started at once, and their fixtures only wait for them (and stop them at the end).
+_prestarted: dict[str, Any] = {}
+
+
+def _start_session_server(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, str, Path]:
+    # A fresh SQLite ledger in the data dir and the default starting balance, whatever the caller's env says.
+    return start_server(factory, {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_ADMIN_KEY": ADMIN_KEY},
+                        unset=("FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly or os.environ.get("FLASHSERVE_E2E_BASE_URL"):
+        return
+    used: set[str] = set()
+    for item in session.items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            used.update(getattr(item, "fixturenames", ()))
+    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    if "server" in used:
+        _prestarted["server"] = _start_session_server(factory)
+    if "upstreams" in used:
+        from tests.e2e.scripted import UpstreamsProcesses  # scripted.py imports this module
+
+        _prestarted["upstreams"] = UpstreamsProcesses(factory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stops what was started early but never used (a run stopped by -x, say)."""
+    for started in _prestarted.values():
+        try:
+            if isinstance(started, tuple):
+                _stop(started[0], started[2])
+            else:
+                started.stop()
+        except BaseException as exc:  # noqa: BLE001 - never fail the session's end over a server nobody used
+            print(f"stopping an unused e2e server: {exc!r}")
+    _prestarted.clear()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     global _server_log
@@ -114,10 +157,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                      os.environ.get("FLASHSERVE_E2E_ADMIN_KEY") or None)
         return
 
-    # A fresh SQLite ledger in the data dir and the default starting balance, whatever the caller's env says.
-    process, base, _server_log = start_server(tmp_path_factory,
-                                              {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_ADMIN_KEY": ADMIN_KEY},
-                                              unset=("FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
+    process, base, _server_log = _prestarted.pop("server", None) or _start_session_server(tmp_path_factory)
     try:
         _wait_ready(base, process, _server_log)
         yield Server(base, API_KEY, process, _server_log, ADMIN_KEY)
@@ -194,3 +234,13 @@ def admin(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.admin_key}"},
                       timeout=120.0) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The session's one server in front of scripted upstreams (tests/e2e/scripted.py: `serve_upstreams`),
+    shared by the Anthropic, Responses, raw-V4 and remote-backend tests and the terminal chat."""
+    from tests.e2e.scripted import serve_upstreams  # scripted.py imports this module
+
+    with serve_upstreams(tmp_path_factory, _prestarted.pop("upstreams", None)) as served:
+        yield served

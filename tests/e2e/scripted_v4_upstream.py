@@ -33,6 +33,9 @@ cutting through DSML markers. `--script FILE` overrides the turns, e.g.:
 
 A turn's `tool` names the tool to call (default: the request's first tool;
 `false`: answer without calling); `arguments` replaces the schema-built ones.
+`calls` ({tool name: arguments}) lets one script serve several clients: the
+first of its tools that the request offers is called with its arguments
+(e.g. Claude Code's `Bash` and Codex's `exec_command` on one upstream).
 
     python tests/e2e/scripted_v4_upstream.py --port N [--script FILE] [--key KEY]
 
@@ -117,9 +120,13 @@ def scripted_text(body: Mapping[str, Any], script: Mapping[str, Any]) -> tuple[s
     reasoning, content = turn.get("reasoning", ""), turn.get("content", "")
     text = reasoning + THINK_END + content
     wanted = turn.get("tool")
+    calls: Mapping[str, Any] = turn.get("calls") or {}
+    offered = [f.get("name") for f in functions]
+    if wanted is None and calls:
+        wanted = next((name for name in calls if name in offered), None)
     if not after_tool and functions and wanted is not False:
         function = next((f for f in functions if f.get("name") == wanted), functions[0])
-        arguments = turn.get("arguments")
+        arguments = calls.get(function["name"], turn.get("arguments"))
         if arguments is None:
             arguments = example_arguments(function.get("parameters") or {})
         text += TOOL_CALLS_SEPARATOR + dsml_block(function["name"], arguments)

@@ -1,6 +1,6 @@
 """The Anthropic Messages API end to end, driven by the real clients: the official `anthropic` Python SDK,
 the pinned `@anthropic-ai/sdk` Node SDK, and Claude Code itself (`claude -p`), each against a real
-`flashserve serve` process.
+`flashserve serve` process (the session's shared one, tests/e2e/scripted.py: `serve_upstreams`).
 
 flashserve's catalog points `deepseek/deepseek-v4-flash` (what every `claude-*` name maps to by default) at
 the scripted raw-V4 upstream (tests/e2e/scripted_v4_upstream.py, `raw_text = "deepseek_v4"`), so thinking,
@@ -22,18 +22,11 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import REPO
+from tests.e2e.scripted import AGENT_MODEL, KEY, RAW_MODEL, REMOTE_MODEL, Upstreams
 from tests.e2e.scripted import Scripted as Served
-from tests.e2e.scripted import serve_scripted
 
-KEY = "sk-fs-anthropic-e2e-0123456789"
-ADMIN = "sk-fs-anthropic-e2e-admin-0123456789"
 AGENTS = REPO / "tests" / "agents"
 NODE_MODULES = AGENTS / "node_modules"
-SCRIPT = {"chunk_chars": 5,
-          "user": {"reasoning": "I will run the command.", "content": "", "tool": "Bash",
-                   "arguments": {"command": "echo ok"}},
-          "tool": {"reasoning": "It printed ok.", "content": "Done: the command printed ok."},
-          "no_tools": {"reasoning": "Easy.", "content": "Hello!"}}
 BASH = {"name": "Bash", "description": "Run a shell command",
         "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}
 needs_node = pytest.mark.skipif(not NODE_MODULES.is_dir(),
@@ -41,10 +34,8 @@ needs_node = pytest.mark.skipif(not NODE_MODULES.is_dir(),
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with serve_scripted(tmp_path_factory, SCRIPT, model="deepseek/deepseek-v4-flash", key=KEY,
-                        admin_key=ADMIN) as scripted:
-        yield scripted
+def served(upstreams: Upstreams) -> Served:
+    return upstreams.scripted(AGENT_MODEL)
 
 
 @pytest.fixture
@@ -160,7 +151,7 @@ def test_claude_code_understands_a_context_overflow(served: Served, tmp_path: Pa
     """The embedded model's small context cannot hold Claude Code's ~12k-token first request: the 400 reads
     'prompt is too long: N tokens > M maximum', which Claude Code explains instead of retrying."""
     embedded = next(m for m in httpx.get(f"{served.base}/health", timeout=10).json()["models"]
-                    if m != "deepseek/deepseek-v4-flash")
+                    if m not in (AGENT_MODEL, RAW_MODEL, REMOTE_MODEL))
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
     cwd.mkdir()

@@ -2,7 +2,8 @@
 
 The upstream is the scripted V4 stand-in (tests/e2e/scripted_v4_upstream.py) as a real process: its
 `content` is the model's own text (thinking, `</think>`, a DSML block), cut every few characters through
-the markers. flashserve, started with a catalog pointing a model at it, must turn that into what the
+the markers. flashserve (the session's shared server, tests/e2e/scripted.py, whose catalog points `v4-raw`
+at it) must turn that into what the
 `openai` client expects of V4: `reasoning_content`, `content` free of markup, `tool_calls` with
 finish_reason `tool_calls`, streamed and not; and a second turn sending the reasoning and the calls back
 must be accepted (issue 16 §3). The catalog's `max_output_tokens_cap` clamps what the upstream is asked for.
@@ -17,27 +18,18 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.scripted import serve_scripted
+from tests.e2e.scripted import KEY, RAW_MODEL, Upstreams
 
-KEY = "sk-fs-raw-v4-e2e"
-MODEL = "v4-raw"
+MODEL = RAW_MODEL  # played by tests/e2e/scripted.py: RAW_SCRIPT, with `max_output_tokens_cap = 50`
 SHELL = {"type": "function", "function": {"name": "shell", "description": "Run a command", "parameters": {
     "type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
     "required": ["command", "timeout"]}}}
-SCRIPT = {"chunk_chars": 3,
-          "user": {"reasoning": "I should list the files.", "content": "",
-                   "arguments": {"command": "ls -la", "timeout": 5}},
-          "tool": {"reasoning": "Two files.", "content": "There are two files."},
-          "no_tools": {"reasoning": "Easy.", "content": "Hello!"}}
 
 
 @pytest.fixture(scope="module")
-def raw_v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str]]:
-    card = "context_length = 131072\nreasoning = true\nmax_output_tokens_cap = 50"
-    with serve_scripted(tmp_path_factory, SCRIPT, model=MODEL, key=KEY, admin_key=KEY + "-admin",
-                        card=card) as scripted, \
-            openai.OpenAI(base_url=f"{scripted.base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
-        yield client, scripted.upstream
+def raw_v4(upstreams: Upstreams) -> Iterator[tuple[openai.OpenAI, str]]:
+    with openai.OpenAI(base_url=f"{upstreams.base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client, upstreams.upstream[MODEL]
 
 
 def ask(client: openai.OpenAI, **kwargs: object) -> object:

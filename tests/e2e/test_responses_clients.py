@@ -3,7 +3,8 @@ official `openai` SDK (create, stream, retrieve, input_items, delete), the OpenA
 with one function tool, and Codex itself (`codex exec`), which runs the shell command the model asks for and
 takes the answer.
 
-flashserve's catalog points `deepseek/deepseek-v4-flash` at the scripted raw-V4 upstream
+The session's shared server (tests/e2e/scripted.py: `serve_upstreams`) points `deepseek/deepseek-v4-flash`
+at the scripted raw-V4 upstream
 (tests/e2e/scripted_v4_upstream.py, `raw_text = "deepseek_v4"`): thinking and DSML tool calls are parsed by
 flashserve as they would be from a real V4. Codex comes from `tests/agents/node_modules`
 (`npm ci --prefix tests/agents`); without it that test skips, saying so.
@@ -22,28 +23,21 @@ import openai
 import pytest
 
 from tests.e2e.conftest import REPO
+from tests.e2e.scripted import AGENT_ANSWER as ANSWER
+from tests.e2e.scripted import AGENT_MODEL as MODEL
+from tests.e2e.scripted import KEY, Upstreams
 from tests.e2e.scripted import Scripted as Served
-from tests.e2e.scripted import serve_scripted
 
-KEY = "sk-fs-responses-e2e-0123456789"
-ADMIN = "sk-fs-responses-e2e-admin-0123456789"
-MODEL = "deepseek/deepseek-v4-flash"
 NODE_MODULES = REPO / "tests" / "agents" / "node_modules"
-ANSWER = "Done: the command printed ok."
-# Every tool turn calls `exec_command` (Codex's shell tool; the Agents SDK test's tool has the same name).
-SCRIPT = {"chunk_chars": 5,
-          "user": {"reasoning": "I will run the command.", "content": "", "tool": "exec_command",
-                   "arguments": {"cmd": "echo ok"}},
-          "tool": {"reasoning": "It printed ok.", "content": ANSWER},
-          "no_tools": {"reasoning": "Easy.", "content": "Hello!"}}
+# Every tool turn calls `exec_command` (Codex's shell tool; the Agents SDK test's tool has the same name): the
+# shared script (tests/e2e/scripted.py: AGENT_SCRIPT) answers it with {"cmd": "echo ok"}.
 EXEC = {"type": "function", "name": "exec_command", "description": "Run a shell command",
         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with serve_scripted(tmp_path_factory, SCRIPT, model=MODEL, key=KEY, admin_key=ADMIN) as scripted:
-        yield scripted
+def served(upstreams: Upstreams) -> Served:
+    return upstreams.scripted(MODEL)
 
 
 @pytest.fixture

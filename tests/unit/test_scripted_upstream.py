@@ -182,6 +182,18 @@ def test_a_script_picks_the_tool_and_its_arguments(tmp_path: Path) -> None:
     assert load_script(script)["tool"] == DEFAULT_SCRIPT["tool"]  # turns not named keep their defaults
 
 
+def test_a_script_s_calls_pick_the_first_offered_tool_with_its_arguments(tmp_path: Path) -> None:
+    """One upstream serves Claude Code (Bash) and Codex (exec_command): whichever the request offers."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"user": {"calls": {"missing": {"x": 1}, "other": {"a": "b"},
+                                                     "shell": {"command": "ls"}}}}))
+    client = TestClient(create_app(load_script(script)))
+    for tools, expected in (([SHELL, OTHER], ("other", {"a": "b"})), ([SHELL], ("shell", {"command": "ls"}))):
+        deltas, _ = stream(client, user_turn(tools))
+        _, _, calls = parse(deltas, [t["function"]["name"] for t in tools])
+        assert [(c.name, json.loads(c.arguments)) for c in calls] == [expected]
+
+
 def test_a_longer_conversation_reports_its_shared_prefix_as_cache_hits(client: TestClient) -> None:
     first = user_turn([SHELL], text="x" * 2000)
     assert client.post("/v1/chat/completions", json=first).json()["usage"]["prompt_cache_hit_tokens"] == 0
