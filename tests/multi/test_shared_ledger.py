@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.multi.conftest import REPO, Gateway, Gateways
+from tests.multi.ledger_gateways import REPO, Gateway, Gateways
 
 MODEL = "deepseek/deepseek-v4-flash"
 NO_EOS = {"2": -100, "0": -100}  # SmolLM2's end-of-turn tokens: the model runs to max_tokens
