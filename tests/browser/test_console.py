@@ -241,7 +241,7 @@ def test_admin_pages(console: Console, new_page) -> None:  # noqa: ANN001
     page.get_by_test_id("admin-topup-amount").fill("1.25")
     page.get_by_test_id("admin-topup").click()
     assert page.get_by_test_id("admin-balance").inner_text() == "$3.75"
-    assert "balance = credits − usage" in page.get_by_test_id("admin-audit").inner_text()
+    assert "balance = credits − usage − held" in page.get_by_test_id("admin-audit").inner_text()
     assert "admin top-up" in page.get_by_test_id("admin-credits").inner_text()
     shoot(page, console, "admin-account")
     page.goto("/console/admin/keys")

@@ -84,9 +84,10 @@ async def _account_page(ctx: Ctx, account_id: str, status: int = 200, error: str
     if account is None:
         return render(ctx, "error.html", status=404, title="No such account", message=f"No account '{account_id}'.")
     audit = await accounts.ledger.audit(account_id)
-    audit_view = {k.replace("_pusd", "_usd"): format_usd(v) for k, v in audit.items()}
+    # The ledger's identity with reservations: balance + reserved + charges = credits (`audit["ok"]`).
+    audit_view = {k.replace("_pusd", "_usd"): format_usd(v) for k, v in audit.items() if k.endswith("_pusd")}
     return render(ctx, "admin_account.html", status=status, title=f"Admin: {account['name']}", account=account,
-                  audit=audit_view, consistent=audit["balance_pusd"] == audit["topups_pusd"] - audit["spent_pusd"],
+                  audit=audit_view, consistent=bool(audit["ok"]),
                   credits=await accounts.usage_views.topups(account_id),
                   keys=await accounts.keys.list(account_id),
                   records=await accounts.usage_views.records(account_id, limit=50), error=error, notice=notice)

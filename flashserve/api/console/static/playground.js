@@ -204,7 +204,7 @@
     if (!response.ok) { $("pg-cost").textContent = "–"; return; }
     const row = await response.json();
     $("pg-cost").textContent = "$" + row.cost_usd;
-    $("pg-cost").dataset.requestId = requestId;
+    $("pg-cost").dataset.requestId = row.request_id;  // the object id (chatcmpl-...), as the usage table names it
   }
 
   $("pg-form").addEventListener("submit", function (event) {
