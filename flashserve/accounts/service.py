@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.console_users import ConsoleUsers
@@ -180,7 +181,13 @@ class Accounts:
     async def default_account(self) -> dict:
         account = await self.ledger.account_by_name(DEFAULT_ACCOUNT)
         if account is None:
-            account = await self.ledger.create_account(DEFAULT_ACCOUNT, self.bootstrap.default_balance_pusd)
+            try:
+                account = await self.ledger.create_account(DEFAULT_ACCOUNT, self.bootstrap.default_balance_pusd)
+            except IntegrityError:  # another gateway starting at the same time made it first
+                account = await self.ledger.account_by_name(DEFAULT_ACCOUNT)
+                if account is None:
+                    raise
+                return account
             log.info("created the default account %s", account["id"])
         return account
 
@@ -191,7 +198,12 @@ class Accounts:
         if await self.keys.find(key) is not None:
             return
         account = await self.default_account()
-        _, view = await self.keys.create(account["id"], "bootstrap", key=key)
+        try:
+            _, view = await self.keys.create(account["id"], "bootstrap", key=key)
+        except IntegrityError:  # another gateway starting at the same time registered the same key first
+            if await self.keys.find(key) is None:
+                raise
+            return
         # By id only: no part of a key goes to the logs (the banner shows it once, to whoever started us).
         log.info("registered the bootstrap key %s on the default account", view["id"])
 

@@ -40,11 +40,11 @@ def chat(i: int, max_tokens: int, stream: bool = False) -> dict[str, Any]:
     return body
 
 
-def new_account(admin: httpx.Client, balance_usd: str) -> tuple[str, str]:
+def new_account(admin: httpx.Client, balance_usd: str, **limits: int) -> tuple[str, str]:
     r = admin.post("/admin/accounts", json={"name": f"multi-{uuid.uuid4().hex[:10]}", "balance_usd": balance_usd})
     assert r.status_code == 201, r.text
     account = r.json()["id"]
-    r = admin.post("/admin/keys", json={"account_id": account})
+    r = admin.post("/admin/keys", json={"account_id": account, **limits})
     assert r.status_code == 201, r.text
     return account, r.json()["key"]
 
@@ -117,8 +117,11 @@ def check_ledger(admin: httpx.Client, account: str, logs: str) -> dict[str, Any]
     return row
 
 
-def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, gateways: Gateways) -> None:
-    env = {"FLASHSERVE_RESERVATION_LEASE_S": LEASE_S}
+def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, gateways: Gateways,
+                                                             redis_url: str) -> None:
+    # One PostgreSQL and one Redis: the balance invariant and the key's limits hold across both gateways.
+    env = {"FLASHSERVE_RESERVATION_LEASE_S": LEASE_S, "FLASHSERVE_REDIS_URL": redis_url,
+           "FLASHSERVE_REDIS_KEY_PREFIX": f"ledger-{uuid.uuid4().hex[:8]}"}
     # Started together on a fresh database: both run the migrations at once.
     a = gateways.start(pg_database, env, name="a", wait=False)
     b = gateways.start(pg_database, env, name="b", wait=False)
@@ -144,8 +147,9 @@ def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, g
         assert all(o["status"] in (200, 402) for o in outcomes), outcomes
         check_ledger(admin, tiny, gateways.logs())
 
-        # SIGKILL one gateway mid-way through a load spread over both.
-        account, key = new_account(admin, "1")
+        # SIGKILL one gateway mid-way through a load spread over both, on a key allowed 12 requests a
+        # minute: the shared limit admits exactly 12 of the 16 across the two gateways.
+        account, key = new_account(admin, "1", rpm=12)
         bodies = [chat(i, 4 + (i % 6) * 12, stream=i % 2 == 0) for i in range(16)]
 
         async def load_and_kill() -> list[dict[str, Any]]:
@@ -159,6 +163,7 @@ def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, g
 
         outcomes = asyncio.run(load_and_kill())
     assert any(o["error"] for o in outcomes), f"the kill came after every request had ended: {outcomes}"
+    assert sum(o["status"] == 429 for o in outcomes) == len(bodies) - 12, outcomes
     with a.admin() as admin:
         wait_for(lambda: audit(admin, account)["open_reservations"] == 0, 30, "the dead gateway's reservations "
                  "reaped", gateways.logs())
