@@ -93,7 +93,7 @@ class Sampling:
 
 @dataclass(frozen=True, slots=True)
 class Reasoning:
-    effort: str | None = None  # none, minimal, low, medium, high, xhigh, max (chat/reasoning.py maps it)
+    effort: str | None = None  # none, minimal, low, medium, high, xhigh, max, ultra (chat/reasoning.py maps it)
     thinking: bool | None = None  # an explicit on/off switch; None: from the effort and the model's default
     budget_tokens: int | None = None  # most thinking tokens (None: the effort mode's budget)
 

@@ -5,7 +5,7 @@ http://127.0.0.1:8000/v1), streams each answer as it comes (the reasoning dimmed
 the conversation. Lines starting with `/` are commands:
 
     /system TEXT   set the system prompt (`/system` alone removes it)
-    /effort NAME   reasoning_effort for the next turns: none, low, medium, high, xhigh, max
+    /effort NAME   reasoning_effort for the next turns: none, low, medium, high, xhigh, max, ultra
                    (`/effort` alone: the model's default)
     /json          toggle JSON mode (response_format json_object)
     /clear         forget the conversation (the system prompt stays)

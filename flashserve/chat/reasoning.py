@@ -2,7 +2,8 @@
 and splitting the thinking text out of the answer.
 
 The mapping is DeepSeek's own: `none` turns thinking off; `low`, `medium`
-and `high` mean "high"; `xhigh` and `max` mean "max". Without an effort the
+and `high` mean "high"; `xhigh` and `max` mean "max", and so does `ultra`
+(the top effort LiteLLM's `deepseek` provider and Codex send). Without an effort the
 model card's default applies. A model that cannot think accepts any effort
 and simply answers. Thinking text runs until the end-of-thinking marker; it
 goes to `reasoning_content` and never into `content`.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 THINK_START = "<think>"
 THINK_END = "</think>"
 EFFORT_MODE = {"none": None, "minimal": "high", "low": "high", "medium": "high", "high": "high",
-               "xhigh": "max", "max": "max"}
+               "xhigh": "max", "max": "max", "ultra": "max"}
 
 
 @dataclass(frozen=True, slots=True)

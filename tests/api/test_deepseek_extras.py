@@ -179,6 +179,7 @@ async def test_an_alias_is_listed_naming_its_target_and_billed_as_it(api: Api) -
     ({"thinking": {"type": "enabled"}}, True, None),
     ({"thinking": {"type": "enabled"}, "reasoning_effort": "max"}, True, "max"),
     ({"reasoning_effort": "low"}, None, "low"),
+    ({"reasoning_effort": "ultra"}, None, "ultra"),  # LiteLLM's deepseek provider and Codex send it
 ])
 async def test_the_thinking_switch(api: Api, extra: dict[str, Any], thinking: bool | None,
                                    effort: str | None) -> None:

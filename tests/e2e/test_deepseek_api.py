@@ -130,6 +130,7 @@ def test_litellm_deepseek_provider(litellm_module, base_url: str, api_key: str, 
 def test_litellm_streams(litellm_module, base_url: str, api_key: str) -> None:  # noqa: ANN001
     stream = litellm_module.completion(model="deepseek/deepseek-v4-flash", api_base=f"{base_url}/v1",
                                        api_key=api_key, messages=[{"role": "user", "content": FRANCE}],
-                                       max_tokens=8, temperature=0, stream=True, reasoning_effort="high")
+                                       max_tokens=8, temperature=0, stream=True,
+                                       reasoning_effort="ultra")  # LiteLLM's top effort: thinks in "max" mode
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text.strip()

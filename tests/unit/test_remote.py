@@ -32,6 +32,7 @@ def request(**kw: object) -> GenerationRequest:
 @pytest.mark.parametrize(("kind", "effort", "expected"), [
     ("deepseek", "low", {"thinking": {"type": "enabled"}, "reasoning_effort": "high"}),
     ("deepseek", "xhigh", {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}),
+    ("deepseek", "ultra", {"thinking": {"type": "enabled"}, "reasoning_effort": "max"}),
     ("deepseek", "none", {"thinking": {"type": "disabled"}}),
     ("vllm", "max", {"chat_template_kwargs": {"thinking": True, "reasoning_effort": "max"}}),
     ("sglang", "none", {"chat_template_kwargs": {"thinking": False}}),

@@ -155,7 +155,8 @@ def test_a_model_that_cannot_think_ignores_the_effort() -> None:
 
 
 @pytest.mark.parametrize("effort,mode", [("none", None), ("low", "high"), ("medium", "high"), ("high", "high"),
-                                         ("xhigh", "max"), ("max", "max"), (None, "high")])
+                                         ("xhigh", "max"), ("max", "max"), ("ultra", "max"),
+                                         (None, "high")])
 def test_deepseek_effort_mapping(effort: str | None, mode: str | None) -> None:
     thinking = resolve_thinking(effort, ReasoningSpec(can_think=True, thinks_by_default=True))
     assert thinking.mode == mode and thinking.enabled == (mode is not None)
