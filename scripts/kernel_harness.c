@@ -6,7 +6,8 @@
  * - dense_linear (bf16 and float32): close to a double-precision reference, and every row of a batch
  *   bit-for-bit the row computed alone (and in a batch split differently);
  * - q4_linear: close to the reference of its dequantized weights, and rows alone == rows batched;
- * - gather_dot: close to the reference, and the same bits alone and batched;
+ * - gather_dot: close to the reference, and the same bits alone and batched; gather_dot_q8 over a Q8_0
+ *   table: the same bits as gather_dot over that table's float32 values;
  * - rms_norm_f32, silu_mul_f32: close to the reference; argmax_rows and top_k_rows: exact.
  * Exit status 0 when everything passes; each failure is printed.
  */
@@ -21,6 +22,8 @@ int dense_linear_bf16(const uint16_t *x, long x_stride, int rows, int k, const u
 int dense_linear_f32(const float *x, long x_stride, int rows, int k, const float *w, const float *bias, float *out,
                      long out_stride, int n);
 int gather_dot_f32(const float *table, int cols, const float *h, long rows, const int64_t *idx, int k, float *out);
+int gather_dot_q8(const int8_t *codes, const float *scales, int cols, const float *h, long rows, const int64_t *idx,
+                  int k, float *out);
 int q4_linear(const float *x, long x_stride, int rows, int k, const uint8_t *weights, float *out, long out_stride,
               int n);
 int rms_norm_f32(const float *x, float *residual, const float *weight, float *out, long rows, int dim, float eps);
@@ -174,6 +177,24 @@ static void test_gather_dot(void) {
     CHECK(!memcmp(out, alone, sizeof out), "gather_dot: rows in a batch differ from rows alone");
 }
 
+static void test_gather_dot_q8(void) {
+    enum { V = 40, H = 96, M = 5, KC = 6 };
+    static float table[V * H], scales[V * H / 32], h[M * H], out[M * KC], q8[M * KC];
+    static int8_t codes[V * H];
+    static int64_t idx[M * KC];
+    for (int g = 0; g < V * H / 32; ++g) scales[g] = from_fp16(to_fp16(0.01f + 0.02f * (frand() + 1)));
+    for (int i = 0; i < V * H; ++i) {
+        codes[i] = (int8_t)(int)(127 * frand());
+        table[i] = (float)codes[i] * scales[i / 32];
+    }
+    for (int i = 0; i < M * H; ++i) h[i] = frand();
+    for (int i = 0; i < M * KC; ++i) idx[i] = (i * 11) % V;
+    CHECK(gather_dot_f32(table, H, h, M, idx, KC, out) == 0, "gather_dot refused");
+    CHECK(gather_dot_q8(codes, scales, H, h, M, idx, KC, q8) == 0, "gather_dot_q8 refused");
+    CHECK(!memcmp(out, q8, sizeof out), "gather_dot_q8: other bits than gather_dot over the same values");
+    CHECK(gather_dot_q8(codes, scales, H - 16, h, M, idx, KC, q8) == -2, "gather_dot_q8: took 80 columns");
+}
+
 static void test_small_ops(void) {
     enum { M = 5, D = 64 };
     static float x[M * D], w[D], out[M * D], gu[M * 2 * D];
@@ -218,6 +239,7 @@ int main(void) {
     test_dense();
     test_q4();
     test_gather_dot();
+    test_gather_dot_q8();
     test_small_ops();
     if (failures) {
         printf("kernel harness: %d failure(s)\n", failures);

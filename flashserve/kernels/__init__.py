@@ -226,6 +226,9 @@ class CpuOps:
         self._dense_plain.argtypes, self._dense_plain.restype = [_P, _L, _I, _I, _P, _P, _P, _L, _I], ctypes.c_int
         self._gather_dot = lib.gather_dot_f32
         self._gather_dot.argtypes, self._gather_dot.restype = [_P, _I, _P, _L, _P, _I, _P], ctypes.c_int
+        self._gather_dot_q8 = lib.gather_dot_q8
+        self.gather_dot_q8_pays = bool(lib.gather_dot_q8_pays())  # see dense_linear.c
+        self._gather_dot_q8.argtypes, self._gather_dot_q8.restype = [_P, _P, _I, _P, _L, _P, _I, _P], ctypes.c_int
 
     @staticmethod
     def supports(t: torch.Tensor) -> bool:
@@ -426,22 +429,44 @@ class CpuOps:
         """out [rows, k] float32, out[r, j] = table[index[r, j]] . hidden[r], each a fixed-order sum that
         does not depend on the other rows (the head's rescoring: models/llama.py)."""
         op = "gather_dot"
-        _check_cpu(op, table, hidden, index)
         _check_dtype(table, (torch.float32,), op, "table")
+        out = self._gather_out(op, table, hidden, index)
+        if index.numel() and self._gather_dot(table.data_ptr(), table.shape[1], hidden.data_ptr(), index.shape[0],
+                                              index.data_ptr(), index.shape[1], out.data_ptr()) != 0:
+            raise RuntimeError(f"{op}: the kernel refused the shapes")
+        return out
+
+    def gather_dot_q8(self, codes: torch.Tensor, scales: torch.Tensor, hidden: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+        """`gather_dot` over the table `scales * codes` (int8 codes [V, H], float32 scales [V, H / 32], one
+        per 32 entries of a row): the same bits as `gather_dot` over that table in float32, from about a
+        quarter of the bytes (see `linear.exact_q8`)."""
+        op = "gather_dot_q8"
+        _check_dtype(codes, (torch.int8,), op, "codes")
+        _check_dtype(scales, (torch.float32,), op, "scales")
+        _check(scales.dim() == 2 and scales.is_contiguous() and codes.shape[1] % 32 == 0
+               and tuple(scales.shape) == (codes.shape[0], codes.shape[1] // 32), op,
+               "scales must be [V, H / 32] and contiguous, H a multiple of 32")
+        out = self._gather_out(op, codes, hidden, index)
+        if index.numel() and self._gather_dot_q8(codes.data_ptr(), scales.data_ptr(), codes.shape[1],
+                                                 hidden.data_ptr(), index.shape[0], index.data_ptr(),
+                                                 index.shape[1], out.data_ptr()) != 0:
+            raise RuntimeError(f"{op}: the kernel refused the shapes")
+        return out
+
+    @staticmethod
+    def _gather_out(op: str, table: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Check a gather's operands (the table's dtype is the caller's) and allocate its output."""
+        _check_cpu(op, table, hidden, index)
         _check_dtype(hidden, (torch.float32,), op, "hidden")
         _check_dtype(index, (torch.int64,), op, "index")
         _check(table.dim() == hidden.dim() == index.dim() == 2 and table.is_contiguous() and hidden.is_contiguous()
                and index.is_contiguous() and hidden.shape[1] == table.shape[1] and index.shape[0] == hidden.shape[0],
                op, "table [V, H], hidden [rows, H] and index [rows, k] must be contiguous")
-        out = torch.empty(index.shape, dtype=torch.float32)
-        if index.numel() == 0:
-            return out
-        _check(int(index.min()) >= 0 and int(index.max()) < table.shape[0], op, "an index is not a row of the table")
-        rc = self._gather_dot(table.data_ptr(), table.shape[1], hidden.data_ptr(), index.shape[0], index.data_ptr(),
-                              index.shape[1], out.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"gather_dot: the kernel refused the shapes (rc {rc})")
-        return out
+        if index.numel():
+            _check(int(index.min()) >= 0 and int(index.max()) < table.shape[0], op,
+                   "an index is not a row of the table")
+        return torch.empty(index.shape, dtype=torch.float32)
 
     def top_k_rows(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
         """Indices [rows, k] int64 of each row's k largest entries, largest first, lower index first on ties

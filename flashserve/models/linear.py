@@ -94,6 +94,26 @@ def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q.view(n, k), scale, low16
 
 
+def exact_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A float32 table as GGUF's Q8_0 holds it: int8 codes [N, K] and a scale per 32 inputs [N, K / 32] (an
+    fp16 value, kept as float32 for the kernel), returned only where `scale * code` gives back every
+    float32 value exactly (a Q8_0 checkpoint's own values do: the scale of a group is its largest
+    magnitude / 127, as Q8_0 made it), else None. About a quarter of the bytes for the same bits: the
+    exact head of logprobs (`kernels.CpuOps.gather_dot_q8`)."""
+    n, k = weight.shape
+    if weight.dtype != torch.float32 or k % INT4_GROUP:
+        return None
+    w = weight.view(n, k // INT4_GROUP, INT4_GROUP)
+    scale = (w.abs().amax(dim=2) / 127).to(torch.float16)
+    if not torch.isfinite(scale).all():
+        return None
+    step = torch.where(scale > 0, scale.float(), 1.0).unsqueeze(2)
+    codes = torch.round(w / step).clamp(-127, 127)
+    if not torch.equal(codes * scale.float().unsqueeze(2), w):
+        return None
+    return codes.to(torch.int8).view(n, k), scale.float()
+
+
 def pack_q4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """Lay `quantize_q4`'s output out for `q4_linear` (layout: kernels/q4_linear.c): per block of 16
     outputs and group, 256 bytes of codes (q[4c + i] low nibble, q[16 + 4c + i] high), 16 scales, 16 mins."""

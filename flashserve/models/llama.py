@@ -31,7 +31,7 @@ from flashserve.models.layers import (
     rotary_and_store,
     silu_and_mul,
 )
-from flashserve.models.linear import PackedLinear
+from flashserve.models.linear import PackedLinear, exact_q8
 from flashserve.models.llama_native import NativeLlamaDecoder
 
 SUPPORTED_ROPE_SCALING = ("linear", "llama3")
@@ -280,6 +280,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.exact_head: torch.Tensor | None = None  # set by pack()
+        self.exact_head_q8: tuple[torch.Tensor, torch.Tensor] | None = None  # set by pack()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -328,6 +329,10 @@ class LlamaForCausalLM(nn.Module):
         rescoring gives its top candidates (the same kernel, so the same bits): the token greedy picks has
         the largest of these logits. Without one the head is exact already (float32, not quantized) or has
         no float32 weights to be exact with (a bf16 checkpoint): its dense (prompt-row) path is used.
+
+        This reads the whole head once per row, so it is what logprobs cost the rest of a batch; a head
+        that is a Q8_0 table is read from its int8 codes (`exact_head_q8`), a quarter of the bytes of
+        float32, by a kernel that sums exactly as the float32 one does (the same bits).
         """
         exact = self.exact_head
         if exact is None:
@@ -336,6 +341,8 @@ class LlamaForCausalLM(nn.Module):
         ops = cpu_ops() if CpuOps.supports(h) else None
         if ops is not None and exact.dtype == torch.float32 and exact.is_contiguous():
             every = torch.arange(exact.shape[0], dtype=torch.int64).expand(h.shape[0], -1).contiguous()
+            if self.exact_head_q8 is not None:
+                return ops.gather_dot_q8(*self.exact_head_q8, h, every)
             return ops.gather_dot(exact, h, every)
         # One row per call: a row's sums then never depend on the other rows (see compute_logits).
         return torch.cat([r.unsqueeze(0) @ exact.T for r in h]).float() if len(h) else h.new_zeros(0, exact.shape[0])
@@ -387,4 +394,9 @@ class LlamaForCausalLM(nn.Module):
         lossy = head_quant != "none" or (dense_dtype is not None and dense_dtype != head.weight.dtype)
         # A float32 head is the embedding table when tied (no extra memory); else the loaded head itself.
         self.exact_head = head.weight.detach() if lossy and exact else None
+        # Where that float32 head is a Q8_0 table (the embedded GGUF's), logprobs read it from int8 codes:
+        # the same bits from a quarter of the bytes (exact_logits).
+        ops = cpu_ops()
+        q8 = self.exact_head is not None and ops is not None and ops.gather_dot_q8_pays
+        self.exact_head_q8 = exact_q8(self.exact_head) if q8 else None
         self.lm_head = PackedLinear([head], head_quant, dense_dtype)  # type: ignore[list-item]

@@ -107,6 +107,10 @@ def test_guards_raise_real_errors(ops: CpuOps) -> None:
         ops.top_k_rows(x.double(), 4)
     with pytest.raises(ValueError, match="gather_dot"):
         ops.gather_dot(torch.randn(10, 32), x, torch.tensor([[10]] * 4))
+    with pytest.raises(ValueError, match="gather_dot_q8"):  # a scale per 32 entries: [10, 1], not [10, 2]
+        ops.gather_dot_q8(torch.zeros(10, 32, dtype=torch.int8), torch.ones(10, 2), x, torch.tensor([[1]] * 4))
+    with pytest.raises(TypeError, match="gather_dot_q8"):
+        ops.gather_dot_q8(torch.zeros(10, 32, dtype=torch.int8), torch.ones(10, 1).half(), x, torch.tensor([[1]] * 4))
 
 
 def test_guards_survive_python_dash_o() -> None:

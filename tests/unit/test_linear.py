@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.models.linear import INT4_GROUP, WEIGHT_QUANTS, PackedLinear, pack_dense, quantize_int4, quantize_int8
+from flashserve.models.linear import (
+    INT4_GROUP,
+    WEIGHT_QUANTS,
+    PackedLinear,
+    exact_q8,
+    pack_dense,
+    quantize_int4,
+    quantize_int8,
+)
 
 MAX_ROWS = 80
 TILE = 4  # rows per tile of the native dense kernel: sizes around its multiples are the edges
@@ -297,3 +305,16 @@ def test_int4_requantizes_a_q4_grid_onto_itself() -> None:
     step = d.expand(n, k // 32, 32).reshape(n, k)
     # Off by at most a small fraction of a step (bf16 scale/zero rounding and the bf16 output), never a step.
     assert ((recovered - weight).abs() / step).max() < 0.2
+
+
+def test_exact_q8_only_where_it_gives_back_every_float32_value() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    assert exact_q8(w) is None  # random floats are not on an int8 grid
+    groups = w.view(8, 2, 32)
+    scale = (groups.abs().amax(dim=2, keepdim=True) / 127).half().float()
+    grid = (torch.round(groups / scale) * scale).view(8, 64)
+    codes, scales = exact_q8(grid)
+    assert codes.dtype == torch.int8 and scales.shape == (8, 2)
+    assert torch.equal(codes.float().view(8, 2, 32) * scales.unsqueeze(2), grid.view(8, 2, 32))
+    assert exact_q8(grid.to(torch.bfloat16)) is None and exact_q8(grid[:, :48]) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flashserve.kernels import cpu_ops
 from flashserve.models.llama import REFINE_TOP_K, LlamaConfig, LlamaForCausalLM
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -96,3 +97,43 @@ def test_rescored_logits_do_not_depend_on_batch(weight_quant: str, native: bool,
         for decode_rows in (0, 1, 7, 19):
             alone = torch.cat([model.compute_logits(hidden[r : r + 1], int(r < decode_rows)) for r in range(19)])
             assert torch.equal(model.compute_logits(hidden, decode_rows), alone), decode_rows
+
+
+def q8_grid(weight: torch.Tensor) -> None:
+    """Put `weight` (float32, in place) on GGUF Q8_0's grid: an fp16 scale per 32 inputs times an int8 code."""
+    groups = weight.view(weight.shape[0], -1, 32)
+    scale = (groups.abs().amax(dim=2, keepdim=True) / 127).to(torch.float16).float()
+    groups.copy_(torch.round(groups / scale) * scale)
+
+
+def test_logprobs_head_read_from_q8_codes_gives_the_float32_bits() -> None:
+    """A float32 head that is a Q8_0 table (the embedded GGUF's) is read for logprobs from its int8 codes, a
+    quarter of the bytes, and gives the very bits of the float32 table: the rescored candidates (float32
+    table) and the full head (int8 codes) agree, so greedy's token is the logprobs' top token."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    with torch.no_grad():
+        q8_grid(model.model.embed_tokens.weight)
+    model.pack("int4", torch.bfloat16)
+    ops = cpu_ops()
+    if ops is None or not ops.gather_dot_q8_pays:
+        assert model.exact_head_q8 is None
+        pytest.skip("no native kernels, or a level where the float32 table is read (dense_linear.c)")
+    assert model.exact_head_q8 is not None
+    torch.manual_seed(3)
+    hidden = torch.randn(6, CONFIG.hidden_size) * 4
+    exact = model.exact_head
+    every = torch.arange(exact.shape[0]).expand(6, -1).contiguous()
+    with torch.no_grad():
+        full = model.exact_logits(hidden)
+        assert torch.equal(full, ops.gather_dot(exact, hidden, every))
+        rescored = model.lm_head.forward(hidden, 6).float().topk(REFINE_TOP_K, dim=-1).indices
+        logits = model.compute_logits(hidden, 6)
+        assert torch.equal(logits.gather(1, rescored), full.gather(1, rescored))
+        assert torch.equal(logits.argmax(-1), full.argmax(-1))
+        assert torch.equal(torch.cat([model.exact_logits(hidden[r : r + 1]) for r in range(6)]), full)
+
+
+def test_a_head_off_the_q8_grid_keeps_its_float32_table() -> None:
+    model = packed("int4", torch.bfloat16)
+    assert model.exact_head is not None and model.exact_head_q8 is None
