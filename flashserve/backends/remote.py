@@ -86,6 +86,7 @@ from flashserve.request_scope import REQUEST_ID_HEADER, as_uuid
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {500, 502, 503, 504}
+_AFTER_DONE_S = 0.5  # how long the rest of a body after its [DONE] is waited for (`_read_to_end`)
 
 
 
@@ -487,6 +488,18 @@ class RemoteBackend:
         await self._client.aclose()
 
 
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """Read what follows `[DONE]` (the body's end, normally received with it), so the connection goes back
+    to the pool instead of being closed: a new upstream connection per request cost more than the request.
+    An upstream that keeps the stream open past `[DONE]` gets `_AFTER_DONE_S`, then is closed."""
+    try:
+        async with asyncio.timeout(_AFTER_DONE_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError, httpx.StreamError):
+        pass
+
+
 class RemoteGeneration:
     """The upstream's event stream as our deltas. Tool calls arrive in pieces per (choice, call index) and
     are handed on whole when their choice finishes. From a raw-text upstream, `content` is parsed per
@@ -518,11 +531,13 @@ class RemoteGeneration:
 
     async def _deltas(self) -> AsyncIterator[ChoiceDelta]:
         try:
-            async for line in self._response.aiter_lines():
+            lines = self._response.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    await _read_to_end(lines)
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
