@@ -15,6 +15,7 @@ connection to the pool, one closed early drops it.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
@@ -64,19 +65,31 @@ class AiohttpUpstream:
         # As httpx's Timeout(timeout_s, connect=...): each read may wait timeout_s, a connection attempt less.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, str | None] = {}  # by origin (scheme://host:port)
 
     def _started(self) -> aiohttp.ClientSession:
         # Made on first use: a session belongs to the running event loop, which the backend's constructor
         # (at start-up, before uvicorn's loop) does not have.
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
-            # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they did with httpx.
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=True)
+            # trust_env off: aiohttp would read the proxy variables and ~/.netrc on a worker thread for every
+            # request; `_proxy` reads the variables once per upstream instead.
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=False)
         return self._session
+
+    def _proxy(self, url: str) -> str | None:
+        """The proxy for `url` from HTTP(S)_PROXY / NO_PROXY (as httpx applied them), read once per origin."""
+        origin = url.split("/", 3)[:3]
+        key = "/".join(origin)
+        if key not in self._proxies:
+            scheme, host = origin[0].rstrip(":"), origin[2].rsplit("@", 1)[-1]
+            bypass = urllib.request.proxy_bypass(host.split(":")[0]) if host else True
+            self._proxies[key] = None if bypass else urllib.request.getproxies().get(scheme)
+        return self._proxies[key]
 
     async def post(self, url: str, body: dict[str, Any], headers: Mapping[str, str]) -> AiohttpResponse:
         try:
-            response = await self._started().post(url, data=json.dumps(body).encode(),
+            response = await self._started().post(url, data=json.dumps(body).encode(), proxy=self._proxy(url),
                                                   headers={**headers, "content-type": "application/json"})
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(str(exc)) from exc
