@@ -35,7 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from flashserve.accounts import sqlite_hot
+from flashserve.accounts import pg_hot, sqlite_hot
 from flashserve.accounts.clock import utcnow
 from flashserve.accounts.db import write_transaction
 from flashserve.accounts.pricing import TokenPrices, format_usd
@@ -165,6 +165,7 @@ class Reservations:
         self.engine = engine
         self.gateway_id = gateway_id
         self.hot = hot or sqlite_hot.of(engine)
+        self.pg_hot = pg_hot.of(engine)  # the same two transactions on PostgreSQL, one statement each
 
     # -- admission -----------------------------------------------------------------------------------------
     async def reserve(self, *, request_id: str, account_id: str, key_id: str, caps: SpendCaps, model: str,
@@ -187,6 +188,11 @@ class Reservations:
                     return Hold(request_id, full, max_tokens, False)
             except Busy:
                 pass  # another connection is writing: the async path below waits its turn
+        if not caps.any and self.pg_hot is not None and await self.pg_hot.reserve_whole(
+                request_id=request_id, account_id=account_id, key_id=key_id, model=model,
+                prompt_tokens=prompt_tokens, prompt_cost=prompt_cost, amount=full, at_least=max(full, 1),
+                gateway_id=self.gateway_id, now=now):
+            return Hold(request_id, full, max_tokens, False)
         async with write_transaction(self.engine) as conn:
             if not caps.any and (await conn.execute(TAKE, take)).rowcount == 1:
                 await conn.execute(HOLD, hold)
@@ -244,6 +250,11 @@ class Reservations:
                 return self.hot.run(lambda tx: _settle_in(tx, charge))
             except Busy:
                 pass  # another connection is writing: the async path below waits its turn
+        if self.pg_hot is not None:
+            charged = await self.pg_hot.settle(**{**charge.as_dict(), "created_at": utcnow()})
+            if charged is not None and charged < charge.cost_pusd:
+                _short(charge, held=charged)
+            return charged
         async with write_transaction(self.engine) as conn:
             row = (await conn.execute(UNHOLD, {"request_id": charge.request_id})).first()
             if row is None:
@@ -336,13 +347,17 @@ def _settle_in(tx: Transaction, charge: Charge) -> int | None:
     return charged
 
 
+def _short(charge: Charge, held: int) -> None:
+    # Only where the prompt was an estimate (a remote upstream's tokenizer is not ours).
+    log.warning("request %s cost %d pUSD but held %d; charged what was held", charge.request_id,
+                charge.cost_pusd, held)
+
+
 def _settlement(charge: Charge, *, held: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """What settling `charge` against a hold of `held` charges, and the parameters of SETTLE and USAGE."""
     charged = min(charge.cost_pusd, held)
     if charged < charge.cost_pusd:
-        # Only where the prompt was an estimate (a remote upstream's tokenizer is not ours).
-        log.warning("request %s cost %d pUSD but held %d; charged what was held", charge.request_id,
-                    charge.cost_pusd, held)
+        _short(charge, held)
     move = {"account_id": charge.account_id, "held": held, "refund": held - charged, "charged": charged}
     return charged, move, {**charge.as_dict(), "cost_pusd": charged, "created_at": utcnow()}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from flashserve.accounts import sqlite_hot
+from flashserve.accounts import pg_hot, sqlite_hot
 from flashserve.accounts.console_users import ConsoleUsers
 from flashserve.accounts.db import create_engine, migrate
 from flashserve.accounts.keys import KeyStore
@@ -104,6 +104,8 @@ class Accounts:
         path = sqlite_path(self.database_url)
         if path is not None:  # SQLite's request-path transactions run on the loop's thread (sqlite_hot.py)
             sqlite_hot.attach(self.engine, path)
+        elif self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "asyncpg":
+            pg_hot.attach(self.engine)  # and PostgreSQL's as one statement each (pg_hot.py)
         await self._ensure_bootstrap_key()
 
     # -- settlement: the database, else the outbox -------------------------------------------------------
@@ -171,6 +173,7 @@ class Accounts:
         await self.limiter.close()
         if self.engine is not None:
             sqlite_hot.detach(self.engine)
+            await pg_hot.detach(self.engine)
             await self.engine.dispose()
             self.engine = None
 
