@@ -91,8 +91,9 @@ def test_a_charge_over_the_hold_is_capped_at_it(database_url: str) -> None:
     async def work(accounts: Accounts) -> None:
         account_id, key_id = await new_key(accounts, 10 * WHOLE)
         res = accounts.reservations
-        hold = await reserve(res, account_id, key_id, "req-over")
-        over = charge(account_id, key_id, "req-over", completion=BUDGET + 50)  # an estimated prompt fell short
+        request_id = f"req-over-{uuid.uuid4().hex}"
+        hold = await reserve(res, account_id, key_id, request_id)
+        over = charge(account_id, key_id, request_id, completion=BUDGET + 50)  # an estimated prompt fell short
         assert await res.settle(over) == hold.amount_pusd
         [row] = await accounts.ledger.records(account_id)
         assert row["cost_pusd"] == hold.amount_pusd
@@ -105,10 +106,12 @@ def test_a_hold_from_the_hot_path_is_reaped_like_any_other(database_url: str) ->
     async def work(accounts: Accounts) -> None:
         assert accounts.engine is not None
         account_id, key_id = await new_key(accounts, 10 * WHOLE)
-        await reserve(accounts.reservations, account_id, key_id, "req-orphan")
-        # Another gateway's reaper compares the hold's heartbeat, written by the hot path, with its cutoff.
-        other = Reservations(accounts.engine, "gw_other")
-        assert await other.reap(0.0, everyone_else=True) == 1
+        await reserve(accounts.reservations, account_id, key_id, f"req-orphan-{uuid.uuid4().hex}")
+        await asyncio.sleep(0.05)
+        # Another gateway's reaper compares the hold's heartbeat, written by the hot path, with its cutoff
+        # (a shared test database may hold other tests' leftovers too).
+        other = Reservations(accounts.engine, f"gw_other_{uuid.uuid4().hex[:8]}")
+        assert await other.reap(0.01) >= 1
         [row] = await accounts.ledger.records(account_id)
         assert row["status"] == "reaped" and row["cost_pusd"] == PROMPT * PRICES.input_cache_miss
         assert (await accounts.ledger.audit(account_id))["ok"]
@@ -124,7 +127,7 @@ def test_sqlite_hot_path_steps_aside_for_another_writer(tmp_path) -> None:  # no
         other = sqlite3.connect(sqlite_path(url) or "", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # the CLI, say, holds SQLite's write lock
         try:
-            task = asyncio.create_task(reserve(accounts.reservations, account_id, key_id, "req-wait"))
+            task = asyncio.create_task(reserve(accounts.reservations, account_id, key_id, f"req-{uuid.uuid4().hex}"))
             await asyncio.sleep(0.3)
             assert not task.done()  # waiting on the async path, with the loop free meanwhile
         finally:
