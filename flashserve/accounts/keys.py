@@ -8,6 +8,7 @@ ever goes into a log line or an error message; the prefix may.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -129,19 +130,34 @@ class KeyStore:
         the TTL. Unknown, revoked and expired keys are never remembered, and a remembered key's expiry is
         checked on every use."""
         presented_digest = digest(presented)
-        cache = _principals(self.engine)
-        hit = cache.get(presented_digest)
+        memory = _principals(self.engine)
+        hit = memory.keys.get(presented_digest)
         if hit is not None:
             principal, expires_at, fetched = hit
             if time.monotonic() - fetched < PRINCIPAL_TTL_S and (expires_at is None or expires_at > utcnow()):
                 return principal
-            del cache[presented_digest]
-        found = await self._verify(presented_digest)
+            del memory.keys[presented_digest]
+        # One read per key however many requests miss at once: when the second ran out under load, every
+        # request in flight read the row together (a burst of new pooled connections: a 100 ms stall).
+        flight = memory.flights.get(presented_digest)
+        if flight is None:
+            flight = memory.flights[presented_digest] = asyncio.ensure_future(self._remember(presented_digest))
+        # Shielded: one client's disconnect does not cancel the read the others wait on.
+        return await asyncio.shield(flight)
+
+    async def _remember(self, presented_digest: str) -> Principal | None:
+        memory = _principals(self.engine)
+        generation = memory.generation
+        try:
+            found = await self._verify(presented_digest)
+        finally:
+            memory.flights.pop(presented_digest, None)
         if found is None:
             return None
-        if len(cache) >= _PRINCIPAL_CACHE_MAX:
-            cache.clear()
-        cache[presented_digest] = found[0], found[1], time.monotonic()
+        if memory.generation == generation:  # nothing changed here while it was read
+            if len(memory.keys) >= _PRINCIPAL_CACHE_MAX:
+                memory.keys.clear()
+            memory.keys[presented_digest] = found[0], found[1], time.monotonic()
         return found[0]
 
     async def _verify(self, presented_digest: str) -> tuple[Principal, datetime | None] | None:
@@ -217,18 +233,29 @@ class _Obj:
         self.__dict__.update(values)
 
 
-_Remembered = tuple[Principal, "datetime | None", float]  # principal, key expiry, when read (monotonic)
-_PRINCIPALS: weakref.WeakKeyDictionary[AsyncEngine, dict[str, _Remembered]] = weakref.WeakKeyDictionary()
+class _Memory:
+    """This process's remembered keys of one database, by digest (never the key itself), and the reads in
+    flight; `generation` counts the changes made here, so a read that began before one is not remembered."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[Principal, datetime | None, float]] = {}  # principal, expiry, when read
+        self.flights: dict[str, asyncio.Future[Principal | None]] = {}
+        self.generation = 0
 
 
-def _principals(engine: AsyncEngine) -> dict[str, _Remembered]:
-    """This process's remembered keys of one database, by digest (never the key itself)."""
-    cache = _PRINCIPALS.get(engine)
-    if cache is None:
-        cache = _PRINCIPALS[engine] = {}
-    return cache
+_PRINCIPALS: weakref.WeakKeyDictionary[AsyncEngine, _Memory] = weakref.WeakKeyDictionary()
+
+
+def _principals(engine: AsyncEngine) -> _Memory:
+    memory = _PRINCIPALS.get(engine)
+    if memory is None:
+        memory = _PRINCIPALS[engine] = _Memory()
+    return memory
 
 
 def forget_principals(engine: AsyncEngine) -> None:
     """Drop every remembered key of this database: a key or an account changed here."""
-    _principals(engine).clear()
+    memory = _principals(engine)
+    memory.keys.clear()
+    memory.flights.clear()  # a read in flight finishes for its waiters but is not remembered
+    memory.generation += 1

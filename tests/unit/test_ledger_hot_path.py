@@ -2,7 +2,8 @@
 (`accounts/sqlite_hot.py`, `accounts/pg_hot.py`) hold and settle exactly as the SQLAlchemy path does, never
 overspend under concurrency, settle once, write rows the rest of the ledger (reaper, audit) reads as its
 own, and on SQLite step aside for another writer instead of waiting on the loop's thread. Plus the 1 s
-verified-key cache: a change made through this process applies at once."""
+verified-key cache: a change made through this process applies at once, and requests that miss it together
+make one read."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from flashserve.accounts import pg_hot, sqlite_hot
-from flashserve.accounts.keys import KeyLimits
+from flashserve.accounts.keys import KeyLimits, KeyStore
 from flashserve.accounts.pricing import TokenPrices
 from flashserve.accounts.reservations import NO_CAPS, CannotPay, Charge, Hold, Reservations
 from flashserve.accounts.service import Accounts, Bootstrap, sqlite_path
@@ -153,6 +154,21 @@ def test_a_verified_key_is_remembered_but_a_change_here_applies_at_once(tmp_path
         assert (await accounts.keys.verify(secret)).limits.rpm == 7  # type: ignore[union-attr]
         await accounts.ledger.set_limits(account["id"], {"tpm": 900})
         assert (await accounts.keys.verify(secret)).account_limits.tpm == 900  # type: ignore[union-attr]
+        # Requests that miss together make one read, not one each.
+        reads = 0
+        read = KeyStore._verify
+
+        async def counted(store: KeyStore, presented_digest: str):  # noqa: ANN202 - KeyStore._verify's
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.05)
+            return await read(store, presented_digest)
+
+        await accounts.keys.set_limits(key["id"], {"rpm": 8})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(KeyStore, "_verify", counted)
+            seen = await asyncio.gather(*(accounts.keys.verify(secret) for _ in range(16)))
+        assert reads == 1 and all(p is not None and p.limits.rpm == 8 for p in seen)
         await accounts.keys.revoke(key["id"])
         assert await accounts.keys.verify(secret) is None
         assert await accounts.keys.verify("sk-fs-unknown") is None
