@@ -18,7 +18,9 @@ Figures per gateway:
 - CPU per non-streaming request and per 20-chunk stream: utime+stime of the gateway's process tree from
   /proc/<pid>/stat over the run, divided by the requests answered;
 - streaming TTFT (time to the first content token) p50 at 16 concurrent clients (an asyncio client on raw
-  sockets), and what the gateway adds to the upstream's own.
+  sockets), and what the gateway adds to the upstream's own;
+- the share of the c=16 run the gateway spent runnable but waiting for a CPU (/proc schedstat): another
+  process on its core, which on a shared machine is where the tail latency comes from.
 
 It prints a table and writes bench/results/gateway-<timestamp>.{json,md}. Never run by the tests.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -308,15 +311,27 @@ litellm_settings:
                    LITELLM_KEY, work / "litellm.log")
 
 
+def cpu_wait_s(root: int) -> float:
+    """Seconds the threads of `root` have spent runnable but waiting for a CPU (/proc/<pid>/task/*/schedstat,
+    its second field): time another process held the gateway's core, which a shared machine's other work
+    adds to the latencies (its tail above all)."""
+    total = 0
+    for stat in Path(f"/proc/{root}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(stat.read_text().split()[1])
+    return total / 1e9
+
+
 def measure(gw: Gateway, duration_s: int, lua_dir: Path) -> dict[str, Any]:
     assert gw.process is not None
     pid = gw.process.pid
     run_wrk(gw.chat_url, gw.model, gw.key, 4, 2, lua_dir)  # warm-up: connections, caches, JIT-free paths
     run_streams(gw.chat_url, gw.model, gw.key, 4, 1.0)
     c1 = run_wrk(gw.chat_url, gw.model, gw.key, 1, max(3, duration_s // 2), lua_dir)
-    before = tree_cpu_s(pid)
+    before, waited = tree_cpu_s(pid), cpu_wait_s(pid)
     c16 = run_wrk(gw.chat_url, gw.model, gw.key, 16, duration_s, lua_dir)
     cpu_requests = tree_cpu_s(pid) - before
+    c16["cpu_wait_s"] = cpu_wait_s(pid) - waited
     before = tree_cpu_s(pid)
     streams = run_streams(gw.chat_url, gw.model, gw.key, 16, duration_s)
     cpu_streams = tree_cpu_s(pid) - before
@@ -339,6 +354,7 @@ def summarize(name: str, m: dict[str, Any], direct: dict[str, Any]) -> dict[str,
         "cpu_ms_per_stream": m["cpu_ms_per_stream"],
         "ttft_p50_ms": st["ttft_p50_ms"],
         "ttft_added_ms": st["ttft_p50_ms"] - direct["streams16"]["ttft_p50_ms"],
+        "cpu_wait_share_c16": c16.get("cpu_wait_s", 0.0) / max(1e-9, c16["duration_us"] / 1e6),
         "errors": c1["non2xx"] + c1["socket_errors"] + c16["non2xx"] + c16["socket_errors"] + st["bad"],
     }
 
@@ -362,6 +378,7 @@ COLUMNS = [("added latency p50, c=1 (ms)", "added_p50_ms", "{:.2f}"),
            ("CPU per 20-chunk stream (ms)", "cpu_ms_per_stream", "{:.2f}"),
            ("streaming TTFT p50 at 16 clients (ms)", "ttft_p50_ms", "{:.1f}"),
            ("streaming TTFT added at 16 clients (ms)", "ttft_added_ms", "{:.1f}"),
+           ("share of c=16 run waiting for a CPU (other processes)", "cpu_wait_share_c16", "{:.0%}"),
            ("errors", "errors", "{}")]
 
 

@@ -2,6 +2,17 @@
 data directory by default, or PostgreSQL (`postgresql+asyncpg://...`) by URL,
 with the schema brought up to date by Alembic at start-up.
 
+Durability of a commit: on PostgreSQL, the server's (`synchronous_commit`, on by default: flushed to its WAL
+before the commit returns). On SQLite, WAL mode with `synchronous=NORMAL`: a commit is appended to the WAL
+file in the OS page cache without an fsync (the WAL is fsynced at each checkpoint), so a committed row
+survives a crash or SIGKILL of the process (the kernel still holds its pages); only a power cut or a kernel
+crash can lose the last commits before a checkpoint. An fsync per commit (`FULL`) cost a request more than
+all of the gateway's other work together (README "Gateway overhead").
+
+SQLite takes one writer at a time and makes the others poll for its lock with growing sleeps (up to
+100 ms each), which turned a burst of requests into a tail of seconds. `write_transaction` makes this
+process's writers queue in order on an asyncio lock instead; PostgreSQL's row locks need no such queue.
+
 On PostgreSQL the upgrade runs under a transaction-scoped advisory lock, so gateways starting together on
 one database take turns: the first migrates, the others then find the schema at head and do nothing
 (without it two of them raced on `CREATE TABLE alembic_version`).
@@ -9,6 +20,10 @@ one database take turns: the first migrates, the others then find the schema at 
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +32,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The advisory lock's key: any constant 64-bit number every flashserve gateway agrees on ("flashsrv").
@@ -45,12 +60,30 @@ def create_engine(url: str) -> AsyncEngine:
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets readers (usage reports, the CLI) run while the server writes; FULL sync makes a
-    # committed usage row survive a power cut, not just a process kill.
+    # WAL lets readers (usage reports, the CLI) run while the server writes; NORMAL sync makes a
+    # committed usage row survive a process crash or kill without an fsync per commit (module docstring).
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+_WRITE_LOCKS: weakref.WeakKeyDictionary[AsyncEngine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """`engine.begin()` for a transaction that writes: on SQLite, after this process's earlier writers
+    (FIFO, on an asyncio lock) instead of racing them for the database's lock."""
+    if engine.dialect.name != "sqlite":
+        async with engine.begin() as conn:
+            yield conn
+        return
+    lock = _WRITE_LOCKS.get(engine)
+    if lock is None:
+        lock = _WRITE_LOCKS[engine] = asyncio.Lock()
+    async with lock, engine.begin() as conn:
+        yield conn
 
 
 def alembic_config() -> Config:

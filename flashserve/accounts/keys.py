@@ -8,10 +8,13 @@ ever goes into a log line or an error message; the prefix may.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +29,8 @@ from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, KEY_LIMIT_COLUMNS,
 
 KEY_PREFIX = "sk-fs-"
 _PUBLIC_CHARS = 12
+PRINCIPAL_TTL_S = 1.0  # how long a verified key is trusted without reading its row again
+_PRINCIPAL_CACHE_MAX = 10_000
 
 
 def generate_key() -> str:
@@ -117,8 +122,46 @@ class KeyStore:
         return None if row is None else key_view(row)
 
     async def verify(self, presented: str) -> Principal | None:
-        """The principal behind a live key, or None (unknown, revoked or expired)."""
+        """The principal behind a live key, or None (unknown, revoked or expired).
+
+        A verified key is remembered for `PRINCIPAL_TTL_S`, so the request path reads no row for it: a change
+        made through this process (revoke, limits, caps) forgets every remembered key at once; one made by
+        another process (the `flashserve keys` CLI, another gateway on the same database) takes effect within
+        the TTL. Unknown, revoked and expired keys are never remembered, and a remembered key's expiry is
+        checked on every use."""
         presented_digest = digest(presented)
+        memory = _principals(self.engine)
+        hit = memory.keys.get(presented_digest)
+        if hit is not None:
+            principal, expires_at, fetched = hit
+            if time.monotonic() - fetched < PRINCIPAL_TTL_S and (expires_at is None or expires_at > utcnow()):
+                return principal
+            del memory.keys[presented_digest]
+        # One read per key however many requests miss at once: when the second ran out under load, every
+        # request in flight read the row together (a burst of new pooled connections: a 100 ms stall).
+        flight = memory.flights.get(presented_digest)
+        if flight is None:
+            flight = memory.flights[presented_digest] = asyncio.ensure_future(self._remember(presented_digest))
+        # Shielded: one client's disconnect does not cancel the read the others wait on.
+        return await asyncio.shield(flight)
+
+    async def _remember(self, presented_digest: str) -> Principal | None:
+        memory = _principals(self.engine)
+        generation = memory.generation
+        try:
+            found = await self._verify(presented_digest)
+        finally:
+            memory.flights.pop(presented_digest, None)
+        if found is None:
+            return None
+        if memory.generation == generation:  # nothing changed here while it was read
+            if len(memory.keys) >= _PRINCIPAL_CACHE_MAX:
+                memory.keys.clear()
+            memory.keys[presented_digest] = found[0], found[1], time.monotonic()
+        return found[0]
+
+    async def _verify(self, presented_digest: str) -> tuple[Principal, datetime | None] | None:
+        """The principal behind a live key and the key's expiry, read from the database."""
         query = (sa.select(api_keys, *(accounts.c[c].label(f"account_{c}") for c in ACCOUNT_LIMIT_COLUMNS))
                  .join(accounts, accounts.c.id == api_keys.c.account_id)
                  .where(api_keys.c.digest == presented_digest))
@@ -133,7 +176,7 @@ class KeyStore:
         return Principal(row.id, row.account_id, row.prefix, KeyLimits(row.max_concurrent, row.rpm, row.tpm),
                          KeyLimits(account["max_concurrent"], account["rpm"], account["tpm"]),
                          KeyLimits(account["user_max_concurrent"], account["user_rpm"], account["user_tpm"]),
-                         SpendCaps(_int(row.daily_cap_pusd), _int(row.monthly_cap_pusd)))
+                         SpendCaps(_int(row.daily_cap_pusd), _int(row.monthly_cap_pusd))), row.expires_at
 
     async def set_limits(self, key_id: str, changes: dict[str, int | None]) -> dict[str, Any] | None:
         """Change some of a key's limits (None: unlimited); the key's view, or None when there is no such key."""
@@ -143,6 +186,7 @@ class KeyStore:
         if changes:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id).values(**changes))
+            forget_principals(self.engine)
         return await self.get(key_id)
 
     async def _row_by_digest(self, key_digest: str) -> Any:
@@ -167,12 +211,14 @@ class KeyStore:
         async with self.engine.begin() as conn:
             await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id)
                                .values(daily_cap_pusd=caps.daily_pusd, monthly_cap_pusd=caps.monthly_pusd))
+        forget_principals(self.engine)
         return await self.get(key_id)
 
     async def revoke(self, key_id: str) -> dict[str, Any] | None:
         async with self.engine.begin() as conn:
             await conn.execute(sa.update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                                .values(revoked_at=utcnow()))
+        forget_principals(self.engine)
         return await self.get(key_id)
 
 
@@ -185,3 +231,31 @@ class _Obj:
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
+
+
+class _Memory:
+    """This process's remembered keys of one database, by digest (never the key itself), and the reads in
+    flight; `generation` counts the changes made here, so a read that began before one is not remembered."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[Principal, datetime | None, float]] = {}  # principal, expiry, when read
+        self.flights: dict[str, asyncio.Future[Principal | None]] = {}
+        self.generation = 0
+
+
+_PRINCIPALS: weakref.WeakKeyDictionary[AsyncEngine, _Memory] = weakref.WeakKeyDictionary()
+
+
+def _principals(engine: AsyncEngine) -> _Memory:
+    memory = _PRINCIPALS.get(engine)
+    if memory is None:
+        memory = _PRINCIPALS[engine] = _Memory()
+    return memory
+
+
+def forget_principals(engine: AsyncEngine) -> None:
+    """Drop every remembered key of this database: a key or an account changed here."""
+    memory = _principals(engine)
+    memory.keys.clear()
+    memory.flights.clear()  # a read in flight finishes for its waiters but is not remembered
+    memory.generation += 1

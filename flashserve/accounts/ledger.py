@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from flashserve.accounts.clock import utcnow
+from flashserve.accounts.keys import forget_principals
 from flashserve.accounts.pricing import format_usd
 from flashserve.accounts.reservations import STATUSES, audit, check_usage
 from flashserve.accounts.tables import ACCOUNT_LIMIT_COLUMNS, accounts, api_keys, topups, usage_records
@@ -100,6 +101,7 @@ class Ledger:
         if changes:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.update(accounts).where(accounts.c.id == account_id).values(**changes))
+            forget_principals(self.engine)  # a remembered key carries its account's limits
         return await self.get_account(account_id)
 
     async def balance(self, account_id: str) -> int | None:

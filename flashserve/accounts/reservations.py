@@ -3,10 +3,11 @@ and settled (the actual cost charged, the rest released) with its usage row, in 
 
 Money moves only by SQL arithmetic on locked rows, so no number of requests or gateways can overspend:
 
-- `reserve` locks the account row (and the key's, when the key has a spending cap), reads what is free,
-  sizes the hold (the prompt at the cache-miss price plus the completion budget at the output price, the
-  budget clamped to what is free) and moves it from `balance_pusd` to `reserved_pusd` with a conditional
-  `UPDATE ... WHERE balance_pusd >= amount`. The row lock is taken by a write first, which is also what
+- `reserve` holds the prompt at the cache-miss price plus the completion budget at the output price, moved
+  from `balance_pusd` to `reserved_pusd` by a conditional `UPDATE ... WHERE balance_pusd >= amount`. In the
+  common case (no spending cap, the whole budget fits) that one statement is all it takes. Otherwise it
+  locks the account row (and the key's, when the key has a spending cap), reads what is free and clamps the
+  budget to it before the same conditional move. The row lock is taken by a write first, which is also what
   makes SQLite serialize: its write lock is taken before the read instead of upgraded after it.
 - `settle` deletes the reservation (`DELETE ... RETURNING`: of two settlers, say a late gateway and the
   reaper, exactly one gets the row), charges min(actual cost, held), releases the rest, spends granted
@@ -34,8 +35,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from flashserve.accounts import pg_hot, sqlite_hot
 from flashserve.accounts.clock import utcnow
+from flashserve.accounts.db import write_transaction
 from flashserve.accounts.pricing import TokenPrices, format_usd
+from flashserve.accounts.sqlite_hot import Busy, HotStatement, SqliteHotPath, Transaction
 from flashserve.accounts.tables import accounts, api_keys, reservations, topups, usage_records
 
 log = logging.getLogger(__name__)
@@ -131,10 +135,37 @@ def month_start(now: datetime) -> datetime:
     return day_start(now).replace(day=1)
 
 
+# The request path's statements, built once. They run through SQLAlchemy on any database, or, on SQLite, on
+# the event loop's thread (`sqlite_hot.py`), compiled once for sqlite3: the same SQL either way.
+_a = accounts.c
+# Move `amount` from the balance to reserved_pusd, if the balance is at least `at_least`.
+TAKE = (sa.update(accounts).where(_a.id == sa.bindparam("account_id"), _a.balance_pusd >= sa.bindparam("at_least"))
+        .values(balance_pusd=_a.balance_pusd - sa.bindparam("amount"),
+                reserved_pusd=_a.reserved_pusd + sa.bindparam("amount")))
+HOLD = sa.insert(reservations).values({c.name: sa.bindparam(c.name, type_=c.type) for c in reservations.c})
+UNHOLD = (sa.delete(reservations).where(reservations.c.request_id == sa.bindparam("request_id"))
+          .returning(reservations.c.account_id, reservations.c.amount_pusd))
+# The settlement's arithmetic: `held` leaves reserved_pusd, its unspent part (`refund`) returns to the balance,
+# and the charge spends granted credit first.
+SETTLE = (sa.update(accounts).where(_a.id == sa.bindparam("account_id"))
+          .values(reserved_pusd=_a.reserved_pusd - sa.bindparam("held"),
+                  balance_pusd=_a.balance_pusd + sa.bindparam("refund"),
+                  granted_pusd=sa.case((_a.granted_pusd > sa.bindparam("charged"),
+                                        _a.granted_pusd - sa.bindparam("charged")), else_=sa.literal_column("0"))))
+USAGE = sa.insert(usage_records).values({c.name: sa.bindparam(c.name, type_=c.type)
+                                         for c in usage_records.c if c.name != "id"})
+_HOT = {name: HotStatement.of(stmt) for name, stmt in
+        (("take", TAKE), ("hold", HOLD), ("unhold", UNHOLD), ("settle", SETTLE), ("usage", USAGE))}
+
+
 class Reservations:
-    def __init__(self, engine: AsyncEngine, gateway_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, gateway_id: str, hot: SqliteHotPath | None = None) -> None:
+        """`hot`: the loop-thread path for SQLite's request-path transactions (default: the one attached to
+        the engine, if any; None: SQLAlchemy only)."""
         self.engine = engine
         self.gateway_id = gateway_id
+        self.hot = hot or sqlite_hot.of(engine)
+        self.pg_hot = pg_hot.of(engine)  # the same two transactions on PostgreSQL, one statement each
 
     # -- admission -----------------------------------------------------------------------------------------
     async def reserve(self, *, request_id: str, account_id: str, key_id: str, caps: SpendCaps, model: str,
@@ -144,7 +175,28 @@ class Reservations:
         prompt_cost = prompt_tokens * prices.input_cache_miss
         per_token = prices.output * n
         now = utcnow()
-        async with self.engine.begin() as conn:
+        # The common case first: no spending cap and the whole budget fits, so nothing is read or clamped (the
+        # balance test and the move are one atomic UPDATE: never below zero), on the loop's thread on SQLite.
+        full = prompt_cost + max_tokens * per_token
+        take = {"account_id": account_id, "amount": full, "at_least": max(full, 1)}
+        hold = {"request_id": request_id, "account_id": account_id, "key_id": key_id, "model": model,
+                "prompt_tokens": prompt_tokens, "prompt_cost_pusd": prompt_cost, "amount_pusd": full,
+                "gateway_id": self.gateway_id, "created_at": now, "heartbeat_at": now}
+        if not caps.any and self.hot is not None:
+            try:
+                if self.hot.run(lambda tx: _take_and_hold(tx, take, hold)):
+                    return Hold(request_id, full, max_tokens, False)
+            except Busy:
+                pass  # another connection is writing: the async path below waits its turn
+        if not caps.any and self.pg_hot is not None and await self.pg_hot.reserve_whole(
+                request_id=request_id, account_id=account_id, key_id=key_id, model=model,
+                prompt_tokens=prompt_tokens, prompt_cost=prompt_cost, amount=full, at_least=max(full, 1),
+                gateway_id=self.gateway_id, now=now):
+            return Hold(request_id, full, max_tokens, False)
+        async with write_transaction(self.engine) as conn:
+            if not caps.any and (await conn.execute(TAKE, take)).rowcount == 1:
+                await conn.execute(HOLD, hold)
+                return Hold(request_id, full, max_tokens, False)
             await _lock(conn, accounts, accounts.c.id, account_id, accounts.c.reserved_pusd)
             balance = await conn.scalar(sa.select(accounts.c.balance_pusd).where(accounts.c.id == account_id))
             if balance is None:
@@ -171,16 +223,10 @@ class Reservations:
                         free, binding = left, name
             tokens = max_tokens if per_token == 0 else min(max_tokens, (free - prompt_cost) // per_token)
             amount = prompt_cost + tokens * per_token
-            moved = await conn.execute(
-                sa.update(accounts).where(accounts.c.id == account_id, accounts.c.balance_pusd >= amount)
-                .values(balance_pusd=accounts.c.balance_pusd - amount,
-                        reserved_pusd=accounts.c.reserved_pusd + amount))
-            if moved.rowcount != 1:  # cannot happen under the row lock; never overspend if it does
+            if (await conn.execute(TAKE, {**take, "amount": amount, "at_least": amount})).rowcount != 1:
+                # cannot happen under the row lock; never overspend if it does
                 raise CannotPay("Insufficient balance: top up the account to continue.")
-            await conn.execute(sa.insert(reservations).values(
-                request_id=request_id, account_id=account_id, key_id=key_id, model=model,
-                prompt_tokens=prompt_tokens, prompt_cost_pusd=prompt_cost, amount_pusd=amount,
-                gateway_id=self.gateway_id, created_at=now, heartbeat_at=now))
+            await conn.execute(HOLD, {**hold, "amount_pusd": amount})
         if tokens < max_tokens:
             log.info("request %s: max_tokens clamped %d -> %d by the %s", request_id, max_tokens, tokens,
                      f"{binding} spending cap" if binding else "account's free balance")
@@ -188,7 +234,7 @@ class Reservations:
 
     async def cancel(self, request_id: str) -> None:
         """Release a reservation whose request never reached the model: no charge, no usage row."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             row = (await conn.execute(sa.delete(reservations).where(reservations.c.request_id == request_id)
                                       .returning(reservations.c.account_id, reservations.c.amount_pusd))).first()
             if row is not None:
@@ -199,26 +245,29 @@ class Reservations:
         """Charge the actual cost (at most what was held), release the rest and write the usage row, in one
         transaction. Returns what was charged; None when the request was settled already (by an earlier
         attempt whose answer was lost, or by the reaper): nothing is written twice."""
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(sa.delete(reservations).where(reservations.c.request_id == charge.request_id)
-                                      .returning(reservations.c.amount_pusd))).first()
+        if self.hot is not None:
+            try:
+                return self.hot.run(lambda tx: _settle_in(tx, charge))
+            except Busy:
+                pass  # another connection is writing: the async path below waits its turn
+        if self.pg_hot is not None:
+            charged = await self.pg_hot.settle(**{**charge.as_dict(), "created_at": utcnow()})
+            if charged is not None and charged < charge.cost_pusd:
+                _short(charge, held=charged)
+            return charged
+        async with write_transaction(self.engine) as conn:
+            row = (await conn.execute(UNHOLD, {"request_id": charge.request_id})).first()
             if row is None:
                 return None
-            held = int(row.amount_pusd)
-            charged = min(charge.cost_pusd, held)
-            if charged < charge.cost_pusd:
-                # Only where the prompt was an estimate (a remote upstream's tokenizer is not ours).
-                log.warning("request %s cost %d pUSD but held %d; charged what was held", charge.request_id,
-                            charge.cost_pusd, held)
-            await _move(conn, charge.account_id, held=held, charged=charged)
-            await conn.execute(sa.insert(usage_records).values(**{**charge.as_dict(), "cost_pusd": charged,
-                                                                  "created_at": utcnow()}))
+            charged, move, usage = _settlement(charge, held=int(row.amount_pusd))
+            await conn.execute(SETTLE, move)
+            await conn.execute(USAGE, usage)
         return charged
 
     # -- gateways that died --------------------------------------------------------------------------------
     async def heartbeat(self) -> int:
         """Renew every reservation this gateway holds; returns how many."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             done = await conn.execute(sa.update(reservations).where(reservations.c.gateway_id == self.gateway_id)
                                       .values(heartbeat_at=utcnow()))
         return int(done.rowcount or 0)
@@ -235,7 +284,7 @@ class Reservations:
             ids = list((await conn.execute(sa.select(reservations.c.request_id).where(stale).limit(500))).scalars())
         reaped = 0
         for request_id in ids:
-            async with self.engine.begin() as conn:
+            async with write_transaction(self.engine) as conn:
                 row = (await conn.execute(sa.delete(reservations)
                                           .where(reservations.c.request_id == request_id, stale)
                                           .returning(*reservations.c))).first()
@@ -279,14 +328,43 @@ async def _key_spend(conn: AsyncConnection, key_id: str, since: datetime) -> int
     return int(charged or 0) + int(held or 0)
 
 
+def _take_and_hold(tx: Transaction, take: dict[str, Any], hold: dict[str, Any]) -> bool:
+    """The common case of `reserve` as one hot transaction: whether the whole budget was held."""
+    if tx.execute(_HOT["take"], take).rowcount != 1:
+        return False
+    tx.execute(_HOT["hold"], hold)
+    return True
+
+
+def _settle_in(tx: Transaction, charge: Charge) -> int | None:
+    """`Reservations.settle` as one hot transaction."""
+    row = tx.execute(_HOT["unhold"], {"request_id": charge.request_id}).fetchone()
+    if row is None:
+        return None
+    charged, move, usage = _settlement(charge, held=int(row[1]))
+    tx.execute(_HOT["settle"], move)
+    tx.execute(_HOT["usage"], usage)
+    return charged
+
+
+def _short(charge: Charge, held: int) -> None:
+    # Only where the prompt was an estimate (a remote upstream's tokenizer is not ours).
+    log.warning("request %s cost %d pUSD but held %d; charged what was held", charge.request_id,
+                charge.cost_pusd, held)
+
+
+def _settlement(charge: Charge, *, held: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """What settling `charge` against a hold of `held` charges, and the parameters of SETTLE and USAGE."""
+    charged = min(charge.cost_pusd, held)
+    if charged < charge.cost_pusd:
+        _short(charge, held)
+    move = {"account_id": charge.account_id, "held": held, "refund": held - charged, "charged": charged}
+    return charged, move, {**charge.as_dict(), "cost_pusd": charged, "created_at": utcnow()}
+
+
 async def _move(conn: AsyncConnection, account_id: str, *, held: int, charged: int) -> None:
-    """The settlement's arithmetic: `held` leaves reserved_pusd, its unspent part returns to the balance, and
-    the charge spends granted credit first."""
-    a = accounts.c
-    await conn.execute(sa.update(accounts).where(a.id == account_id).values(
-        reserved_pusd=a.reserved_pusd - held,
-        balance_pusd=a.balance_pusd + (held - charged),
-        granted_pusd=sa.case((a.granted_pusd > charged, a.granted_pusd - charged), else_=0)))
+    """The settlement's arithmetic (SETTLE) through SQLAlchemy."""
+    await conn.execute(SETTLE, {"account_id": account_id, "held": held, "refund": held - charged, "charged": charged})
 
 
 # -- the audit ---------------------------------------------------------------------------------------------

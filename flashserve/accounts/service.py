@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from flashserve.accounts import pg_hot, sqlite_hot
 from flashserve.accounts.console_users import ConsoleUsers
 from flashserve.accounts.db import create_engine, migrate
 from flashserve.accounts.keys import KeyStore
@@ -100,6 +101,11 @@ class Accounts:
     async def start(self) -> None:
         self.engine = create_engine(self.database_url)
         await migrate(self.engine)
+        path = sqlite_path(self.database_url)
+        if path is not None:  # SQLite's request-path transactions run on the loop's thread (sqlite_hot.py)
+            sqlite_hot.attach(self.engine, path)
+        elif self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "asyncpg":
+            pg_hot.attach(self.engine)  # and PostgreSQL's as one statement each (pg_hot.py)
         await self._ensure_bootstrap_key()
 
     # -- settlement: the database, else the outbox -------------------------------------------------------
@@ -154,6 +160,9 @@ class Accounts:
         while True:
             if self.outbox.path.exists() and self.outbox.path.stat().st_size:
                 await _quietly("outbox replay", self.replay_outbox())
+            path = sqlite_path(self.database_url)
+            if path is not None:  # the hot path's connection leaves the WAL's checkpoints to us
+                await _quietly("WAL checkpoint", asyncio.to_thread(sqlite_hot.checkpoint, path))
             if loop.time() >= next_beat:
                 next_beat = loop.time() + beat
                 await _quietly("reservation heartbeat", self.reservations.heartbeat())
@@ -163,6 +172,8 @@ class Accounts:
     async def close(self) -> None:
         await self.limiter.close()
         if self.engine is not None:
+            sqlite_hot.detach(self.engine)
+            await pg_hot.detach(self.engine)
             await self.engine.dispose()
             self.engine = None
 
@@ -208,12 +219,18 @@ class Accounts:
         log.info("registered the bootstrap key %s on the default account", view["id"])
 
 
-def _default_data_dir(database_url: str) -> Path:
+def sqlite_path(database_url: str) -> str | None:
+    """The file of a SQLite database URL; None for another database or an in-memory one."""
     if database_url.startswith("sqlite"):
         path = database_url.split(":///", 1)[-1]
         if path and path != ":memory:":
-            return Path(path).parent
-    return Path("data")
+            return path
+    return None
+
+
+def _default_data_dir(database_url: str) -> Path:
+    path = sqlite_path(database_url)
+    return Path("data") if path is None else Path(path).parent
 
 
 async def _quietly(what: str, work: Awaitable[object]) -> None:

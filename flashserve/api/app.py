@@ -236,7 +236,10 @@ def create_app(catalog: Catalog[Backend], accounts: Accounts, *, sse_keepalive_s
                 await backend.close()
             await accounts.close()
 
-    app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan)
+    # FastAPI's own OpenTelemetry hooks off: flashserve exports its own series (/metrics, metrics.py), and
+    # those hooks looked up the global tracer provider (an os.environ read) on every request.
+    app = FastAPI(title="flashserve", version=__version__, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     key = server_key if server_key is not None else ServerKey(os.urandom(32), "ephemeral")
     app.state.flashserve = AppState(catalog, accounts, key, sse_keepalive_s=sse_keepalive_s,
                                     max_body_bytes=max_body_bytes, responses_retention_days=responses_retention_days,

@@ -57,12 +57,20 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 
 from flashserve import metrics
+from flashserve.backends.upstream_http import (
+    AiohttpUpstream,
+    HttpxUpstream,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from flashserve.catalog import RemoteSpec
 from flashserve.chat.logprob_alignment import ContentLogprobs
 from flashserve.chat.model_output import RAW_TEXT_PARSERS, ModelOutputParser
@@ -86,6 +94,7 @@ from flashserve.request_scope import REQUEST_ID_HEADER, as_uuid
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {500, 502, 503, 504}
+_AFTER_DONE_S = 0.5  # how long the rest of a body after its [DONE] is waited for (`_read_to_end`)
 
 
 
@@ -323,7 +332,7 @@ def normalize_usage(raw: dict[str, Any]) -> Usage:
                  completion_tokens=int(raw.get("completion_tokens") or 0), reasoning_tokens=reasoning)
 
 
-def upstream_error(status: int, text: str, headers: httpx.Headers | dict[str, str],
+def upstream_error(status: int, text: str, headers: Mapping[str, str],
                    upstream: Upstream | None = None) -> FlashserveError:
     """Our error object for an upstream's non-200 answer. One with an empty body names the upstream (its
     kind and model; the URL goes to the log) and its status: the client knows who refused it and how."""
@@ -356,9 +365,11 @@ class RemoteBackend:
     name = "remote"
 
     def __init__(self, upstream: Upstream, client: httpx.AsyncClient | None = None) -> None:
+        """`client`: an httpx client to send with (tests bring one over an in-process transport); by default
+        aiohttp's (`upstream_http.py` says why)."""
         self.upstream = upstream
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(upstream.timeout_s,
-                                                                          connect=upstream.connect_timeout_s))
+        self._client: UpstreamClient = (HttpxUpstream(client) if client is not None else
+                                        AiohttpUpstream(upstream.timeout_s, upstream.connect_timeout_s))
         ident = f"{upstream.url}|{upstream.model}"
         self.system_fingerprint = "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:10]
         self._open: set[RemoteGeneration] = set()  # the streams in flight: the load, and abort_all's work
@@ -403,19 +414,23 @@ class RemoteBackend:
         headers = {"Authorization": f"Bearer {self.upstream.api_key}"} if self.upstream.api_key else {}
         url = self.upstream.url.rstrip("/").removesuffix("/v1") + path
         try:
-            response = await self._client.post(url, json=body, headers=headers)
-        except httpx.TimeoutException as exc:
+            response = await self._client.post(url, body, headers)
+            try:
+                content = await response.read()
+            finally:
+                await response.close()
+        except UpstreamTimeout as exc:
             raise FlashserveError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
                                   "upstream_timeout") from exc
-        except httpx.HTTPError as exc:
+        except UpstreamUnreachable as exc:
             raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
                                   "upstream_unavailable") from exc
         if response.status_code in (404, 405):
             raise unavailable
         if response.status_code != 200:
-            raise upstream_error(response.status_code, response.text, response.headers)
+            raise upstream_error(response.status_code, content.decode(errors="replace"), response.headers)
         try:
-            return response.json()
+            return json.loads(content)
         except ValueError as exc:
             raise FlashserveError(502, "The upstream's answer is not JSON.", SERVER_ERROR, None,
                                   "upstream_error") from exc
@@ -446,14 +461,13 @@ class RemoteBackend:
             last = attempt == self.upstream.retries
             started = time.monotonic()
             try:
-                response = await self._client.send(self._client.build_request("POST", url, json=body,
-                                                                              headers=headers), stream=True)
-            except httpx.TimeoutException as exc:
+                response = await self._client.post(url, body, headers)
+            except UpstreamTimeout as exc:
                 metrics.UPSTREAM_ERRORS.labels(*labels, "upstream_timeout").inc()
                 if last:
                     raise FlashserveError(504, "The upstream did not answer in time.", SERVER_ERROR, None,
                                       "upstream_timeout") from exc
-            except httpx.HTTPError as exc:
+            except UpstreamUnreachable as exc:
                 metrics.UPSTREAM_ERRORS.labels(*labels, "upstream_unavailable").inc()
                 if last:
                     raise FlashserveError(502, "The upstream is not reachable.", SERVER_ERROR, None,
@@ -466,11 +480,11 @@ class RemoteBackend:
                     return RemoteGeneration(response, self, request)
                 metrics.UPSTREAM_ERRORS.labels(*labels, f"http_{response.status_code}").inc()
                 try:  # the refusal's text, for our error; the response is closed whatever happens here
-                    text = (await response.aread()).decode(errors="replace")
-                except httpx.HTTPError:
+                    text = (await response.read()).decode(errors="replace")
+                except (UpstreamTimeout, UpstreamUnreachable):
                     text = ""
                 finally:
-                    await response.aclose()
+                    await response.close()
                 if last or response.status_code not in RETRYABLE_STATUS:
                     raise upstream_error(response.status_code, text, response.headers, self.upstream)
             await asyncio.sleep(delay)
@@ -487,6 +501,18 @@ class RemoteBackend:
         await self._client.aclose()
 
 
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """Read what follows `[DONE]` (the body's end, normally received with it), so the connection goes back
+    to the pool instead of being closed: a new upstream connection per request cost more than the request.
+    An upstream that keeps the stream open past `[DONE]` gets `_AFTER_DONE_S`, then is closed."""
+    try:
+        async with asyncio.timeout(_AFTER_DONE_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, UpstreamTimeout, UpstreamUnreachable):
+        pass
+
+
 class RemoteGeneration:
     """The upstream's event stream as our deltas. Tool calls arrive in pieces per (choice, call index) and
     are handed on whole when their choice finishes. From a raw-text upstream, `content` is parsed per
@@ -494,7 +520,7 @@ class RemoteGeneration:
 
     _raw: str | None = None
 
-    def __init__(self, response: httpx.Response, backend: RemoteBackend,
+    def __init__(self, response: UpstreamResponse, backend: RemoteBackend,
                  request: GenerationRequest | None = None) -> None:
         self.usage = Usage()
         self._response = response
@@ -518,11 +544,13 @@ class RemoteGeneration:
 
     async def _deltas(self) -> AsyncIterator[ChoiceDelta]:
         try:
-            async for line in self._response.aiter_lines():
+            lines = self._response.lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    await _read_to_end(lines)
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -537,7 +565,7 @@ class RemoteGeneration:
                         yield delta
             for delta in self._flush_raw():
                 yield delta
-        except (httpx.HTTPError, httpx.StreamError) as exc:
+        except (UpstreamTimeout, UpstreamUnreachable) as exc:
             if self._closed:  # abort_all closed the stream under us (the server's drain time is up)
                 raise FlashserveError(503, "The request was aborted by the server.", SERVER_ERROR, None,
                                   "request_aborted") from exc
@@ -616,7 +644,7 @@ class RemoteGeneration:
         if not self._closed:
             self._closed = True
             self._backend._open.discard(self)
-            await self._response.aclose()
+            await self._response.close()
 
 
 class WholeAnswer:
@@ -628,15 +656,15 @@ class WholeAnswer:
         self._deltas = deltas
 
     @classmethod
-    async def read(cls, response: httpx.Response, backend: RemoteBackend,
+    async def read(cls, response: UpstreamResponse, backend: RemoteBackend,
                    request: GenerationRequest) -> WholeAnswer:
         try:
-            answer = json.loads(await response.aread())
-        except (httpx.HTTPError, ValueError) as exc:
+            answer = json.loads(await response.read())
+        except (UpstreamTimeout, UpstreamUnreachable, ValueError) as exc:
             raise FlashserveError(502, f"The {backend.upstream.kind} upstream at {backend.upstream.url} sent an "
                                   "unreadable answer.", SERVER_ERROR, None, "upstream_error") from exc
         finally:
-            await response.aclose()
+            await response.close()
         deltas = []
         for choice in answer.get("choices") or ():
             message = choice.get("message") or {}
