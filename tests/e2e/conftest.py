@@ -1,4 +1,5 @@
-"""End-to-end fixtures: ONE real `flashserve serve` process for the whole e2e session.
+"""End-to-end fixtures: ONE real `flashserve serve` process for the whole e2e session (`server`), and the
+early start of every e2e server the selected tests use (`starts_early`, below).
 
 The server is started exactly as a user would start it (`python -m flashserve serve` on a free
 127.0.0.1 port, a temporary data dir, the API key in FLASHSERVE_API_KEY), and the tests drive it
