@@ -154,6 +154,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
     wanted = [name for name in _starters if name in used]
     if wanted:
+        factory.getbasetemp()  # made here, once: threads making it at the same time race (pytest-N and N+1)
         pool = ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="e2e-start")
         for name in wanted:
             _prestarted[name] = pool.submit(_starters[name], factory)
