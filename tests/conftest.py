@@ -25,6 +25,11 @@ if not os.environ.get("FLASHSERVE_TEST_MULTI"):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's processes (pytest and the servers it starts, which inherit this environment) share the machine's
+# cores. OpenMP's default lets an idle worker thread spin, so a torch op split over 2 threads waits on a core
+# another process holds: on 2 busy cores 100 tiny-V4 decode steps took 10-17 s spinning, 1.6 s with PASSIVE
+# waits (and the whole suite half its wall time). Set before anything imports torch; it changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

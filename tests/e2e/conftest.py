@@ -1,4 +1,5 @@
-"""End-to-end fixtures: ONE real `flashserve serve` process for the whole e2e session.
+"""End-to-end fixtures: ONE real `flashserve serve` process for the whole e2e session (`server`), and the
+early start of every e2e server the selected tests use (`starts_early`, below).
 
 The server is started exactly as a user would start it (`python -m flashserve serve` on a free
 127.0.0.1 port, a temporary data dir, the API key in FLASHSERVE_API_KEY), and the tests drive it
@@ -19,7 +20,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,17 +106,42 @@ def _wait_ready(base_url: str, process: subprocess.Popen | None, log_path: Path 
                 f"log:\n{_log_tail(log_path)}", pytrace=False)
 
 
-# -- the session's shared servers, started early ----------------------------------------------------------------
+# -- servers started early ----------------------------------------------------------------------------------------
 # Starting a server is mostly one core importing and loading weights; the in-process tiers (tests/api) mostly
-# leave the machine's other core idle. So once collection shows which shared servers the selected e2e tests use,
-# they are started at once, and their fixtures only wait for them (and stop them at the end).
-_prestarted: dict[str, Any] = {}
+# leave the machine's other core idle. So once collection shows which servers the selected e2e tests use, they are
+# all started at once, in a background thread each, and their fixtures only wait for them (and stop them at the
+# end). A fixture registers its starter with `@starts_early("fixture name")` and takes what it started with
+# `started_early("fixture name", factory)`; a starter returns a `(process, base_url, log)` triple or an object
+# with a `stop()`.
+_starters: dict[str, Callable[[pytest.TempPathFactory], Any]] = {}
+_prestarted: dict[str, Future] = {}
 
 
+def starts_early(fixture: str) -> Callable[[Callable[[pytest.TempPathFactory], Any]], Callable[..., Any]]:
+    def register(starter: Callable[[pytest.TempPathFactory], Any]) -> Callable[..., Any]:
+        _starters[fixture] = starter
+        return starter
+    return register
+
+
+def started_early(fixture: str, factory: pytest.TempPathFactory) -> Any:
+    """What was started early for `fixture`, or (run without it being known at collection) started now."""
+    future = _prestarted.pop(fixture, None)
+    return future.result() if future is not None else _starters[fixture](factory)
+
+
+@starts_early("server")
 def _start_session_server(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, str, Path]:
     # A fresh SQLite ledger in the data dir and the default starting balance, whatever the caller's env says.
     return start_server(factory, {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_ADMIN_KEY": ADMIN_KEY},
                         unset=("FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
+
+
+@starts_early("upstreams")
+def _start_upstreams(factory: pytest.TempPathFactory) -> Any:
+    from tests.e2e.scripted import UpstreamsProcesses  # scripted.py imports this module
+
+    return UpstreamsProcesses(factory)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -125,22 +152,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             used.update(getattr(item, "fixturenames", ()))
     factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
-    if "server" in used:
-        _prestarted["server"] = _start_session_server(factory)
-    if "upstreams" in used:
-        from tests.e2e.scripted import UpstreamsProcesses  # scripted.py imports this module
+    wanted = [name for name in _starters if name in used]
+    if wanted:
+        factory.getbasetemp()  # made here, once: threads making it at the same time race (pytest-N and N+1)
+        pool = ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="e2e-start")
+        for name in wanted:
+            _prestarted[name] = pool.submit(_starters[name], factory)
+        pool.shutdown(wait=False)
 
-        _prestarted["upstreams"] = UpstreamsProcesses(factory)
+
+def _stop_started(started: Any) -> None:
+    if isinstance(started, tuple):
+        _stop(started[0], started[2])
+    elif started is not None:
+        started.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stops what was started early but never used (a run stopped by -x, say)."""
-    for started in _prestarted.values():
+    for future in _prestarted.values():
         try:
-            if isinstance(started, tuple):
-                _stop(started[0], started[2])
-            else:
-                started.stop()
+            _stop_started(future.result())
         except BaseException as exc:  # noqa: BLE001 - never fail the session's end over a server nobody used
             print(f"stopping an unused e2e server: {exc!r}")
     _prestarted.clear()
@@ -157,7 +189,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                      os.environ.get("FLASHSERVE_E2E_ADMIN_KEY") or None)
         return
 
-    process, base, _server_log = _prestarted.pop("server", None) or _start_session_server(tmp_path_factory)
+    process, base, _server_log = started_early("server", tmp_path_factory)
     try:
         _wait_ready(base, process, _server_log)
         yield Server(base, API_KEY, process, _server_log, ADMIN_KEY)
@@ -242,5 +274,5 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     shared by the Anthropic, Responses, raw-V4 and remote-backend tests and the terminal chat."""
     from tests.e2e.scripted import serve_upstreams  # scripted.py imports this module
 
-    with serve_upstreams(tmp_path_factory, _prestarted.pop("upstreams", None)) as served:
+    with serve_upstreams(tmp_path_factory, started_early("upstreams", tmp_path_factory)) as served:
         yield served

@@ -10,10 +10,11 @@ catalog serves
 - `deepseek/deepseek-v4-flash` from the agents' script (AGENT_SCRIPT): the Anthropic and Responses clients,
   the Node SDK, Claude Code and Codex (test_anthropic_clients.py, test_responses_clients.py);
 - `v4-raw` from RAW_SCRIPT with an output cap (test_raw_v4_upstream.py);
-- `ds-remote` from the DeepSeek stand-in, with the reference prices (test_remote_backend.py);
+- `ds-remote` from the DeepSeek stand-in, with the reference prices, and `llama-remote` from the llama.cpp
+  stand-in (`tests/e2e/fake_llamacpp.py`) (test_remote_backend.py, which reads the server's JSON log);
 - and the embedded model under its own id, for Claude Code's context overflow.
-Each test module talks to its own model and upstream, so they stay independent; one process instead of four
-saves three server starts. `serve_scripted` still starts a dedicated server for one scripted model.
+Each test module talks to its own model and upstream, so they stay independent; one process instead of five
+saves four server starts. `serve_scripted` still starts a dedicated server for one scripted model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ ADMIN = "sk-fs-upstreams-e2e-admin-0123456789"
 AGENT_MODEL = "deepseek/deepseek-v4-flash"  # what every claude-* name maps to by default, and Codex's model
 RAW_MODEL = "v4-raw"
 REMOTE_MODEL = "ds-remote"
+LLAMA_MODEL = "llama-remote"
+UPSTREAM_MODELS = (AGENT_MODEL, RAW_MODEL, REMOTE_MODEL, LLAMA_MODEL)  # every model but the embedded one
 UPSTREAM_KEY = "upstream-secret-42"  # the DeepSeek stand-in's own key (flashserve reads it from the env)
 AGENT_ANSWER = "Done: the command printed ok."
 # Claude Code calls `Bash`, Codex and the Agents SDK `exec_command`: whichever the request offers.
@@ -80,6 +83,7 @@ class Upstreams:
     key: str
     admin_key: str
     upstream: dict[str, str]  # model id -> its upstream's base URL
+    log: Path  # flashserve's log (JSON lines: FLASHSERVE_LOG_FORMAT=json)
 
     def scripted(self, model: str) -> Scripted:
         return Scripted(self.base, self.upstream[model], self.admin_key)
@@ -105,8 +109,15 @@ def scripted_upstream(folder: Path, script: dict[str, Any]) -> Iterator[str]:
 @contextmanager
 def deepseek_stand_in(key: str) -> Iterator[str]:
     """The DeepSeek API stand-in demanding `key`; yields its base URL."""
+    with stand_in("tests.e2e.fake_deepseek", key) as url:
+        yield url
+
+
+@contextmanager
+def stand_in(module: str, *args: str) -> Iterator[str]:
+    """The stand-in upstream `python -m MODULE PORT ARGS...` (it serves `GET /requests`); yields its base URL."""
     url = f"http://127.0.0.1:{_free_port()}"
-    process = subprocess.Popen([_python(), "-m", "tests.e2e.fake_deepseek", url.rsplit(":", 1)[1], key], cwd=REPO,
+    process = subprocess.Popen([_python(), "-m", module, url.rsplit(":", 1)[1], *args], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield url
@@ -165,10 +176,22 @@ timeout_s = 2
 '''
 
 
+def llamacpp_entry(model: str, url: str) -> str:
+    """A catalog entry serving `model` from the llama.cpp stand-in at `url`, without retries."""
+    return f'''
+[models."{model}".backend]
+type = "remote"
+url = "{url}/v1"
+model = "smollm2"
+kind = "llamacpp"
+retries = 0
+'''
+
+
 # -- servers --------------------------------------------------------------------------------------------------
 class UpstreamsProcesses:
-    """The shared server's processes, started at once (nothing waits for anything): the three upstreams and
-    flashserve, whose catalog only names the upstreams' ports. `ready()` waits for all four; `stop()` ends them.
+    """The shared server's processes, started at once (nothing waits for anything): the four upstreams and
+    flashserve, whose catalog only names the upstreams' ports. `ready()` waits for all five; `stop()` ends them.
     Split so that tests/e2e/conftest.py can start them early and the fixture wait later."""
 
     def __init__(self, factory: pytest.TempPathFactory) -> None:
@@ -178,13 +201,16 @@ class UpstreamsProcesses:
             self.agent = self.stack.enter_context(scripted_upstream(folder, AGENT_SCRIPT))
             self.raw = self.stack.enter_context(scripted_upstream(folder, RAW_SCRIPT))
             self.deepseek = self.stack.enter_context(deepseek_stand_in(UPSTREAM_KEY))
+            self.llamacpp = self.stack.enter_context(stand_in("tests.e2e.fake_llamacpp"))
             catalog = folder / "catalog.toml"
             catalog.write_text(raw_v4_entry(AGENT_MODEL, self.agent, DEFAULT_CARD)
                                + raw_v4_entry(RAW_MODEL, self.raw, RAW_CARD)
-                               + deepseek_entry(REMOTE_MODEL, self.deepseek, "FLASHSERVE_TEST_UPSTREAM_KEY"))
+                               + deepseek_entry(REMOTE_MODEL, self.deepseek, "FLASHSERVE_TEST_UPSTREAM_KEY")
+                               + llamacpp_entry(LLAMA_MODEL, self.llamacpp))
             self.process, self.base, self.log = start_server(
                 factory, {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
-                          "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, unset=("FLASHSERVE_DATABASE_URL",))
+                          "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "FLASHSERVE_LOG_FORMAT": "json"},
+                unset=("FLASHSERVE_DATABASE_URL",))
         except BaseException:
             self.stack.close()
             raise
@@ -192,10 +218,11 @@ class UpstreamsProcesses:
     def ready(self) -> Upstreams:
         for url in (self.agent, self.raw):
             _wait_upstream(url)
-        _wait_upstream(self.deepseek, "/requests")
+        for url in (self.deepseek, self.llamacpp):
+            _wait_upstream(url, "/requests")
         _wait_ready(self.base, self.process, self.log)
         return Upstreams(self.base, KEY, ADMIN, {AGENT_MODEL: self.agent, RAW_MODEL: self.raw,
-                                                REMOTE_MODEL: self.deepseek})
+                                                REMOTE_MODEL: self.deepseek, LLAMA_MODEL: self.llamacpp}, self.log)
 
     def stop(self) -> None:
         try:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import REPO
-from tests.e2e.scripted import AGENT_MODEL, KEY, RAW_MODEL, REMOTE_MODEL, Upstreams
+from tests.e2e.scripted import AGENT_MODEL, KEY, UPSTREAM_MODELS, Upstreams
 from tests.e2e.scripted import Scripted as Served
 
 AGENTS = REPO / "tests" / "agents"
@@ -151,7 +151,7 @@ def test_claude_code_understands_a_context_overflow(served: Served, tmp_path: Pa
     """The embedded model's small context cannot hold Claude Code's ~12k-token first request: the 400 reads
     'prompt is too long: N tokens > M maximum', which Claude Code explains instead of retrying."""
     embedded = next(m for m in httpx.get(f"{served.base}/health", timeout=10).json()["models"]
-                    if m not in (AGENT_MODEL, RAW_MODEL, REMOTE_MODEL))
+                    if m not in UPSTREAM_MODELS)
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
     cwd.mkdir()

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import _python, _stop, _wait_ready, start_server
+from tests.e2e.conftest import _python, _stop, _wait_ready, start_server, started_early, starts_early
 
 MODEL = "deepseek/deepseek-v4-flash"
 KEY = "sk-fs-tiny-v4-e2e"
@@ -34,17 +34,38 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "days", "metric"]}}}
 
 
+class TinyV4Server:
+    """`make-tiny-v4` then `serve --model` on it, run early (tests/e2e/conftest.py: `starts_early`); the fixture
+    checks what `make-tiny-v4` did."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.folder = tmp_path_factory.mktemp("tiny-v4") / "tiny-v4"
+        self.made = subprocess.run([_python(), "-m", "flashserve", "make-tiny-v4", str(self.folder), "--seed", "1",
+                                    "--max-position-embeddings", str(CONTEXT)],
+                                   capture_output=True, text=True, timeout=300)
+        self.server = None
+        if self.made.returncode == 0:
+            self.server = start_server(tmp_path_factory, {"FLASHSERVE_MODEL": str(self.folder),
+                                                          "FLASHSERVE_API_KEY": KEY},
+                                       unset=("FLASHSERVE_DATABASE_URL",))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            _stop(self.server[0], self.server[2])
+
+
+starts_early("v4")(TinyV4Server)
+
+
 @pytest.fixture(scope="module")
 def v4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    folder = tmp_path_factory.mktemp("tiny-v4") / "tiny-v4"
-    made = subprocess.run([_python(), "-m", "flashserve", "make-tiny-v4", str(folder), "--seed", "1",
-                           "--max-position-embeddings", str(CONTEXT)],
-                          capture_output=True, text=True, timeout=300)
+    started: TinyV4Server = started_early("v4", tmp_path_factory)
+    folder, made = started.folder, started.made
     assert made.returncode == 0, made.stderr
     assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
     assert json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"] == CONTEXT
-    process, base, log = start_server(tmp_path_factory, {"FLASHSERVE_MODEL": str(folder), "FLASHSERVE_API_KEY": KEY},
-                                      unset=("FLASHSERVE_DATABASE_URL",))
+    assert started.server is not None
+    process, base, log = started.server
     try:
         _wait_ready(base, process, log)
         with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120) as client:

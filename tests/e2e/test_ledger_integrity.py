@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import _log_tail, _stop, _wait_ready, start_server
+from tests.e2e.conftest import _log_tail, _stop, _wait_ready, start_server, started_early, starts_early
 from tests.e2e.test_accounts_api import (
     MODEL,
     PUSD_PER_USD,
@@ -70,13 +71,22 @@ def _database_url() -> str:
 
 # PostgreSQL only: the same test on SQLite, and the client's hang-up on both databases, run in-process
 # (tests/api/test_billing.py); this keeps one real server configured with a PostgreSQL URL.
+@starts_early("ledger_server")
+def start_ledger_server(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, str, Path] | None:
+    """The server on PostgreSQL, started early when there is a database to give it (else the fixture skips)."""
+    url = os.environ.get("FLASHSERVE_TEST_DATABASE_URL")
+    if not url:
+        return None
+    return start_server(tmp_path_factory, {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_DATABASE_URL": url},
+                        unset=("FLASHSERVE_ADMIN_KEY", "FLASHSERVE_DATABASE_URL", "FLASHSERVE_DEFAULT_BALANCE_USD"))
+
+
 @pytest.fixture(scope="module", params=["postgresql"])
 def ledger_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LedgerServer]:
-    env = {"FLASHSERVE_API_KEY": API_KEY}
-    if request.param == "postgresql":
-        env["FLASHSERVE_DATABASE_URL"] = _database_url()
-    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_ADMIN_KEY", "FLASHSERVE_DATABASE_URL",
-                                                                     "FLASHSERVE_DEFAULT_BALANCE_USD"))
+    _database_url()  # skips (locally) or fails (CI) without one
+    started = started_early("ledger_server", tmp_path_factory)
+    assert started is not None
+    process, base, log = started
     try:
         _wait_ready(base, process, log)
         banner = log.read_text(errors="replace")

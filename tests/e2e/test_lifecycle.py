@@ -41,7 +41,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flashserve.cli import app
-from tests.e2e.conftest import REPO, _log_tail, _python, _stop, _wait_ready, start_server
+from tests.e2e.conftest import REPO, _log_tail, _python, _stop, _wait_ready, start_server, started_early, starts_early
 from tests.e2e.test_accounts_api import (
     MODEL,
     PUSD_PER_USD,
@@ -177,11 +177,28 @@ def _default_account(admin: httpx.Client) -> dict:
     return default
 
 
-def test_sigkill_under_load_then_a_restart_leaves_a_consistent_ledger(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+@starts_early("first_life")
+def start_first_life(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, str, Path, Path]:
+    """Test 1's server on a fresh data dir (started early: tests/e2e/conftest.py); returns the process, base URL,
+    log and data dir."""
     data_dir = tmp_path_factory.mktemp("ledger-sigkill") / "data"
     env = {"FLASHSERVE_API_KEY": API_KEY, "FLASHSERVE_ADMIN_KEY": ADMIN_KEY, "FLASHSERVE_DEFAULT_BALANCE_USD": "3"}
-    process, base, log = start_server(tmp_path_factory, env, ("FLASHSERVE_DATABASE_URL",), data_dir=data_dir)
+    return (*start_server(tmp_path_factory, env, ("FLASHSERVE_DATABASE_URL",), data_dir=data_dir), data_dir)
+
+
+@pytest.fixture
+def first_life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, str, Path, Path]]:
+    started = started_early("first_life", tmp_path_factory)
+    try:
+        yield started
+    finally:
+        if started[0].poll() is None:
+            _stop(started[0], started[2])
+
+
+def test_sigkill_under_load_then_a_restart_leaves_a_consistent_ledger(
+        tmp_path_factory: pytest.TempPathFactory, first_life: tuple[subprocess.Popen, str, Path, Path]) -> None:
+    process, base, log, data_dir = first_life
     outcomes = [Outcome() for _ in range(N_KILL)]
     try:
         _wait_ready(base, process, log)

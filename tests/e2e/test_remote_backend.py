@@ -2,15 +2,16 @@
 
 The upstreams are real processes on 127.0.0.1: a faithful stand-in for DeepSeek's API
 (tests/e2e/fake_deepseek.py) and one for llama-cpp-python's server with its rules (tests/e2e/fake_llamacpp.py:
-UUID request ids only, an empty 400 otherwise, no unknown fields, no usage in a stream). flashserve is started
-with a catalog file that points a model at each, and logs in JSON (FLASHSERVE_LOG_FORMAT=json).
+UUID request ids only, an empty 400 otherwise, no unknown fields, no usage in a stream). They sit behind the
+session's shared `flashserve serve` (tests/e2e/scripted.py: `serve_upstreams`, the `upstreams` fixture), whose
+catalog file points `ds-remote` and `llama-remote` at them and which logs in JSON (FLASHSERVE_LOG_FORMAT=json);
+this module used to start a server of its own with the same catalog entries.
 Retries, upstream errors, a wrong upstream key and timeouts moved in-process (tests/api/test_remote_router.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,84 +21,20 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, _free_port, _python, _stop, _wait_ready, start_server
+from tests.e2e.scripted import ADMIN, KEY, LLAMA_MODEL, REMOTE_MODEL, UPSTREAM_KEY, Upstreams
 
-KEY = "sk-fs-remote-e2e-client"
-ADMIN = "sk-fs-remote-e2e-admin"
-UPSTREAM_KEY = "upstream-secret-42"
-MODEL = "ds-remote"
-LLAMA = "llama-remote"
-LOGS: dict[str, Path] = {}  # the flashserve server's log file, for the log tests
+MODEL = REMOTE_MODEL
+LLAMA = LLAMA_MODEL
 LLAMACPP: dict[str, str] = {}  # the llama.cpp stand-in's URL
-
-
-def start_stand_in(module: str = "tests.e2e.fake_deepseek", *args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    args = args if module != "tests.e2e.fake_deepseek" or args else (UPSTREAM_KEY,)
-    upstream = subprocess.Popen([_python(), "-m", module, str(port), *args], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    upstream_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{upstream_url}/requests", timeout=2)
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "the stand-in upstream did not start"
-            time.sleep(0.2)
-    return upstream, upstream_url
-
-
-def write_catalog(folder: Path, upstream_url: str, llamacpp_url: str) -> Path:
-    catalog = folder / "catalog.toml"
-    catalog.write_text(f'''
-[models."{MODEL}"]
-context_length = 131072
-reasoning = true
-
-[models."{MODEL}".prices]
-input_cache_hit = "0.0028"
-input_cache_miss = "0.14"
-output = "0.28"
-
-[models."{MODEL}".backend]
-type = "remote"
-url = "{upstream_url}/v1"
-model = "deepseek-v4-flash"
-kind = "deepseek"
-api_key_env = "FLASHSERVE_TEST_UPSTREAM_KEY"
-retries = 2
-timeout_s = 2
-
-[models."{LLAMA}".backend]
-type = "remote"
-url = "{llamacpp_url}/v1"
-model = "smollm2"
-kind = "llamacpp"
-retries = 0
-''')
-    return catalog
+LOGS: dict[str, Path] = {}  # the flashserve server's log file, for the log tests
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, str, str]]:
-    upstream, upstream_url = start_stand_in()
-    llamacpp, llamacpp_url = start_stand_in("tests.e2e.fake_llamacpp")
-    LLAMACPP["url"] = llamacpp_url
-    catalog = write_catalog(tmp_path_factory.mktemp("catalog"), upstream_url, llamacpp_url)
-    env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_CATALOG": str(catalog),
-           "FLASHSERVE_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "FLASHSERVE_LOG_FORMAT": "json"}
-    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
-    LOGS["server"] = log
-    try:
-        _wait_ready(base, process, log)
-        with openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
-            yield client, base, upstream_url
-    finally:
-        _stop(process, log)
-        for stand_in in (upstream, llamacpp):
-            stand_in.kill()  # a stand-in may still sit on a stalled request: no graceful exit needed
-            stand_in.wait(timeout=10)
+def remote(upstreams: Upstreams) -> Iterator[tuple[openai.OpenAI, str, str]]:
+    LLAMACPP["url"] = upstreams.upstream[LLAMA]
+    LOGS["server"] = upstreams.log
+    with openai.OpenAI(base_url=f"{upstreams.base}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        yield client, upstreams.base, upstreams.upstream[MODEL]
 
 
 def sent_upstream(upstream_url: str) -> list[dict]:

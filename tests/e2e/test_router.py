@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import _stop, _wait_ready, start_server
+from tests.e2e.conftest import _stop, _wait_ready, start_server, started_early, starts_early
 
 KEY = "sk-fs-router-e2e-client"
 ADMIN = "sk-fs-router-e2e-admin"
@@ -33,11 +34,16 @@ DATA: dict[str, Path] = {}  # the router's data dir (the workers' logs are in wo
 SYSTEM = " ".join(f"Rule {i}: answer politely and precisely about topic {i}." for i in range(60))
 
 
-@pytest.fixture(scope="module")
-def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@starts_early("routed")
+def start_routed(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, str, Path]:
     env = {"FLASHSERVE_API_KEY": KEY, "FLASHSERVE_ADMIN_KEY": ADMIN, "FLASHSERVE_WORKERS": "2",
            "FLASHSERVE_ROUTING_POLICY": "prefix_aware", "FLASHSERVE_LOG_FORMAT": "json"}
-    process, base, log = start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
+    return start_server(tmp_path_factory, env, unset=("FLASHSERVE_DATABASE_URL",))
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, base, log = started_early("routed", tmp_path_factory)
     DATA["dir"] = log.parent / "data"
     try:
         _wait_ready(base, process, log)
