@@ -10,7 +10,7 @@ is the estimate least disturbed by other processes on a shared machine; the medi
 the added work measured alone: the fastest of 20 runs of the float32 head over one row plus its
 log-softmax and top 20.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/logprobs_batch.py [--batch 8] [--tokens 32] [--rounds 3]
+    PYTHONPATH=$PWD .venv/bin/python bench/logprobs_batch.py [--batch 8] [--tokens 32] [--rounds 3] [--float32-head]
 
 Prints the figure and the command; a benchmark, not a test: it asserts nothing.
 """
@@ -67,10 +67,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--float32-head", action="store_true",
+                        help="read the exact head from its float32 table, not its Q8_0 codes (the cost before)")
     args = parser.parse_args()
     checkpoint = load_checkpoint(embedded_model_path(), torch.float32)
     model = build_model(checkpoint, torch.float32, "int4", torch.bfloat16, consume=True)
     cpu_ops()
+    if args.float32_head:
+        model.exact_head_q8 = None
     config = EngineConfig(max_model_len=512, num_kv_blocks=512, block_size=16, max_num_seqs=args.batch,
                           max_num_batched_tokens=512, enable_prefix_caching=False, kv_cache_dtype=torch.bfloat16)
     engine = LLMEngine(model, config, int(checkpoint.config["vocab_size"]))
@@ -89,7 +93,9 @@ def main() -> None:
     hidden = torch.randn(1, model.config.hidden_size)
     extra = min(_timed(lambda: sampled_logprobs(model.exact_logits(hidden), [0], [20])) for _ in range(20))
     print(f"command: PYTHONPATH=$PWD .venv/bin/python bench/logprobs_batch.py --batch {args.batch} "
-          f"--tokens {args.tokens} --rounds {args.rounds}   (torch threads: {torch.get_num_threads()})")
+          f"--tokens {args.tokens} --rounds {args.rounds}{' --float32-head' if args.float32_head else ''}   "
+          f"(torch threads: {torch.get_num_threads()}; exact head read from "
+          f"{'int8 codes' if model.exact_head_q8 is not None else 'float32'})")
     fastest = {w: min(fastest_steps[w]) for w in (False, True)}
     print(f"fastest decode step, batch of {args.batch}: {fastest[False] * 1e3:.1f} ms with no logprobs, "
           f"{fastest[True] * 1e3:.1f} ms with one request asking top_logprobs=20: "
