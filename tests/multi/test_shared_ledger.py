@@ -148,9 +148,12 @@ def test_two_gateways_share_one_ledger_and_survive_a_sigkill(pg_database: str, g
         check_ledger(admin, tiny, gateways.logs())
 
         # SIGKILL one gateway mid-way through a load spread over both, on a key allowed 12 requests a
-        # minute: the shared limit admits exactly 12 of the 16 across the two gateways.
+        # minute: the shared limit admits exactly 12 of the 16 across the two gateways. A third of the
+        # requests are short (their rows say the load is under way); the rest run 200-800 tokens, so the
+        # kill lands while they stream however fast the gateways are (64 tokens at most once ended
+        # before it on a quiet machine).
         account, key = new_account(admin, "1", rpm=12)
-        bodies = [chat(i, 4 + (i % 6) * 12, stream=i % 2 == 0) for i in range(16)]
+        bodies = [chat(i, 4 if i % 3 == 0 else 200 + 40 * i, stream=i % 2 == 0) for i in range(16)]
 
         async def load_and_kill() -> list[dict[str, Any]]:
             task = asyncio.ensure_future(fan_out([a, b], key, bodies))
