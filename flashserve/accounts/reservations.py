@@ -27,6 +27,7 @@ The identity every account keeps at all times (checked by `audit`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -183,11 +184,9 @@ class Reservations:
                 "prompt_tokens": prompt_tokens, "prompt_cost_pusd": prompt_cost, "amount_pusd": full,
                 "gateway_id": self.gateway_id, "created_at": now, "heartbeat_at": now}
         if not caps.any and self.hot is not None:
-            try:
+            with contextlib.suppress(Busy):  # another connection is writing: the async path below waits its turn
                 if self.hot.run(lambda tx: _take_and_hold(tx, take, hold)):
                     return Hold(request_id, full, max_tokens, False)
-            except Busy:
-                pass  # another connection is writing: the async path below waits its turn
         if not caps.any and self.pg_hot is not None and await self.pg_hot.reserve_whole(
                 request_id=request_id, account_id=account_id, key_id=key_id, model=model,
                 prompt_tokens=prompt_tokens, prompt_cost=prompt_cost, amount=full, at_least=max(full, 1),
@@ -246,10 +245,8 @@ class Reservations:
         transaction. Returns what was charged; None when the request was settled already (by an earlier
         attempt whose answer was lost, or by the reaper): nothing is written twice."""
         if self.hot is not None:
-            try:
+            with contextlib.suppress(Busy):  # another connection is writing: the async path below waits its turn
                 return self.hot.run(lambda tx: _settle_in(tx, charge))
-            except Busy:
-                pass  # another connection is writing: the async path below waits its turn
         if self.pg_hot is not None:
             charged = await self.pg_hot.settle(**{**charge.as_dict(), "created_at": utcnow()})
             if charged is not None and charged < charge.cost_pusd:

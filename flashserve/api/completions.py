@@ -33,7 +33,7 @@ from flashserve.api.auth import require_api_key
 from flashserve.api.chat import KEEPALIVE, usage_dict
 from flashserve.api.core import Call, Failed, Finished, KeepAlive, open_call, respond
 from flashserve.api.errors import openai_body
-from flashserve.api.schemas import MAX_N, MAX_STOP_SEQUENCES, Penalty, StreamOptions, Unit
+from flashserve.api.schemas import MAX_N, Penalty, StreamOptions, Unit, check_stop, stop_list
 from flashserve.errors import invalid_request
 from flashserve.generation import ChoiceDelta, GenerationRequest, Sampling, TokenLogprob, Usage
 
@@ -76,11 +76,7 @@ class CompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        stops = self.stop_list
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("'stop' sequences must not be empty")
+        check_stop(self.stop_list)
         return self
 
     @property
@@ -89,9 +85,7 @@ class CompletionRequest(BaseModel):
 
     @property
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stop_list(self.stop)
 
     @property
     def choices_per_prompt(self) -> int:

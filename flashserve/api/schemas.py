@@ -21,6 +21,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_STOP_SEQUENCES = 16
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's `stop` (a string, a list of them, or nothing) as a list."""
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def check_stop(stops: list[str]) -> None:
+    """The bounds every surface that takes `stop` holds it to (raised as a 400 naming `stop`)."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences")
+    if any(s == "" for s in stops):
+        raise ValueError("'stop' sequences must not be empty")
 MAX_N = 16
 MAX_MESSAGES = 2048  # OpenAI's own limit on one request's messages
 MAX_MESSAGE_CHARS = 4 << 20  # characters of one message's text (its content parts together)
@@ -194,18 +209,12 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_stop(self) -> ChatCompletionRequest:
-        stops = self.stop_list
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences")
-        if any(s == "" for s in stops):
-            raise ValueError("'stop' sequences must not be empty")
+        check_stop(self.stop_list)
         return self
 
     @property
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stop_list(self.stop)
 
     @property
     def max_output_tokens(self) -> int | None:
