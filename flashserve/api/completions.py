@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flashserve.accounts.keys import Principal
 from flashserve.api.auth import require_api_key
@@ -74,10 +74,11 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompts must be text: prompts as token ids are not supported")
         return value
 
-    @model_validator(mode="after")
-    def _check(self) -> CompletionRequest:
-        check_stop(self.stop_list)
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        check_stop(stop_list(value))  # a field validator, so the 400 names `stop`
+        return value
 
     @property
     def prompts(self) -> list[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_STOP_SEQUENCES = 16
@@ -207,10 +207,11 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
 
-    @model_validator(mode="after")
-    def _check_stop(self) -> ChatCompletionRequest:
-        check_stop(self.stop_list)
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        check_stop(stop_list(value))  # a field validator, so the 400 names `stop`
+        return value
 
     @property
     def stop_list(self) -> list[str]:

@@ -85,7 +85,7 @@ async def test_the_openai_client_reads_completions(api: Api) -> None:
     ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": []}, "prompt"), ({"echo": True, "logprobs": 1}, "echo"),
     ({"logprobs": 21}, "logprobs"), ({"best_of": 3}, "best_of"), ({"stream_options": {"include_usage": True}},
                                                                     "stream_options"),
-    ({"n": 16, "prompt": ["a"] * 5}, "n"), ({"stop": [""]}, None), ({"suffix": 3}, "suffix"),
+    ({"n": 16, "prompt": ["a"] * 5}, "n"), ({"stop": [""]}, "stop"), ({"suffix": 3}, "suffix"),
     ({"max_tokens": 0}, "max_tokens"), ({"tools": []}, "tools"),
 ])
 async def test_bad_completions_bodies_are_400s_naming_the_field(api: Api, extra: dict[str, Any],
@@ -296,3 +296,11 @@ async def test_tokenize_needs_a_key_and_counts_against_rpm(api: Api) -> None:
     r = await client.post("/detokenize", json={"model": "fake-local", "tokens": [5]})
     assert error_of(r, 429)["code"] == "rate_limit_exceeded"
     assert await api.records(account) == []
+
+
+@pytest.mark.parametrize("stop", [[""], ["x"] * 17])
+async def test_a_bad_chat_stop_is_a_400_naming_stop(api: Api, stop: list[str]) -> None:
+    r = await api.client.post("/v1/chat/completions", json={"model": "scripted", "stop": stop,
+                                                            "messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 400 and error_of(r)["param"] == "stop", r.text
+    assert await api.records() == []
