@@ -102,8 +102,13 @@ def test_rescored_logits_do_not_depend_on_batch(weight_quant: str, native: bool,
 def q8_grid(weight: torch.Tensor) -> None:
     """Put `weight` (float32, in place) on GGUF Q8_0's grid: an fp16 scale per 32 inputs times an int8 code."""
     groups = weight.view(weight.shape[0], -1, 32)
-    scale = (groups.abs().amax(dim=2, keepdim=True) / 127).to(torch.float16).float()
+    scale = _q8_scales(weight).unsqueeze(2)
     groups.copy_(torch.round(groups / scale) * scale)
+
+
+def _q8_scales(table: torch.Tensor) -> torch.Tensor:
+    """The float32 scale per 32 entries of a table `q8_grid` made."""
+    return (table.view(table.shape[0], -1, 32).abs().amax(dim=2) / 127).to(torch.float16).float()
 
 
 def test_logprobs_head_read_from_q8_codes_gives_the_float32_bits() -> None:
@@ -116,10 +121,11 @@ def test_logprobs_head_read_from_q8_codes_gives_the_float32_bits() -> None:
         q8_grid(model.model.embed_tokens.weight)
     model.pack("int4", torch.bfloat16)
     ops = cpu_ops()
-    if ops is None or not ops.gather_dot_q8_pays:
+    if ops is None:
         assert model.exact_head_q8 is None
-        pytest.skip("no native kernels, or a level where the float32 table is read (dense_linear.c)")
-    assert model.exact_head_q8 is not None
+        pytest.skip("native kernels off (FLASHSERVE_NATIVE_KERNELS=0): no q8 read to check")
+    # Read from the codes where the level widens int8 fast; below AVX2 on x86 from the float32 table.
+    assert (model.exact_head_q8 is not None) == ops.gather_dot_q8_pays
     torch.manual_seed(3)
     hidden = torch.randn(6, CONFIG.hidden_size) * 4
     exact = model.exact_head
@@ -127,6 +133,10 @@ def test_logprobs_head_read_from_q8_codes_gives_the_float32_bits() -> None:
     with torch.no_grad():
         full = model.exact_logits(hidden)
         assert torch.equal(full, ops.gather_dot(exact, hidden, every))
+        # the q8 kernel gives the float32 bits at every level, used or not
+        codes = torch.round(exact.view(exact.shape[0], -1, 32) / _q8_scales(exact).unsqueeze(2))
+        assert torch.equal(ops.gather_dot_q8(codes.to(torch.int8).view_as(exact), _q8_scales(exact), hidden,
+                                             every), full)
         rescored = model.lm_head.forward(hidden, 6).float().topk(REFINE_TOP_K, dim=-1).indices
         logits = model.compute_logits(hidden, 6)
         assert torch.equal(logits.gather(1, rescored), full.gather(1, rescored))
